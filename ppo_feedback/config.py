@@ -1,0 +1,174 @@
+"""Configuration: one dataclass per concern, a docstring under every field.
+
+The command line of `app.py` (and of the worker) is generated from these dataclasses, so `--help`
+always lists every option with its default and its environment variable `PPO_FEEDBACK_<FIELD>`.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import os
+import textwrap
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
+
+ENV_PREFIX = "PPO_FEEDBACK_"
+
+
+def default_cache_dir() -> str:
+    """Return the user's cache directory for converted models (XDG_CACHE_HOME or ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ppo-feedback")
+
+
+@dataclass
+class ModelConfig:
+    model: str = "gpt2"
+    """Model spec: a hub id (gpt2), a local model directory, a .gguf file, or the offline alias smollm2-135m."""
+    cache_dir: str = field(default_factory=default_cache_dir)
+    """Where GGUF models are cached after their one-time de-quantisation to safetensors."""
+    device: str = "auto"
+    """Device for the model: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    quantize: Optional[str] = None
+    """Load the base model in 4bit or 8bit through bitsandbytes (CUDA only); empty for full precision."""
+    hub_timeout: float = 3.0
+    """Seconds to wait for the model hub before falling back to offline models."""
+
+    def validate(self) -> None:
+        """Raise ValueError on an impossible setting."""
+        if self.quantize not in (None, "", "4bit", "8bit"):
+            raise ValueError(f"--quantize must be 4bit or 8bit, not {self.quantize!r}")
+        if not (self.device == "auto" or self.device in ("cpu", "mps") or self.device.startswith("cuda")):
+            raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+
+
+@dataclass
+class LoraSettings:
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout; PPO runs every forward in eval mode, so this only matters for other trainers."""
+    lora_target_modules: Optional[str] = None
+    """Comma-separated module names to adapt; empty picks peft's default for the architecture (GPT-2 c_attn, Llama q_proj,v_proj)."""
+
+    def validate(self) -> None:
+        """Raise ValueError on an impossible setting."""
+        if self.lora_r < 1 or self.lora_alpha <= 0:
+            raise ValueError("--lora-r must be >= 1 and --lora-alpha > 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("--lora-dropout must be in [0, 1)")
+
+
+@dataclass
+class SamplingConfig:
+    num_candidates: int = 4
+    """Candidates generated per prompt for raters to compare."""
+    max_new_tokens: int = 48
+    """Most tokens sampled per candidate."""
+    temperature: float = 1.0
+    """Sampling temperature; PPO computes log-probabilities at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 samples from the whole tempered distribution)."""
+    max_prompt_chars: int = 2000
+    """Longest prompt accepted, in characters."""
+    max_candidates: int = 8
+    """Most candidates one request may ask for."""
+
+    def validate(self) -> None:
+        """Raise ValueError on an impossible setting."""
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("--top-p must be in (0, 1]")
+        if self.max_new_tokens < 1 or self.num_candidates < 1 or self.max_candidates < self.num_candidates:
+            raise ValueError("--max-new-tokens and --num-candidates must be >= 1, and <= --max-candidates")
+
+
+@dataclass
+class AppConfig:
+    host: str = "127.0.0.1"
+    """Address the web page binds to."""
+    port: int = 7860
+    """Port of the web page."""
+    db: str = "data/feedback.db"
+    """SQLite file or any SQLAlchemy URL (postgresql+psycopg://...) holding prompts, ratings and versions."""
+    adapters_dir: str = "adapters"
+    """Directory of published adapter versions (v0001/, v0002/, ...), shared with the worker."""
+    log_level: str = "INFO"
+    """Python logging level."""
+
+
+def _type_of(hint: Any) -> type:
+    """Return the concrete scalar type behind an Optional[...] hint."""
+    args = getattr(hint, "__args__", None)
+    if args:
+        return next(a for a in args if a is not type(None))
+    return hint
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Return {field name: the docstring written under it} for a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def env_name(field_name: str) -> str:
+    """Return the environment variable that sets a field: PPO_FEEDBACK_<FIELD>."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
+    """Add one --option per field of `cls`; defaults come from PPO_FEEDBACK_<FIELD> when set."""
+    group = parser.add_argument_group(title or cls.__name__)
+    hints = get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        kind = _type_of(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        env = os.environ.get(env_name(f.name))
+        if env is not None:
+            default = _parse_bool(env) if kind is bool else (kind(env) if env != "" else None)
+        option = "--" + f.name.replace("_", "-")
+        help_text = f"{docs.get(f.name, '')} (default: {default!r}; env {env_name(f.name)})"
+        if kind is bool:
+            group.add_argument(option, default=default, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(option, default=default, type=kind, help=help_text)
+
+
+def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
+    """Return an instance of dataclass `cls` built from the parsed arguments that match its fields."""
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+    instance = cls(**values)
+    if hasattr(instance, "validate"):
+        instance.validate()
+    return instance
+
+
+def ensure_parent(path: str) -> Path:
+    """Create the parent directory of `path` and return it as a Path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p

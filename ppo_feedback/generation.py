@@ -1,0 +1,146 @@
+"""Sampling: batched candidates with the KV cache, and their exact behaviour log-probabilities.
+
+Which distribution the recorded log-probabilities belong to: `log softmax(logits / temperature)`,
+the whole tempered distribution, at the sampled token. Top-p truncation only narrows which tokens
+may be drawn; its renormalised probabilities are not recorded, because PPO's ratio compares the
+same quantity recomputed by a forward pass at the same temperature (Huang et al., detail #3; TRL
+issue #2358). So a recorded log-probability always equals a fresh forward's, top-p or not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+class PromptError(ValueError):
+    """A prompt that cannot be generated from: empty, or too long for the model."""
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses, as PPO needs them. Shapes: B rows, P prompt and R response tokens."""
+
+    query_response: torch.Tensor  # (B, P + R) prompt (left-padded) then response token ids
+    attention_mask: torch.Tensor  # (B, P + R) 1 on real prompt tokens and on every response slot
+    context_length: int  # P
+    response_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first EOS
+    logprobs: torch.Tensor  # (B, R) behaviour log-probs under softmax(logits / temperature); 0 on padding
+    values: Optional[torch.Tensor]  # (B, R) value-head outputs at sampling time when a head was given
+    temperature: float
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """Return the response token ids, (B, R)."""
+        return self.query_response[:, self.context_length:]
+
+
+@dataclass
+class Candidate:
+    """One sampled response: text, token ids and per-token behaviour log-probabilities."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finished: bool  # True when the response ended with EOS rather than the length limit
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """Return the model input for a user prompt: the chat template when the tokenizer has one, else the text."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def max_positions(model) -> int | None:
+    """Return how many positions `model` can attend to, when its config says."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_new_tokens: int, device,
+                   positions: int | None = None) -> dict[str, torch.Tensor]:
+    """Return left-padded `input_ids` and `attention_mask` for prompts; raise PromptError when one can't fit."""
+    texts = []
+    for prompt in prompts:
+        if not prompt or not prompt.strip():
+            raise PromptError("the prompt is empty")
+        texts.append(format_prompt(tokenizer, prompt))
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
+    limit = min(getattr(tokenizer, "model_max_length", None) or 10**9, positions or 10**9)
+    if batch["input_ids"].shape[1] + max_new_tokens > limit:
+        raise PromptError(f"the prompt is too long: {batch['input_ids'].shape[1]} tokens plus "
+                          f"{max_new_tokens} new ones exceed the model's {limit}")
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def first_eos_mask(responses: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """Return (B, R) float mask, 1 on tokens up to and including each row's first EOS (all 1 without EOS)."""
+    if eos_token_id is None:
+        return torch.ones_like(responses, dtype=torch.float32)
+    is_eos = (responses == eos_token_id).int()
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS tokens strictly before t
+    return (eos_before == 0).float()
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
+           top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+           value_head: torch.nn.Module | None = None) -> Rollout:
+    """Return a Rollout of one sampled response per prompt, with behaviour logprobs (and values, given a head).
+
+    Uses the KV cache and one batch for all prompts. With `stop_at_eos=False` every response has
+    exactly `max_new_tokens` tokens (the benchmark's fixed-length work).
+    """
+    from transformers import GenerationConfig
+
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    device = next(model.parameters()).device
+    batch = encode_prompts(tokenizer, prompts, max_new_tokens, device, max_positions(model))
+    eos = tokenizer.eos_token_id if stop_at_eos else None
+    gen_config = GenerationConfig(
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+        min_new_tokens=0 if stop_at_eos else max_new_tokens,
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+        output_logits=True, output_hidden_states=value_head is not None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(**batch, generation_config=gen_config)
+    context_length = batch["input_ids"].shape[1]
+    responses = out.sequences[:, context_length:]  # (B, R)
+    # Each step's logits are (B, V); gathering step by step never holds (B, R, V) at once.
+    logprobs = torch.stack([
+        torch.log_softmax(step.float() / temperature, dim=-1).gather(1, responses[:, t:t + 1]).squeeze(1)
+        for t, step in enumerate(out.logits)], dim=1)  # (B, R)
+    response_mask = first_eos_mask(responses, eos)
+    values = None
+    if value_head is not None:
+        # hidden_states[t][-1] is the last layer at step t; its last position predicts response token t.
+        last = torch.stack([h[-1][:, -1, :] for h in out.hidden_states], dim=1)  # (B, R, H)
+        values = value_head(last.to(value_head.weight.dtype)).squeeze(-1) * response_mask
+    attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(responses)], dim=1)
+    return Rollout(query_response=out.sequences, attention_mask=attention_mask, context_length=context_length,
+                   response_mask=response_mask, logprobs=logprobs * response_mask, values=values,
+                   temperature=temperature)
+
+
+def generate(model, tokenizer, prompt: str, n: int, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int | None = None) -> list[Candidate]:
+    """Return n sampled candidates for one prompt, each with text, token ids and behaviour logprobs."""
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    rollout = sample(model, tokenizer, [prompt] * n, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=top_p, seed=seed)
+    candidates = []
+    for row in range(n):
+        length = int(rollout.response_mask[row].sum())
+        ids = rollout.responses[row, :length].tolist()
+        finished = length > 0 and ids[-1] == tokenizer.eos_token_id
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        candidates.append(Candidate(text=text, token_ids=ids, logprobs=rollout.logprobs[row, :length].tolist(),
+                                    finished=finished))
+    return candidates

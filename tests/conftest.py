@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny GPT-2 and its byte-level BPE tokenizer, built locally once per session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Path of a tiny randomly initialised GPT-2 (2 layers, 64 wide) with its tokenizer."""
+    from ppo_feedback.local_models import build_gpt2
+
+    return build_gpt2(tmp_path_factory.mktemp("models") / "gpt2-tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir, tmp_path_factory):
+    """The tiny model loaded through the project's own loader (a LoadedModel)."""
+    from ppo_feedback.config import ModelConfig
+    from ppo_feedback.modeling import load_model
+
+    return load_model(ModelConfig(model=str(tiny_model_dir), device="cpu",
+                                  cache_dir=str(tmp_path_factory.mktemp("cache"))))

