@@ -1,0 +1,174 @@
+"""SQLAlchemy ORM tables of the feedback store, as of the newest migration in `db/migrations`.
+
+Every schema change needs a new migration there as well; `tests/test_store_migrations.py`
+checks that these models and the migrated schema agree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+LEASE_ROW_ID = 1
+NAME_LENGTH = 200
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes in Python, naive UTC in the database (same on every engine)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use datetime.now(timezone.utc)")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    type_annotation_map = {
+        datetime: UTCDateTime,
+        dict[str, Any]: JSON,
+        list[int]: JSON,
+        list[float]: JSON,
+    }
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    __table_args__ = (CheckConstraint("source IN ('builtin', 'uploaded', 'rater')", name="source"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    text_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    source: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool]
+    created_at: Mapped[datetime]
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+    __table_args__ = (CheckConstraint("adapter_version >= 0", name="adapter_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    adapter_version: Mapped[int] = mapped_column(index=True)
+    text: Mapped[str] = mapped_column(Text)
+    token_ids: Mapped[list[int]]
+    logprobs: Mapped[list[float]]
+    sampling: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
+class Rating(Base):
+    """Every rating ever given; exactly one row per (generation, rater) has is_current true."""
+
+    __tablename__ = "ratings"
+    __table_args__ = (
+        CheckConstraint("score BETWEEN 1 AND 5", name="score"),
+        Index(
+            "uq_ratings_current",
+            "generation_id",
+            "rater",
+            unique=True,
+            sqlite_where=text("is_current"),
+            postgresql_where=text("is_current"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id"), index=True)
+    rater: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
+    score: Mapped[int]
+    comment: Mapped[str | None] = mapped_column(Text)
+    is_current: Mapped[bool]
+    created_at: Mapped[datetime]
+
+
+class Preference(Base):
+    __tablename__ = "preferences"
+    __table_args__ = (
+        CheckConstraint("chosen_generation_id <> rejected_generation_id", name="distinct"),
+        UniqueConstraint("chosen_generation_id", "rejected_generation_id", "rater", name="uq_preferences_pair_rater"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    chosen_generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id"), index=True)
+    rejected_generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id"), index=True)
+    rater: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
+    created_at: Mapped[datetime]
+
+
+class AdapterVersion(Base):
+    __tablename__ = "adapter_versions"
+    __table_args__ = (
+        CheckConstraint("version >= 1", name="version"),
+        CheckConstraint("status IN ('published', 'failed', 'rolled_back')", name="status"),
+    )
+
+    version: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    path: Mapped[str | None] = mapped_column(Text)
+    parent: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    n_ratings: Mapped[int]
+    n_preferences: Mapped[int]
+    rating_cursor: Mapped[int]
+    preference_cursor: Mapped[int]
+    metrics: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+    status_changed_at: Mapped[datetime | None]
+
+
+class TrainingMetric(Base):
+    __tablename__ = "training_metrics"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(index=True)
+    iteration: Mapped[int]
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    value: Mapped[float]
+    created_at: Mapped[datetime]
+
+
+class TrainingLease(Base):
+    """The single row (id 1, created by migration 0001) that says which worker may train."""
+
+    __tablename__ = "training_lease"
+    __table_args__ = (CheckConstraint(f"id = {LEASE_ROW_ID}", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    holder: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    state: Mapped[str] = mapped_column(Text)
+    acquired_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]

@@ -1,0 +1,891 @@
+"""FeedbackStore: every read and write of the feedback database.
+
+Each public method is one transaction and returns plain frozen records (`db.records`), never
+ORM objects, so callers in other threads or processes never hold a session. Bad input raises
+`StoreError` (a `ValueError`) before anything is written.
+
+Feedback cursor: rating and preference ids only grow, and rows become visible in id order
+(SQLite serialises writers with BEGIN IMMEDIATE; on PostgreSQL feedback writes take an
+advisory lock), so "everything after cursor C" never skips a row that commits late.
+
+Rollback: `rollback_to(v)` marks every published version newer than `v` as `rolled_back`
+(rows are kept, with `status_changed_at`); the UI serves `serving_version()`, the newest
+published version. A version whose parent was rolled back cannot be published afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
+
+from sqlalchemy import case, func, literal, or_, select, union, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, aliased
+
+from db import models as m
+from db import validate as check
+from db.engine import make_engine, read_only, sqlite_url_or
+from db.errors import StoreError
+from db.migrate import current_revision, upgrade_schema
+from db.records import (
+    BASE_VERSION,
+    PROMPT_SOURCES,
+    AdapterVersion,
+    Cursor,
+    Feedback,
+    FeedbackCounts,
+    Generation,
+    MetricPoint,
+    NewGeneration,
+    Preference,
+    PreferencePair,
+    Prompt,
+    RatedGeneration,
+    Rating,
+    VersionSummary,
+    WorkerStatus,
+)
+
+T = TypeVar("T")
+
+MAX_COMMENT_CHARS = 4000
+MAX_STATE_CHARS = 1000
+_MAX_ATTEMPTS = 8
+_IN_CHUNK = 500
+_FEEDBACK_LOCK = 0x70706662  # PostgreSQL advisory lock key: feedback rows commit in id order
+
+
+def utcnow() -> datetime:
+    """Return the current time as a timezone-aware UTC datetime (the only clock the store uses)."""
+    return datetime.now(timezone.utc)
+
+
+class FeedbackStore:
+    """The feedback database behind a SQLAlchemy URL or a SQLite file path.
+
+    Opening it creates the database if needed and upgrades its schema in place to the newest
+    migration, keeping all data.
+    """
+
+    def __init__(
+        self,
+        url_or_path: str | os.PathLike[str],
+        max_prompt_chars: int = 4000,
+        *,
+        upgrade: bool = True,
+    ) -> None:
+        self.url = sqlite_url_or(url_or_path)
+        self.max_prompt_chars = check.integer(max_prompt_chars, "prompt limit", minimum=1)
+        self._engine = make_engine(self.url)
+        self._reader = read_only(self._engine)
+        self.dialect: str = self._engine.dialect.name
+        if upgrade:
+            upgrade_schema(self._engine)
+
+    def close(self) -> None:
+        """Close all pooled connections; returns nothing."""
+        self._engine.dispose()
+
+    def __enter__(self) -> FeedbackStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def schema_revision(self) -> str | None:
+        """Return the database's migration revision (e.g. "0002")."""
+        return current_revision(self._engine)
+
+    # ----------------------------------------------------------------- prompts
+
+    def add_prompts(self, texts: Iterable[str], source: str = "builtin") -> list[int]:
+        """Add prompts verbatim, skipping texts already stored; return the ids in input order.
+
+        Raises StoreError (adding none) if any text is blank, too long or not valid UTF-8.
+        """
+        source = _prompt_source(source)
+        cleaned = [check.prompt_text(t, self.max_prompt_chars) for t in texts]
+        digests = [_sha256(t) for t in cleaned]
+
+        def work(s: Session) -> list[int]:
+            ids: dict[str, int] = {}
+            for chunk in _chunks(list(dict.fromkeys(digests))):
+                stmt = select(m.Prompt.text_sha256, m.Prompt.id).where(m.Prompt.text_sha256.in_(chunk))
+                ids.update(s.execute(stmt).tuples().all())
+            now = utcnow()
+            new = {
+                digest: m.Prompt(text=text, text_sha256=digest, source=source, active=True, created_at=now)
+                for text, digest in zip(cleaned, digests)
+                if digest not in ids
+            }
+            s.add_all(new.values())
+            s.flush()
+            ids.update((digest, row.id) for digest, row in new.items())
+            return [ids[d] for d in digests]
+
+        return self._run(work, conflicts=True)
+
+    def add_prompt(self, text: str, source: str = "rater") -> int:
+        """Add one prompt (or find the identical stored one); return its id."""
+        return self.add_prompts([text], source)[0]
+
+    def get_prompt(self, prompt_id: int) -> Prompt:
+        """Return the prompt with this id."""
+        prompt_id = check.record_id(prompt_id, "prompt")
+        return self._run(lambda s: _prompt(_get(s, m.Prompt, prompt_id, "prompt")), write=False)
+
+    def list_prompts(self, active_only: bool = True) -> list[Prompt]:
+        """Return prompts in id order, only active ones unless `active_only` is False."""
+        stmt = select(m.Prompt).order_by(m.Prompt.id)
+        if active_only:
+            stmt = stmt.where(m.Prompt.active)
+        return self._run(lambda s: [_prompt(r) for r in s.scalars(stmt)], write=False)
+
+    def set_prompt_active(self, prompt_id: int, active: bool) -> Prompt:
+        """Show (`active`) or hide a prompt from raters; return the updated prompt."""
+        prompt_id = check.record_id(prompt_id, "prompt")
+
+        def work(s: Session) -> Prompt:
+            row = _get(s, m.Prompt, prompt_id, "prompt")
+            row.active = bool(active)
+            return _prompt(row)
+
+        return self._run(work)
+
+    def next_prompt(self, rater: str) -> Prompt | None:
+        """Return the active prompt with the fewest current ratings (oldest first on ties) among
+        those this rater has neither rated nor compared generations of; None when none is left."""
+        rater = check.name(rater, "rater")
+        rated = (
+            select(m.Generation.prompt_id)
+            .join(m.Rating, m.Rating.generation_id == m.Generation.id)
+            .where(m.Rating.rater == rater)
+        )
+        compared = (
+            select(m.Generation.prompt_id)
+            .join(m.Preference, m.Preference.chosen_generation_id == m.Generation.id)
+            .where(m.Preference.rater == rater)
+        )
+        counts = (
+            select(m.Generation.prompt_id, func.count(m.Rating.id).label("n"))
+            .join(m.Rating, m.Rating.generation_id == m.Generation.id)
+            .where(m.Rating.is_current)
+            .group_by(m.Generation.prompt_id)
+            .subquery()
+        )
+        stmt = (
+            select(m.Prompt)
+            .outerjoin(counts, counts.c.prompt_id == m.Prompt.id)
+            .where(m.Prompt.active, m.Prompt.id.not_in(rated), m.Prompt.id.not_in(compared))
+            .order_by(func.coalesce(counts.c.n, 0), m.Prompt.id)
+            .limit(1)
+        )
+
+        def work(s: Session) -> Prompt | None:
+            row = s.scalars(stmt).first()
+            return None if row is None else _prompt(row)
+
+        return self._run(work, write=False)
+
+    # ------------------------------------------------------------- generations
+
+    def record_generations(
+        self, prompt_id: int, adapter_version: int, generations: Sequence[NewGeneration]
+    ) -> list[Generation]:
+        """Store completions of one prompt sampled from `adapter_version` (0 = base model);
+        return them with their new ids, in input order."""
+        prompt_id = check.record_id(prompt_id, "prompt")
+        version = check.integer(adapter_version, "adapter version")
+        fields = [_generation_fields(g) for g in generations]
+
+        def work(s: Session) -> list[Generation]:
+            _require(s, m.Prompt.id, prompt_id, "prompt")
+            if version != BASE_VERSION:
+                _require(s, m.AdapterVersion.version, version, "adapter version")
+            now = utcnow()
+            rows = [
+                m.Generation(prompt_id=prompt_id, adapter_version=version, created_at=now, **f)
+                for f in fields
+            ]
+            s.add_all(rows)
+            s.flush()
+            return [_generation(r) for r in rows]
+
+        return self._run(work)
+
+    def record_generation(
+        self,
+        prompt_id: int,
+        adapter_version: int,
+        text: str,
+        token_ids: Sequence[int] = (),
+        logprobs: Sequence[float] = (),
+        sampling: Mapping[str, Any] | None = None,
+    ) -> Generation:
+        """Store one completion (see `record_generations`); return it with its new id."""
+        new = NewGeneration(text, token_ids, logprobs, sampling or {})
+        return self.record_generations(prompt_id, adapter_version, [new])[0]
+
+    def get_generation(self, generation_id: int) -> Generation:
+        """Return the generation with this id."""
+        generation_id = check.record_id(generation_id, "generation")
+        return self._run(
+            lambda s: _generation(_get(s, m.Generation, generation_id, "generation")), write=False
+        )
+
+    # ---------------------------------------------------------------- feedback
+
+    def rate(self, generation_id: int, rater: str, score: int, comment: str | None = None) -> Rating:
+        """Record `rater`'s score (integer 1..5) for a generation and return the current rating.
+
+        Rating the same generation again supersedes the earlier rating, which stays in the
+        history; repeating the identical score and comment changes nothing (double clicks).
+        """
+        generation_id = check.record_id(generation_id, "generation")
+        rater = check.name(rater, "rater")
+        score = check.score(score)
+        comment = check.comment(comment, MAX_COMMENT_CHARS)
+
+        def work(s: Session) -> Rating:
+            self._serialize_feedback(s)
+            _require(s, m.Generation.id, generation_id, "generation")
+            current = s.scalars(
+                select(m.Rating)
+                .where(m.Rating.generation_id == generation_id, m.Rating.rater == rater, m.Rating.is_current)
+                .with_for_update()
+            ).one_or_none()
+            if current is not None:
+                if (current.score, current.comment) == (score, comment):
+                    return _rating(current)
+                current.is_current = False
+                s.flush()
+            row = m.Rating(
+                generation_id=generation_id,
+                rater=rater,
+                score=score,
+                comment=comment,
+                is_current=True,
+                created_at=utcnow(),
+            )
+            s.add(row)
+            s.flush()
+            return _rating(row)
+
+        return self._run(work, conflicts=True)
+
+    def rating_history(self, generation_id: int, rater: str | None = None) -> list[Rating]:
+        """Return every rating of a generation (optionally by one rater), oldest first,
+        superseded ones included."""
+        generation_id = check.record_id(generation_id, "generation")
+        stmt = select(m.Rating).where(m.Rating.generation_id == generation_id).order_by(m.Rating.id)
+        if rater is not None:
+            stmt = stmt.where(m.Rating.rater == check.name(rater, "rater"))
+
+        def work(s: Session) -> list[Rating]:
+            _require(s, m.Generation.id, generation_id, "generation")
+            return [_rating(r) for r in s.scalars(stmt)]
+
+        return self._run(work, write=False)
+
+    def prefer(self, chosen_id: int, rejected_id: int, rater: str) -> Preference:
+        """Record that `rater` prefers one generation over another of the same prompt; return it
+        (the existing row if this rater already gave this exact preference)."""
+        return self.pick_best(chosen_id, [rejected_id], rater)[0]
+
+    def pick_best(self, chosen_id: int, rejected_ids: Sequence[int], rater: str) -> list[Preference]:
+        """Record "best of N": `chosen_id` preferred over each of `rejected_ids` (same prompt),
+        all or nothing; return one preference per distinct rejected id, in input order."""
+        chosen_id = check.record_id(chosen_id, "generation")
+        rejected = list(dict.fromkeys(check.record_id(r, "generation") for r in rejected_ids))
+        rater = check.name(rater, "rater")
+        if not rejected:
+            raise StoreError("Pick the best of at least two generations.")
+        if chosen_id in rejected:
+            raise StoreError("A generation cannot be preferred over itself.")
+
+        def work(s: Session) -> list[Preference]:
+            self._serialize_feedback(s)
+            wanted = [chosen_id, *rejected]
+            prompt_of = dict(
+                s.execute(
+                    select(m.Generation.id, m.Generation.prompt_id).where(m.Generation.id.in_(wanted))
+                ).tuples().all()
+            )
+            for generation_id in wanted:
+                if generation_id not in prompt_of:
+                    raise StoreError(f"Unknown generation id {generation_id}.")
+                if prompt_of[generation_id] != prompt_of[chosen_id]:
+                    raise StoreError("Only generations of the same prompt can be compared.")
+            rows = {
+                row.rejected_generation_id: row
+                for row in s.scalars(
+                    select(m.Preference).where(
+                        m.Preference.chosen_generation_id == chosen_id,
+                        m.Preference.rejected_generation_id.in_(rejected),
+                        m.Preference.rater == rater,
+                    )
+                )
+            }
+            now = utcnow()
+            new = [
+                m.Preference(
+                    chosen_generation_id=chosen_id, rejected_generation_id=r, rater=rater, created_at=now
+                )
+                for r in rejected
+                if r not in rows
+            ]
+            s.add_all(new)
+            s.flush()
+            rows.update((row.rejected_generation_id, row) for row in new)
+            return [_preference(rows[r]) for r in rejected]
+
+        return self._run(work, conflicts=True)
+
+    def feedback_since(self, cursor: Cursor = Cursor(), limit: int | None = None) -> Feedback:
+        """Return current ratings and preferences with ids after `cursor` (at most `limit` of
+        each), oldest first, with everything a trainer needs, and the cursor to continue from."""
+        cursor = _cursor(cursor)
+        if limit is not None:
+            limit = check.integer(limit, "limit", minimum=1)
+        chosen, rejected = aliased(m.Generation), aliased(m.Generation)
+        rating_stmt = (
+            select(m.Rating, m.Generation, m.Prompt.text)
+            .join(m.Generation, m.Rating.generation_id == m.Generation.id)
+            .join(m.Prompt, m.Generation.prompt_id == m.Prompt.id)
+            .where(m.Rating.id > cursor.rating_id, m.Rating.is_current)
+            .order_by(m.Rating.id)
+            .limit(limit)
+        )
+        preference_stmt = (
+            select(m.Preference, chosen, rejected, m.Prompt.text)
+            .join(chosen, m.Preference.chosen_generation_id == chosen.id)
+            .join(rejected, m.Preference.rejected_generation_id == rejected.id)
+            .join(m.Prompt, chosen.prompt_id == m.Prompt.id)
+            .where(m.Preference.id > cursor.preference_id)
+            .order_by(m.Preference.id)
+            .limit(limit)
+        )
+
+        def work(s: Session) -> Feedback:
+            ratings = tuple(
+                RatedGeneration(_rating(r), _generation(g), text)
+                for r, g, text in s.execute(rating_stmt).tuples()
+            )
+            preferences = tuple(
+                PreferencePair(_preference(p), c.prompt_id, text, _generation(c), _generation(x))
+                for p, c, x, text in s.execute(preference_stmt).tuples()
+            )
+            return Feedback(
+                ratings,
+                preferences,
+                Cursor(
+                    ratings[-1].rating.id if ratings else cursor.rating_id,
+                    preferences[-1].preference.id if preferences else cursor.preference_id,
+                ),
+            )
+
+        return self._run(work, write=False)
+
+    def iter_feedback(self, page_size: int = 1000) -> Iterator[Feedback]:
+        """Yield all current feedback page by page (each page its own transaction)."""
+        cursor = Cursor()
+        while True:
+            page = self.feedback_since(cursor, limit=page_size)
+            if not page.ratings and not page.preferences:
+                return
+            yield page
+            cursor = page.cursor
+
+    def count_feedback_since(self, cursor: Cursor = Cursor()) -> FeedbackCounts:
+        """Return how many current ratings and preferences have ids after `cursor`."""
+        cursor = _cursor(cursor)
+        return self._run(lambda s: _count_since(s, cursor), write=False)
+
+    def cursor_of(self, version: int) -> Cursor:
+        """Return the feedback cursor an adapter version was trained up to (version 0: the start)."""
+        version = check.integer(version, "adapter version")
+        return self._run(lambda s: _cursor_of(s, version), write=False)
+
+    # ----------------------------------------------------------- training lease
+
+    def acquire_lease(self, holder: str, ttl_s: float, state: str = "idle") -> bool:
+        """Take the training lease for `ttl_s` seconds if it is free, expired or already ours;
+        return whether `holder` now holds it. Atomic across processes and machines."""
+        holder = check.name(holder, "lease holder")
+        ttl = timedelta(seconds=check.positive(ttl_s, "lease duration"))
+        state = _state(state)
+        lease = m.TrainingLease
+
+        def work(s: Session) -> bool:
+            now = utcnow()
+            stmt = (
+                update(lease)
+                .where(
+                    lease.id == m.LEASE_ROW_ID,
+                    or_(
+                        lease.holder.is_(None),
+                        lease.holder == holder,
+                        lease.expires_at.is_(None),
+                        lease.expires_at < now,
+                    ),
+                )
+                .values(
+                    holder=holder,
+                    acquired_at=case(
+                        (lease.holder == holder, lease.acquired_at), else_=literal(now, m.UTCDateTime())
+                    ),
+                    heartbeat_at=now,
+                    expires_at=now + ttl,
+                    state=state,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            return s.execute(stmt).rowcount == 1
+
+        return self._run(work)
+
+    def renew_lease(self, holder: str, ttl_s: float, state: str | None = None) -> bool:
+        """Extend `holder`'s lease to `ttl_s` seconds from now and optionally set the worker state
+        shown in the status panel; return False (changing nothing) if `holder` lost the lease."""
+        holder = check.name(holder, "lease holder")
+        ttl = timedelta(seconds=check.positive(ttl_s, "lease duration"))
+        values: dict[str, Any] = {} if state is None else {"state": _state(state)}
+
+        def work(s: Session) -> bool:
+            now = utcnow()
+            stmt = (
+                update(m.TrainingLease)
+                .where(m.TrainingLease.id == m.LEASE_ROW_ID, m.TrainingLease.holder == holder)
+                .values(heartbeat_at=now, expires_at=now + ttl, **values)
+                .execution_options(synchronize_session=False)
+            )
+            return s.execute(stmt).rowcount == 1
+
+        return self._run(work)
+
+    def release_lease(self, holder: str, state: str = "stopped") -> bool:
+        """Give the lease up so another worker can train at once; return whether `holder` held it."""
+        holder = check.name(holder, "lease holder")
+        state = _state(state)
+
+        def work(s: Session) -> bool:
+            stmt = (
+                update(m.TrainingLease)
+                .where(m.TrainingLease.id == m.LEASE_ROW_ID, m.TrainingLease.holder == holder)
+                .values(holder=None, expires_at=None, heartbeat_at=utcnow(), state=state)
+                .execution_options(synchronize_session=False)
+            )
+            return s.execute(stmt).rowcount == 1
+
+        return self._run(work)
+
+    def worker_status(self) -> WorkerStatus:
+        """Return the lease holder, its state text and heartbeat; `present` is False when no
+        worker holds an unexpired lease."""
+
+        def work(s: Session) -> WorkerStatus:
+            row = s.get(m.TrainingLease, m.LEASE_ROW_ID)
+            if row is None:
+                return WorkerStatus(None, "no worker yet", None, None, False)
+            present = row.holder is not None and row.expires_at is not None and row.expires_at > utcnow()
+            return WorkerStatus(row.holder, row.state, row.heartbeat_at, row.expires_at, present)
+
+        return self._run(work, write=False)
+
+    # --------------------------------------------------------- adapter versions
+
+    def next_version_number(self) -> int:
+        """Return the number the next adapter version should get (never reuses failed ones)."""
+        return self._run(
+            lambda s: (s.scalar(select(func.max(m.AdapterVersion.version))) or 0) + 1, write=False
+        )
+
+    def publish_version(
+        self,
+        version: int,
+        path: str,
+        parent: int,
+        *,
+        cursor: Cursor,
+        n_ratings: int,
+        n_preferences: int,
+        metrics: Mapping[str, Any] | None = None,
+        holder: str | None = None,
+    ) -> AdapterVersion:
+        """Publish a trained adapter (served from now on) trained from `parent` on feedback up to
+        `cursor`; return it. With `holder`, refuses unless that worker still holds the lease.
+        Refuses a version number that exists or a parent that is not published (or 0)."""
+        return self._add_version(
+            version,
+            parent,
+            "published",
+            path=_path(path),
+            cursor=_cursor(cursor),
+            n_ratings=check.integer(n_ratings, "number of ratings"),
+            n_preferences=check.integer(n_preferences, "number of preferences"),
+            metrics=check.json_object(metrics, "metrics"),
+            holder=holder,
+        )
+
+    def record_failed_version(
+        self,
+        version: int,
+        parent: int,
+        reason: str,
+        *,
+        path: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        holder: str | None = None,
+    ) -> AdapterVersion:
+        """Record a training run that was not published, with `reason` in its metrics; return it."""
+        return self._add_version(
+            version,
+            parent,
+            "failed",
+            path=None if path is None else _path(path),
+            cursor=Cursor(),
+            n_ratings=0,
+            n_preferences=0,
+            metrics={**check.json_object(metrics, "metrics"), "reason": check.text(reason, "reason")},
+            holder=holder,
+        )
+
+    def rollback_to(self, version: int) -> list[int]:
+        """Serve `version` (a published one, or 0 for the base model) again by marking every newer
+        published version rolled back; return the version numbers rolled back."""
+        version = check.integer(version, "adapter version")
+
+        def work(s: Session) -> list[int]:
+            if version != BASE_VERSION:
+                target = _get(s, m.AdapterVersion, version, "adapter version")
+                if target.status != "published":
+                    raise StoreError(f"Version {version} is {target.status}; only a published one can be served.")
+            rows = s.scalars(
+                select(m.AdapterVersion)
+                .where(m.AdapterVersion.version > version, m.AdapterVersion.status == "published")
+                .order_by(m.AdapterVersion.version)
+            ).all()
+            now = utcnow()
+            for row in rows:
+                row.status, row.status_changed_at = "rolled_back", now
+            return [row.version for row in rows]
+
+        return self._run(work)
+
+    def serving_version(self) -> int:
+        """Return the adapter version the UI should serve: the newest published one, 0 if none."""
+        return self._run(_serving, write=False)
+
+    def latest_published_version(self) -> AdapterVersion | None:
+        """Return the newest published adapter version, or None when only the base model exists."""
+
+        def work(s: Session) -> AdapterVersion | None:
+            version = _serving(s)
+            return None if version == BASE_VERSION else _version(s.get_one(m.AdapterVersion, version))
+
+        return self._run(work, write=False)
+
+    def get_version(self, version: int) -> AdapterVersion:
+        """Return the adapter version with this number."""
+        version = check.integer(version, "adapter version", minimum=1)
+        return self._run(lambda s: _version(_get(s, m.AdapterVersion, version, "adapter version")), write=False)
+
+    def list_versions(self) -> list[AdapterVersion]:
+        """Return all adapter versions (published, failed, rolled back), oldest first."""
+        stmt = select(m.AdapterVersion).order_by(m.AdapterVersion.version)
+        return self._run(lambda s: [_version(r) for r in s.scalars(stmt)], write=False)
+
+    # ---------------------------------------------------------- metrics, status
+
+    def record_metrics(self, version: int, iteration: int, values: Mapping[str, float]) -> int:
+        """Store one PPO iteration's metrics of the version being trained; return how many."""
+        version = check.integer(version, "adapter version", minimum=1)
+        iteration = check.integer(iteration, "iteration")
+        points = [(check.name(k, "metric name"), check.finite(v, f"metric {k!r}")) for k, v in values.items()]
+
+        def work(s: Session) -> int:
+            now = utcnow()
+            s.add_all(
+                m.TrainingMetric(version=version, iteration=iteration, name=k, value=v, created_at=now)
+                for k, v in points
+            )
+            return len(points)
+
+        return self._run(work)
+
+    def metrics(self, version: int | None = None, since_id: int = 0) -> list[MetricPoint]:
+        """Return metric points with ids after `since_id` (of one version if given), oldest first."""
+        since_id = check.integer(since_id, "metric id")
+        stmt = select(m.TrainingMetric).where(m.TrainingMetric.id > since_id).order_by(m.TrainingMetric.id)
+        if version is not None:
+            stmt = stmt.where(m.TrainingMetric.version == check.integer(version, "adapter version"))
+        return self._run(
+            lambda s: [
+                MetricPoint(r.id, r.version, r.iteration, r.name, r.value, r.created_at)
+                for r in s.scalars(stmt)
+            ],
+            write=False,
+        )
+
+    def version_rating_summary(self) -> list[VersionSummary]:
+        """Return, per adapter version with ratings, the mean and number of current ratings of
+        its generations, by version."""
+        stmt = (
+            select(m.Generation.adapter_version, func.avg(m.Rating.score), func.count(m.Rating.id))
+            .join(m.Rating, m.Rating.generation_id == m.Generation.id)
+            .where(m.Rating.is_current)
+            .group_by(m.Generation.adapter_version)
+            .order_by(m.Generation.adapter_version)
+        )
+        return self._run(
+            lambda s: [VersionSummary(v, float(mean), n) for v, mean, n in s.execute(stmt).tuples()],
+            write=False,
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Return numbers for the status panel: active prompts, generations, current ratings,
+        rating revisions, preferences, raters, serving version, and ratings/preferences since it."""
+
+        def count(s: Session, stmt: Any) -> int:
+            return s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+
+        def work(s: Session) -> dict[str, int]:
+            serving = _serving(s)
+            since = _count_since(s, _cursor_of(s, serving))
+            raters = union(select(m.Rating.rater), select(m.Preference.rater))
+            return {
+                "prompts": count(s, select(m.Prompt.id).where(m.Prompt.active)),
+                "generations": count(s, select(m.Generation.id)),
+                "ratings": count(s, select(m.Rating.id).where(m.Rating.is_current)),
+                "rating_revisions": count(s, select(m.Rating.id)),
+                "preferences": count(s, select(m.Preference.id)),
+                "raters": count(s, raters),
+                "serving_version": serving,
+                "ratings_since_serving": since.ratings,
+                "preferences_since_serving": since.preferences,
+            }
+
+        return self._run(work, write=False)
+
+    # ----------------------------------------------------------------- internals
+
+    def _run(self, work: Callable[[Session], T], *, write: bool = True, conflicts: bool = False) -> T:
+        """Run `work` in one transaction and return its result; retry when SQLite stayed locked
+        past busy_timeout, on PostgreSQL serialisation failures and deadlocks, and (with
+        `conflicts`) when a concurrent transaction inserted the same unique row first."""
+        engine = self._engine if write else self._reader
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            try:
+                with Session(engine, expire_on_commit=False) as session, session.begin():
+                    return work(session)
+            except DBAPIError as exc:
+                if attempt == _MAX_ATTEMPTS or not _retryable(exc, conflicts):
+                    raise
+                time.sleep(random.uniform(0, min(1.0, 0.02 * 2**attempt)))
+        raise AssertionError("unreachable")
+
+    def _serialize_feedback(self, s: Session) -> None:
+        # SQLite writers are already serialised by BEGIN IMMEDIATE.
+        if self.dialect == "postgresql":
+            s.execute(select(func.pg_advisory_xact_lock(_FEEDBACK_LOCK)))
+
+    def _add_version(
+        self,
+        version: int,
+        parent: int,
+        status: str,
+        *,
+        path: str | None,
+        cursor: Cursor,
+        n_ratings: int,
+        n_preferences: int,
+        metrics: dict[str, Any],
+        holder: str | None,
+    ) -> AdapterVersion:
+        version = check.integer(version, "adapter version", minimum=1)
+        parent = check.integer(parent, "parent version")
+        holder = None if holder is None else check.name(holder, "lease holder")
+        if parent >= version:
+            raise StoreError(f"Version {version} cannot have parent {parent}; parents are older.")
+
+        def work(s: Session) -> AdapterVersion:
+            now = utcnow()
+            if holder is not None:
+                _require_lease(s, holder, now)
+            if s.get(m.AdapterVersion, version) is not None:
+                raise StoreError(f"Adapter version {version} already exists.")
+            if parent != BASE_VERSION:
+                parent_row = _get(s, m.AdapterVersion, parent, "parent version")
+                if status == "published" and parent_row.status != "published":
+                    raise StoreError(
+                        f"Version {version} was trained from version {parent}, which is "
+                        f"{parent_row.status}; it cannot be published."
+                    )
+            row = m.AdapterVersion(
+                version=version,
+                path=path,
+                parent=parent,
+                status=status,
+                n_ratings=n_ratings,
+                n_preferences=n_preferences,
+                rating_cursor=cursor.rating_id,
+                preference_cursor=cursor.preference_id,
+                metrics=metrics,
+                created_at=now,
+                status_changed_at=now,
+            )
+            s.add(row)
+            s.flush()
+            return _version(row)
+
+        return self._run(work)
+
+
+# -------------------------------------------------------------- session helpers
+
+
+def _require(s: Session, id_column: Any, key: int, what: str) -> None:
+    if s.scalar(select(id_column).where(id_column == key)) is None:
+        raise StoreError(f"Unknown {what} id {key}.")
+
+
+def _get(s: Session, model: type[Any], key: int, what: str) -> Any:
+    row = s.get(model, key)
+    if row is None:
+        raise StoreError(f"Unknown {what} id {key}.")
+    return row
+
+
+def _serving(s: Session) -> int:
+    stmt = select(func.max(m.AdapterVersion.version)).where(m.AdapterVersion.status == "published")
+    return s.scalar(stmt) or BASE_VERSION
+
+
+def _cursor_of(s: Session, version: int) -> Cursor:
+    if version == BASE_VERSION:
+        return Cursor()
+    row = _get(s, m.AdapterVersion, version, "adapter version")
+    return Cursor(row.rating_cursor, row.preference_cursor)
+
+
+def _count_since(s: Session, cursor: Cursor) -> FeedbackCounts:
+    ratings = s.scalar(
+        select(func.count(m.Rating.id)).where(m.Rating.id > cursor.rating_id, m.Rating.is_current)
+    )
+    preferences = s.scalar(select(func.count(m.Preference.id)).where(m.Preference.id > cursor.preference_id))
+    return FeedbackCounts(ratings or 0, preferences or 0)
+
+
+def _require_lease(s: Session, holder: str, now: datetime) -> None:
+    lease = s.get(m.TrainingLease, m.LEASE_ROW_ID, with_for_update=True)
+    if lease is None or lease.holder != holder or lease.expires_at is None or lease.expires_at <= now:
+        raise StoreError(f"Worker {holder!r} no longer holds the training lease.")
+
+
+def _retryable(exc: DBAPIError, conflicts: bool) -> bool:
+    message = str(exc.orig).lower()
+    if getattr(exc.orig, "sqlstate", None) in ("40001", "40P01"):  # serialisation failure, deadlock
+        return True
+    if isinstance(exc, OperationalError) and "locked" in message:  # SQLite past busy_timeout
+        return True
+    unique = getattr(exc.orig, "sqlstate", None) == "23505" or "unique constraint failed" in message
+    return conflicts and isinstance(exc, IntegrityError) and unique
+
+
+# ----------------------------------------------------------- input and output
+
+
+def _prompt_source(source: str) -> str:
+    if source not in PROMPT_SOURCES:
+        raise StoreError(f"Unknown prompt source {source!r}; expected one of {', '.join(PROMPT_SOURCES)}.")
+    return source
+
+
+def _state(state: str) -> str:
+    state = check.text(state, "worker state")
+    if len(state) > MAX_STATE_CHARS:
+        raise StoreError(f"The worker state is longer than {MAX_STATE_CHARS} characters.")
+    return state
+
+
+def _path(path: str) -> str:
+    path = check.text(os.fspath(path) if isinstance(path, os.PathLike) else path, "adapter path")
+    if not path.strip():
+        raise StoreError("The adapter path is empty.")
+    return path
+
+
+def _cursor(cursor: Cursor) -> Cursor:
+    if not isinstance(cursor, Cursor):
+        raise StoreError(f"Expected a Cursor, not {type(cursor).__name__}.")
+    return Cursor(
+        check.integer(cursor.rating_id, "rating cursor"),
+        check.integer(cursor.preference_id, "preference cursor"),
+    )
+
+
+def _generation_fields(new: NewGeneration) -> dict[str, Any]:
+    token_ids = check.integers(new.token_ids, "token id")
+    logprobs = check.floats(new.logprobs, "logprob")
+    if token_ids and logprobs and len(token_ids) != len(logprobs):
+        raise StoreError(f"{len(token_ids)} token ids but {len(logprobs)} logprobs.")
+    return {
+        "text": check.text(new.text, "generated text"),
+        "token_ids": token_ids,
+        "logprobs": logprobs,
+        "sampling": check.json_object(new.sampling, "sampling parameters"),
+    }
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _chunks(items: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(items), _IN_CHUNK):
+        yield items[start : start + _IN_CHUNK]
+
+
+def _prompt(row: m.Prompt) -> Prompt:
+    return Prompt(row.id, row.text, row.source, row.active, row.created_at)
+
+
+def _generation(row: m.Generation) -> Generation:
+    return Generation(
+        row.id,
+        row.prompt_id,
+        row.adapter_version,
+        row.text,
+        tuple(row.token_ids),
+        tuple(row.logprobs),
+        dict(row.sampling),
+        row.created_at,
+    )
+
+
+def _rating(row: m.Rating) -> Rating:
+    return Rating(row.id, row.generation_id, row.rater, row.score, row.comment, row.is_current, row.created_at)
+
+
+def _preference(row: m.Preference) -> Preference:
+    return Preference(row.id, row.chosen_generation_id, row.rejected_generation_id, row.rater, row.created_at)
+
+
+def _version(row: m.AdapterVersion) -> AdapterVersion:
+    return AdapterVersion(
+        row.version,
+        row.path,
+        row.parent,
+        row.status,
+        row.n_ratings,
+        row.n_preferences,
+        Cursor(row.rating_cursor, row.preference_cursor),
+        dict(row.metrics),
+        row.created_at,
+        row.status_changed_at,
+    )
