@@ -26,8 +26,13 @@ SHAPES = {
 EOS = "<|endoftext|>"
 
 
-def build_gpt2(out_dir: str | Path, shape: str = "tiny", seed: int = 0) -> Path:
-    """Write a randomly initialised GPT-2 of the named shape and its tokenizer to out_dir; return the path."""
+def build_gpt2(out_dir: str | Path, shape: str = "tiny", seed: int = 0, train_steps: int | None = None) -> Path:
+    """Write a GPT-2 of the named shape and its tokenizer to out_dir; return the path.
+
+    The tiny model is briefly trained on the built-in corpus (`train_steps`, default 40 for tiny,
+    0 otherwise) so that it has a peaked, corpus-like next-token distribution, as a real model has;
+    a uniform random model gives PPO nothing to work with.
+    """
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
@@ -43,8 +48,31 @@ def build_gpt2(out_dir: str | Path, shape: str = "tiny", seed: int = 0) -> Path:
     tok.save_pretrained(out)
     config = GPT2Config(**dims, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
-    GPT2LMHeadModel(config).save_pretrained(out)
+    model = GPT2LMHeadModel(config)
+    steps = (40 if shape == "tiny" else 0) if train_steps is None else train_steps
+    if steps:
+        _fit_corpus(model, tok, steps)
+    model.save_pretrained(out)
     return out
+
+
+def _fit_corpus(model, tokenizer, steps: int, batch_size: int = 16, lr: float = 3e-3) -> None:
+    """Train `model` for a few language-modelling steps on CORPUS (seconds for the tiny shape)."""
+    import torch
+
+    ids = torch.tensor(tokenizer(" ".join(dict.fromkeys(CORPUS)) * 4)["input_ids"])
+    block = 48
+    windows = ids[: len(ids) // block * block].view(-1, block)  # (N, block)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = windows[torch.randint(len(windows), (batch_size,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
 
 
 if __name__ == "__main__":

@@ -6,9 +6,20 @@ only, so the `(B, R, V)` logits exist once per forward and the prompt's logits n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .ppo import entropy_from_logits
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+VALUE_HEAD_WEIGHTS = "value_head.safetensors"
+
+
+class AdapterLoadError(ValueError):
+    """An adapter directory whose files are missing, unreadable or do not fit this model."""
 
 
 @dataclass
@@ -17,7 +28,8 @@ class ForwardOutput:
 
     logprobs: torch.Tensor  # log softmax(logits / temperature) at the response tokens
     entropy: torch.Tensor  # entropy of softmax(logits / temperature), detached
-    hidden: torch.Tensor  # (B, R, H) last hidden state that predicts each response token
+    hidden: torch.Tensor  # (B, R + 1, H) last hidden states from the one predicting response token 0
+    #                       to the one after the last response slot
     values: torch.Tensor | None = None  # value head on `hidden` (policy forwards only)
 
 
@@ -51,20 +63,19 @@ class PolicyWithValueHead(nn.Module):
                  temperature: float) -> ForwardOutput:
         hidden = self.trunk(input_ids=query_response, attention_mask=attention_mask,
                             position_ids=position_ids_for(attention_mask), use_cache=False).last_hidden_state
-        hidden = hidden[:, context_length - 1:-1]  # (B, R, H): state before each response token
-        logits = self.lm_head(hidden).float() / temperature  # (B, R, V), the only vocab-sized tensor
-        log_z = torch.logsumexp(logits, dim=-1)  # (B, R)
+        hidden = hidden[:, context_length - 1:]  # (B, R + 1, H)
+        logits = self.lm_head(hidden[:, :-1]).float() / temperature  # (B, R, V), the only vocab-sized tensor
         responses = query_response[:, context_length:]
-        logprobs = logits.gather(-1, responses.unsqueeze(-1)).squeeze(-1) - log_z
+        logprobs = logits.gather(-1, responses.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         with torch.no_grad():
-            entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+            entropy = entropy_from_logits(logits)  # (B, R)
         return ForwardOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
 
     def forward(self, query_response: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
                 temperature: float = 1.0) -> ForwardOutput:
         """Return the policy's response logprobs, entropy and values from one forward (grad enabled)."""
         out = self._forward(query_response, attention_mask, context_length, temperature)
-        out.values = self.value_head(out.hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        out.values = self.value_head(out.hidden[:, :-1].to(self.value_head.weight.dtype)).squeeze(-1)  # (B, R)
         return out
 
     @torch.no_grad()
@@ -73,3 +84,43 @@ class PolicyWithValueHead(nn.Module):
         """Return the reference policy's (adapter disabled) response logprobs and hidden states, no grad."""
         with self.peft_model.disable_adapter():
             return self._forward(query_response, attention_mask, context_length, temperature)
+
+    # ------------------------------------------------------------------------------ adapter files
+
+    def save_adapter(self, directory: str | Path) -> None:
+        """Write the LoRA adapter in PEFT format plus `value_head.safetensors` into `directory`."""
+        directory = Path(directory)
+        self.peft_model.save_pretrained(str(directory), safe_serialization=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(directory / VALUE_HEAD_WEIGHTS))
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Copy a saved adapter's LoRA and value-head weights into this model in place (no reload).
+
+        Raises AdapterLoadError, leaving the current weights untouched, when a file is missing,
+        corrupt, or its tensors do not match this model's adapter.
+        """
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        directory = Path(directory)
+        try:
+            lora = load_file(str(directory / ADAPTER_WEIGHTS))
+            head = load_file(str(directory / VALUE_HEAD_WEIGHTS))
+        except Exception as exc:  # safetensors raises several types for truncated or garbage files
+            raise AdapterLoadError(f"{directory}: cannot read adapter weights ({exc})") from exc
+        current = get_peft_model_state_dict(self.peft_model)
+        if set(lora) != set(current) or any(lora[k].shape != current[k].shape for k in current):
+            raise AdapterLoadError(f"{directory}: adapter tensors do not match this model's LoRA layout")
+        if {k: v.shape for k, v in head.items()} != {k: v.shape for k, v in self.value_head.state_dict().items()}:
+            raise AdapterLoadError(f"{directory}: value head does not match this model")
+        if not all(torch.isfinite(t).all() for t in list(lora.values()) + list(head.values())):
+            raise AdapterLoadError(f"{directory}: adapter holds NaN or infinite weights")
+        with torch.no_grad():
+            set_peft_model_state_dict(self.peft_model, lora)
+            self.value_head.load_state_dict(head)
+
+
+def last_token_hidden(hidden: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Return (B, H): from (B, R + 1, H) hidden states, the one after each row's last valid response token."""
+    lengths = response_mask.sum(1).long()  # (B,) index L in hidden is the state after token L - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths]

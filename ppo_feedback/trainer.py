@@ -1,0 +1,237 @@
+"""One PPO iteration on a LoRA policy whose base network also plays reference and value model.
+
+The iteration, in the order of Ziegler et al. (2019) and Huang et al. ("The N implementation details
+of RLHF with PPO"): sample responses with behaviour logprobs and values (one generate), score them,
+reference logprobs (one adapter-off forward), KL-penalised rewards, GAE, whitened advantages, then
+`ppo_epochs` passes over shuffled minibatches, each minibatch one forward for logprobs and values.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import ppo
+from .generation import Rollout, sample
+from .policy import PolicyWithValueHead, last_token_hidden
+
+Sample = tuple[str, str]  # (prompt, response text)
+RewardFn = Callable[[Sequence[Sample]], Sequence[float]]
+
+
+class HiddenStateReward(Protocol):
+    """A reward that scores from the reference forward's hidden states, avoiding a separate model."""
+
+    def score_hidden(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """Return (B,) scores from (B, H) hidden states after each response's last token."""
+
+
+@dataclass
+class PPOConfig:
+    batch_size: int = 8
+    """Prompts per PPO iteration (one sampled response each)."""
+    mini_batch_size: int = 8
+    """Responses per gradient step; batch_size must be a multiple of it."""
+    ppo_epochs: int = 4
+    """Passes over the batch per iteration."""
+    learning_rate: float = 3e-4
+    """Adam learning rate for the LoRA weights and value head (LoRA PPO wants ~1e-4 to 5e-4)."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon."""
+    cliprange_value: float = 0.2
+    """Value clip epsilon around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward: k1 or k3."""
+    adaptive_kl: bool = True
+    """Adapt the KL coefficient towards target_kl (Ziegler); otherwise keep init_kl_coef fixed."""
+    init_kl_coef: float = 0.05
+    """Initial KL penalty coefficient beta."""
+    target_kl: float = 6.0
+    """Adaptive controller's target KL per sequence, in nats."""
+    kl_horizon: int = 10000
+    """Adaptive controller's horizon, in samples."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards (without shifting the mean) before GAE."""
+    missing_eos_penalty: Optional[float] = None
+    """Subtracted from the score of responses that hit the length limit without EOS."""
+    response_length: int = 32
+    """Most tokens sampled per response."""
+    temperature: float = 1.0
+    """Sampling temperature, also used for every PPO log-probability."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold for rollouts."""
+    stop_at_eos: bool = True
+    """Stop responses at EOS; off gives fixed-length responses (the benchmark's work)."""
+    seed: int = 0
+    """Seed for sampling and minibatch shuffling."""
+
+    def validate(self) -> None:
+        """Raise ValueError on an inconsistent setting."""
+        if self.batch_size < 1 or self.mini_batch_size < 1 or self.batch_size % self.mini_batch_size:
+            raise ValueError("batch_size must be a positive multiple of mini_batch_size")
+        if self.kl_estimator not in ppo.KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {ppo.KL_ESTIMATORS}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.response_length < 1:
+            raise ValueError("temperature > 0, 0 < top_p <= 1 and response_length >= 1 are required")
+        if self.learning_rate <= 0 or self.ppo_epochs < 1:
+            raise ValueError("learning_rate > 0 and ppo_epochs >= 1 are required")
+
+
+class PPOTrainer:
+    """Runs PPO iterations on a PolicyWithValueHead; keeps the optimizer and KL controller state."""
+
+    def __init__(self, policy: PolicyWithValueHead, config: PPOConfig):
+        config.validate()
+        self.policy = policy
+        self.config = config
+        self.optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=config.learning_rate, eps=1e-5)
+        self.kl_ctl = (ppo.AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+                       if config.adaptive_kl else ppo.FixedKLController(config.init_kl_coef))
+        self.iteration = 0
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    # --------------------------------------------------------------------------- rollout and scoring
+
+    def rollout(self, prompts: Sequence[str]) -> Rollout:
+        """Return one sampled response per prompt, with behaviour logprobs and values."""
+        c = self.config
+        return sample(self.policy.peft_model, self.policy.tokenizer, list(prompts), max_new_tokens=c.response_length,
+                      temperature=c.temperature, top_p=c.top_p, seed=c.seed + self.iteration,
+                      stop_at_eos=c.stop_at_eos, value_head=self.policy.value_head)
+
+    def decode(self, rollout: Rollout) -> list[str]:
+        """Return the response texts of a rollout (valid tokens only, special tokens dropped)."""
+        lengths = rollout.response_mask.sum(1).long().tolist()
+        return [self.policy.tokenizer.decode(row[:n], skip_special_tokens=True)
+                for row, n in zip(rollout.responses.tolist(), lengths)]
+
+    def score(self, prompts: Sequence[str], rollout: Rollout, ref_hidden: torch.Tensor,
+              reward_fn) -> torch.Tensor:
+        """Return (B,) scores: from hidden states when the reward supports it, else from texts."""
+        if hasattr(reward_fn, "score_hidden"):
+            scores = reward_fn.score_hidden(last_token_hidden(ref_hidden, rollout.response_mask))
+        else:
+            samples = list(zip(prompts, self.decode(rollout)))
+            scores = torch.tensor([float(s) for s in reward_fn(samples)])
+        scores = scores.detach().float().to(rollout.logprobs.device)
+        if self.config.missing_eos_penalty is not None and self.config.stop_at_eos:
+            eos = self.policy.tokenizer.eos_token_id
+            missing_eos = ~(rollout.responses == eos).any(1)
+            scores = scores - self.config.missing_eos_penalty * missing_eos.float()
+        return scores
+
+    # --------------------------------------------------------------------------- the iteration
+
+    def step(self, prompts: Sequence[str], reward_fn: RewardFn | HiddenStateReward) -> dict[str, float]:
+        """Run one PPO iteration on `prompts`; return its stats under TRL's metric names."""
+        c = self.config
+        if len(prompts) != c.batch_size:
+            raise ValueError(f"step needs batch_size={c.batch_size} prompts, got {len(prompts)}")
+        # 1. rollout: responses, behaviour logprobs (= old logprobs, exact) and old values
+        rollout = self.rollout(prompts)
+        qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
+        old_logprobs, old_values = rollout.logprobs, rollout.values
+        # 2. reference forward (adapter off) gives ref logprobs and the reward model's features
+        ref = self.policy.reference(qr, attn, P, c.temperature)
+        scores = self.score(prompts, rollout, ref.hidden, reward_fn)  # (B,)
+        # 3. rewards and advantages
+        with torch.no_grad():
+            kl = ppo.kl_per_token(old_logprobs, ref.logprobs, c.kl_estimator) * mask  # (B, R)
+            rewards = ppo.penalized_rewards(scores, old_logprobs, ref.logprobs, mask, self.kl_ctl.value,
+                                            c.kl_estimator)  # (B, R)
+            non_score_reward = rewards.sum(1) - scores  # (B,)
+            if c.whiten_rewards:
+                rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = ppo.gae(rewards, old_values, mask, c.gamma, c.lam)
+            advantages = ppo.masked_whiten(advantages, mask)
+        # 4. PPO epochs over shuffled minibatches
+        epoch_stats: dict[str, list[float]] = {k: [] for k in
+                                               ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl", "entropy")}
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(c.batch_size, generator=self.generator)
+            for start in range(0, c.batch_size, c.mini_batch_size):
+                mb = order[start:start + c.mini_batch_size]
+                out = self.policy(qr[mb], attn[mb], P, c.temperature)
+                pg_loss, pg_clipfrac, approx_kl = ppo.policy_loss(out.logprobs, old_logprobs[mb], advantages[mb],
+                                                                  mask[mb], c.cliprange)
+                vf_loss, vf_clipfrac = ppo.value_loss(out.values, old_values[mb], returns[mb], mask[mb],
+                                                      c.cliprange_value)
+                loss = pg_loss + c.vf_coef * vf_loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite PPO loss {loss.item()} at iteration {self.iteration}")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), c.max_grad_norm)
+                self.optimizer.step()
+                for name, value in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_clipfrac),
+                                    ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl),
+                                    ("entropy", ppo.masked_mean(out.entropy, mask[mb]))):
+                    epoch_stats[name].append(float(value.detach()))
+        # 5. KL controller, and stats named as TRL names them (sums over tokens, means over the batch)
+        mean_kl = float(kl.sum(1).mean())
+        kl_coef = self.kl_ctl.value
+        self.kl_ctl.update(mean_kl, c.batch_size)
+        self.iteration += 1
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        return {
+            "objective/kl": mean_kl,
+            "objective/entropy": float((-old_logprobs * mask).sum(1).mean()),
+            "objective/non_score_reward": float(non_score_reward.mean()),
+            "objective/scores": float(scores.mean()),
+            "objective/rlhf_reward": float((scores + non_score_reward).mean()),
+            "policy/approxkl": mean(epoch_stats["approx_kl"]),
+            "policy/clipfrac": mean(epoch_stats["pg_clipfrac"]),
+            "policy/entropy": mean(epoch_stats["entropy"]),
+            "loss/policy": mean(epoch_stats["pg_loss"]),
+            "loss/value": mean(epoch_stats["vf_loss"]),
+            "val/clipfrac": mean(epoch_stats["vf_clipfrac"]),
+            "val/mean_length": float(mask.sum(1).mean()),
+            "kl_coef": kl_coef,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "iteration": self.iteration,
+        }
+
+    # --------------------------------------------------------------------------- save and resume
+
+    def save_state(self, directory: str | Path) -> None:
+        """Write the trainable state: LoRA (PEFT format), value head, optimizer and controller (safetensors/JSON)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.policy.save_adapter(directory)
+        tensors = {}
+        for index, state in self.optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                tensors[f"{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        save_file(tensors, str(directory / "optimizer.safetensors"))
+        (directory / "trainer_state.json").write_text(json.dumps(
+            {"iteration": self.iteration, "kl_coef": self.kl_ctl.value, "config": asdict(self.config)}, indent=2))
+
+    def load_state(self, directory: str | Path) -> None:
+        """Restore what save_state wrote, so training resumes where it stopped."""
+        directory = Path(directory)
+        self.policy.load_adapter(directory)
+        state = self.optimizer.state_dict()
+        tensors = load_file(str(directory / "optimizer.safetensors"))
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            index, key = name.split(".", 1)
+            per_param.setdefault(int(index), {})[key] = tensor
+        state["state"] = per_param
+        self.optimizer.load_state_dict(state)
+        meta = json.loads((directory / "trainer_state.json").read_text())
+        self.iteration = int(meta["iteration"])
+        if math.isfinite(meta["kl_coef"]):
+            self.kl_ctl.value = float(meta["kl_coef"])
