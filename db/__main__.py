@@ -1,7 +1,7 @@
 """Command line of the feedback store.
 
-    python -m db export --db data/feedback.db --format preference --out prefs.jsonl
-    python -m db upgrade --db postgresql+psycopg://user:pw@host/db
+python -m db export --db data/feedback.db --format preference --out prefs.jsonl
+python -m db upgrade --db postgresql+psycopg://user:pw@host/db
 """
 
 from __future__ import annotations

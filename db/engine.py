@@ -33,8 +33,9 @@ def sqlite_url_or(url_or_path: str | os.PathLike[str]) -> str:
 def make_engine(url: str) -> Engine:
     """Return an engine for `url`; on SQLite every connection gets WAL, busy_timeout and foreign keys,
     and write transactions start with BEGIN IMMEDIATE so that concurrent writers queue."""
-    engine = create_engine(url, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
+    sqlite = make_url(url).get_backend_name() == "sqlite"
+    engine = create_engine(url, pool_pre_ping=not sqlite)  # servers drop idle connections; files don't
+    if sqlite:
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
     return engine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -11,6 +12,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
+# Alembic keeps the running migration in module globals (alembic.context, alembic.op), so two
+# threads of one process must not migrate at the same time. Processes are serialised by the
+# database itself (BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL, see env.py).
+_ALEMBIC_LOCK = threading.Lock()
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -24,7 +29,7 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def upgrade_schema(engine: Engine, revision: str = "head") -> None:
     """Upgrade the database to `revision` in one transaction, keeping its data; returns nothing."""
-    with engine.begin() as connection:
+    with _ALEMBIC_LOCK, engine.begin() as connection:
         command.upgrade(alembic_config(connection), revision)
 
 

@@ -119,7 +119,9 @@ class Preference(Base):
     __tablename__ = "preferences"
     __table_args__ = (
         CheckConstraint("chosen_generation_id <> rejected_generation_id", name="distinct"),
-        UniqueConstraint("chosen_generation_id", "rejected_generation_id", "rater", name="uq_preferences_pair_rater"),
+        UniqueConstraint(
+            "chosen_generation_id", "rejected_generation_id", "rater", name="uq_preferences_pair_rater"
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -27,7 +27,12 @@ class Prompt:
 
 @dataclass(frozen=True)
 class NewGeneration:
-    """One sampled completion to record with `FeedbackStore.record_generations`."""
+    """One sampled completion to record with `FeedbackStore.record_generations`.
+
+    `token_ids` are the response tokens and `logprobs` their behaviour log-probabilities as plain
+    Python numbers (call `.tolist()` on tensors); `sampling` holds seed, temperature, top_p,
+    max_new_tokens and the like.
+    """
 
     text: str
     token_ids: Sequence[int] = ()

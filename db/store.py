@@ -21,9 +21,9 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import case, func, literal, or_, select, union, update
+from sqlalchemy import CursorResult, Update, case, func, literal, or_, select, union, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased
 
@@ -108,6 +108,8 @@ class FeedbackStore:
 
         Raises StoreError (adding none) if any text is blank, too long or not valid UTF-8.
         """
+        if isinstance(texts, (str, bytes)):
+            raise StoreError("add_prompts takes a list of texts; use add_prompt for one.")
         source = _prompt_source(source)
         cleaned = [check.prompt_text(t, self.max_prompt_chars) for t in texts]
         digests = [_sha256(t) for t in cleaned]
@@ -120,7 +122,7 @@ class FeedbackStore:
             now = utcnow()
             new = {
                 digest: m.Prompt(text=text, text_sha256=digest, source=source, active=True, created_at=now)
-                for text, digest in zip(cleaned, digests)
+                for text, digest in zip(cleaned, digests, strict=True)
                 if digest not in ids
             }
             s.add_all(new.values())
@@ -312,9 +314,9 @@ class FeedbackStore:
             self._serialize_feedback(s)
             wanted = [chosen_id, *rejected]
             prompt_of = dict(
-                s.execute(
-                    select(m.Generation.id, m.Generation.prompt_id).where(m.Generation.id.in_(wanted))
-                ).tuples().all()
+                s.execute(select(m.Generation.id, m.Generation.prompt_id).where(m.Generation.id.in_(wanted)))
+                .tuples()
+                .all()
             )
             for generation_id in wanted:
                 if generation_id not in prompt_of:
@@ -445,7 +447,7 @@ class FeedbackStore:
                 )
                 .execution_options(synchronize_session=False)
             )
-            return s.execute(stmt).rowcount == 1
+            return _updated_one_row(s, stmt)
 
         return self._run(work)
 
@@ -464,7 +466,7 @@ class FeedbackStore:
                 .values(heartbeat_at=now, expires_at=now + ttl, **values)
                 .execution_options(synchronize_session=False)
             )
-            return s.execute(stmt).rowcount == 1
+            return _updated_one_row(s, stmt)
 
         return self._run(work)
 
@@ -480,7 +482,7 @@ class FeedbackStore:
                 .values(holder=None, expires_at=None, heartbeat_at=utcnow(), state=state)
                 .execution_options(synchronize_session=False)
             )
-            return s.execute(stmt).rowcount == 1
+            return _updated_one_row(s, stmt)
 
         return self._run(work)
 
@@ -564,7 +566,9 @@ class FeedbackStore:
             if version != BASE_VERSION:
                 target = _get(s, m.AdapterVersion, version, "adapter version")
                 if target.status != "published":
-                    raise StoreError(f"Version {version} is {target.status}; only a published one can be served.")
+                    raise StoreError(
+                        f"Version {version} is {target.status}; only a published one can be served."
+                    )
             rows = s.scalars(
                 select(m.AdapterVersion)
                 .where(m.AdapterVersion.version > version, m.AdapterVersion.status == "published")
@@ -593,7 +597,9 @@ class FeedbackStore:
     def get_version(self, version: int) -> AdapterVersion:
         """Return the adapter version with this number."""
         version = check.integer(version, "adapter version", minimum=1)
-        return self._run(lambda s: _version(_get(s, m.AdapterVersion, version, "adapter version")), write=False)
+        return self._run(
+            lambda s: _version(_get(s, m.AdapterVersion, version, "adapter version")), write=False
+        )
 
     def list_versions(self) -> list[AdapterVersion]:
         """Return all adapter versions (published, failed, rolled back), oldest first."""
@@ -781,6 +787,11 @@ def _count_since(s: Session, cursor: Cursor) -> FeedbackCounts:
     return FeedbackCounts(ratings or 0, preferences or 0)
 
 
+def _updated_one_row(s: Session, stmt: Update) -> bool:
+    result = cast("CursorResult[Any]", s.execute(stmt))
+    return result.rowcount == 1
+
+
 def _require_lease(s: Session, holder: str, now: datetime) -> None:
     lease = s.get(m.TrainingLease, m.LEASE_ROW_ID, with_for_update=True)
     if lease is None or lease.holder != holder or lease.expires_at is None or lease.expires_at <= now:
@@ -830,6 +841,8 @@ def _cursor(cursor: Cursor) -> Cursor:
 
 
 def _generation_fields(new: NewGeneration) -> dict[str, Any]:
+    if not isinstance(new, NewGeneration):
+        raise StoreError(f"Expected a NewGeneration, not {type(new).__name__}.")
     token_ids = check.integers(new.token_ids, "token id")
     logprobs = check.floats(new.logprobs, "logprob")
     if token_ids and logprobs and len(token_ids) != len(logprobs):
@@ -869,7 +882,9 @@ def _generation(row: m.Generation) -> Generation:
 
 
 def _rating(row: m.Rating) -> Rating:
-    return Rating(row.id, row.generation_id, row.rater, row.score, row.comment, row.is_current, row.created_at)
+    return Rating(
+        row.id, row.generation_id, row.rater, row.score, row.comment, row.is_current, row.created_at
+    )
 
 
 def _preference(row: m.Preference) -> Preference:

@@ -77,7 +77,7 @@ def record_id(value: object, what: str) -> int:
 
 def score(value: object) -> int:
     """Return a rating score: an integer from 1 to 5."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= 5:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= int(value) <= 5:
         raise StoreError(f"A rating must be a whole number from 1 to 5, not {value!r}.")
     return int(value)
 
@@ -121,4 +121,5 @@ def json_object(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
         encoded.encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise StoreError(f"The {what} cannot be stored as JSON: {exc}.") from None
-    return json.loads(encoded)
+    decoded: dict[str, Any] = json.loads(encoded)
+    return decoded

@@ -13,8 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from db import Cursor, FeedbackStore, NewGeneration, StoreError, sqlite_url_or
-from db.testing import BACKENDS, fresh_store_url, migrated_sqlite_template
-from db.testing import store, store_url  # noqa: F401  (fixtures)
+from db.testing import BACKENDS, fresh_store_url, migrated_sqlite_template, store, store_url  # noqa: F401  (fixtures)
 
 VERBATIM = [
     "'; DROP TABLE ratings; --",
@@ -23,7 +22,7 @@ VERBATIM = [
     "emoji 🤖🎉 family 👨‍👩‍👧 flag 🇫🇷",
     "  leading and trailing spaces\t\r\n",
     "e\u0301 vs \u00e9, RTL \u202e shalom \u05e9\u05dc\u05d5\u05dd, zero\u200bwidth",
-    "%s %(name)s {0} $1 ? :param \\ \\\\ \"quoted\" `tick`",
+    '%s %(name)s {0} $1 ? :param \\ \\\\ "quoted" `tick`',
     "line1\nline2\r\nline3",
 ]
 
@@ -151,6 +150,8 @@ BAD_INPUT = {
     "prompt over limit": lambda s, g, o, p: s.add_prompt("x" * 4001),
     "one bad prompt in a batch": lambda s, g, o, p: s.add_prompts(["fine", "also fine", ""]),
     "unknown source": lambda s, g, o, p: s.add_prompt("fine", source="web"),
+    "add_prompts given one string": lambda s, g, o, p: s.add_prompts("fine"),
+    "generation not a NewGeneration": lambda s, g, o, p: s.record_generations(p, 0, [{"text": "t"}]),
     "invalid utf-8 bytes": lambda s, g, o, p: s.add_prompt(b"caf\xe9 \xff"),
     "lone surrogate prompt": lambda s, g, o, p: s.add_prompt("bad \ud800 text"),
     "lone surrogate generation": lambda s, g, o, p: s.record_generation(p, 0, "x\udfff"),
@@ -212,7 +213,7 @@ def test_bad_input_raises_store_error_and_writes_nothing(seeded: Seeded, case: s
 def test_text_stored_verbatim(store: FeedbackStore) -> None:
     prompt_ids = store.add_prompts(VERBATIM, source="rater")
     assert len(set(prompt_ids)) == len(VERBATIM)
-    for text, prompt_id in zip(VERBATIM, prompt_ids):
+    for text, prompt_id in zip(VERBATIM, prompt_ids, strict=True):
         generation = store.record_generation(prompt_id, 0, text)
         store.rate(generation.id, text, 3, text)
         assert store.get_prompt(prompt_id).text.encode() == text.encode()
@@ -267,8 +268,14 @@ def test_versions_publish_rollback_and_fencing(store: FeedbackStore) -> None:
     assert store.acquire_lease("worker", 60)
 
     v1 = store.publish_version(
-        1, "adapters/v1", 0, cursor=Cursor(rating.id, 0), n_ratings=1, n_preferences=0,
-        metrics={"reward": 0.5}, holder="worker",
+        1,
+        "adapters/v1",
+        0,
+        cursor=Cursor(rating.id, 0),
+        n_ratings=1,
+        n_preferences=0,
+        metrics={"reward": 0.5},
+        holder="worker",
     )
     assert (v1.status, v1.cursor, v1.metrics) == ("published", Cursor(rating.id, 0), {"reward": 0.5})
     store.publish_version(2, "adapters/v2", 1, cursor=Cursor(rating.id, 0), n_ratings=0, n_preferences=0)
@@ -286,11 +293,16 @@ def test_versions_publish_rollback_and_fencing(store: FeedbackStore) -> None:
     assert store.rollback_to(0) == [1, 4]
     assert store.serving_version() == 0
     assert [(v.version, v.status) for v in store.list_versions()] == [
-        (1, "rolled_back"), (2, "rolled_back"), (3, "failed"), (4, "rolled_back"),
+        (1, "rolled_back"),
+        (2, "rolled_back"),
+        (3, "failed"),
+        (4, "rolled_back"),
     ]
     store.release_lease("worker")
     with pytest.raises(StoreError, match="lease"):
-        store.publish_version(5, "adapters/v5", 0, cursor=Cursor(), n_ratings=0, n_preferences=0, holder="worker")
+        store.publish_version(
+            5, "adapters/v5", 0, cursor=Cursor(), n_ratings=0, n_preferences=0, holder="worker"
+        )
 
 
 def test_feedback_cursor_counts_new_feedback_exactly(store: FeedbackStore) -> None:
@@ -336,7 +348,11 @@ def test_metrics_and_version_summary(store: FeedbackStore) -> None:
     assert store.record_metrics(2, 0, {"reward": 0.25, "kl": 0.01}) == 2
     assert store.record_metrics(2, 1, {"reward": 0.5}) == 1
     points = store.metrics(version=2)
-    assert [(p.iteration, p.name, p.value) for p in points] == [(0, "reward", 0.25), (0, "kl", 0.01), (1, "reward", 0.5)]
+    assert [(p.iteration, p.name, p.value) for p in points] == [
+        (0, "reward", 0.25),
+        (0, "kl", 0.01),
+        (1, "reward", 0.5),
+    ]
     assert store.metrics(since_id=points[1].id) == points[2:]
     assert store.metrics(version=1) == []
 
@@ -360,5 +376,9 @@ def test_sqlite_file_created_with_wal_busy_timeout_and_foreign_keys(tmp_path: Pa
         assert path.exists()
         with feedback_store._engine.connect() as connection:
             pragma = lambda name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()  # noqa: E731
-            assert (pragma("journal_mode"), pragma("foreign_keys"), pragma("busy_timeout")) == ("wal", 1, 30000)
+            assert (pragma("journal_mode"), pragma("foreign_keys"), pragma("busy_timeout")) == (
+                "wal",
+                1,
+                30000,
+            )
         assert feedback_store.schema_revision() == "0002"

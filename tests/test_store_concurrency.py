@@ -23,7 +23,9 @@ RATINGS_PER_THREAD = 250
 
 def _generations(store: FeedbackStore, n: int) -> list[int]:
     prompt_id = store.add_prompt("Write a haiku about databases.")
-    return [g.id for g in store.record_generations(prompt_id, 0, [NewGeneration(f"haiku {i}") for i in range(n)])]
+    return [
+        g.id for g in store.record_generations(prompt_id, 0, [NewGeneration(f"haiku {i}") for i in range(n)])
+    ]
 
 
 def _in_threads(url: str, work: Callable[[FeedbackStore, int], T]) -> list[T]:
@@ -56,9 +58,7 @@ def test_parallel_raters_lose_and_duplicate_nothing(store: FeedbackStore, store_
     generations = _generations(store, RATINGS_PER_THREAD)
 
     def rate_all(feedback_store: FeedbackStore, index: int) -> list[int]:
-        return [
-            feedback_store.rate(g, f"rater-{index}", 1 + (g + index) % 5).id for g in generations
-        ]
+        return [feedback_store.rate(g, f"rater-{index}", 1 + (g + index) % 5).id for g in generations]
 
     ids = [i for thread_ids in _in_threads(store_url, rate_all) for i in thread_ids]
     assert len(ids) == len(set(ids)) == THREADS * RATINGS_PER_THREAD
@@ -99,7 +99,10 @@ for generation_id in range(int(sys.argv[2]), int(sys.argv[3]) + 1):
 
 def test_sigkill_mid_burst_keeps_every_returned_rating(store: FeedbackStore, store_url: str) -> None:
     generations = _generations(store, 3000)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, store_url, str(generations[0]), str(generations[-1])],
         stdout=subprocess.PIPE,

@@ -7,6 +7,8 @@ Create Date: 2025-11-28
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -18,7 +20,7 @@ depends_on = None
 NAME = 200
 
 
-def _created_at() -> sa.Column:
+def _created_at() -> sa.Column[datetime]:
     return sa.Column("created_at", sa.DateTime(), nullable=False)
 
 
@@ -92,9 +94,7 @@ def upgrade() -> None:
             ["generations.id"],
             name="fk_preferences_rejected_generation_id_generations",
         ),
-        sa.CheckConstraint(
-            "chosen_generation_id <> rejected_generation_id", name="ck_preferences_distinct"
-        ),
+        sa.CheckConstraint("chosen_generation_id <> rejected_generation_id", name="ck_preferences_distinct"),
         sa.UniqueConstraint(
             "chosen_generation_id",
             "rejected_generation_id",
@@ -129,7 +129,7 @@ def upgrade() -> None:
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("iteration", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(NAME), nullable=False),
-        sa.Column("value", sa.Float(), nullable=False),
+        sa.Column("value", sa.Double(), nullable=False),
         _created_at(),
         sa.PrimaryKeyConstraint("id", name="pk_training_metrics"),
     )
