@@ -1,0 +1,81 @@
+"""app.py: every option documented with its env variable, bad specs exit cleanly, the page serves."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import app
+from ppo_feedback.config import field_docs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_field_with_default_and_env():
+    text = app.build_parser().format_help()
+    for cls, _title in app.SECTIONS:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in text
+            assert f"PPO_FEEDBACK_{f.name.upper()}" in text
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+
+
+def test_environment_variables_set_defaults_and_flags_override(monkeypatch):
+    monkeypatch.setenv("PPO_FEEDBACK_PORT", "9999")
+    monkeypatch.setenv("PPO_FEEDBACK_MODEL", "smollm2-135m")
+    args = app.build_parser().parse_args([])
+    assert args.port == 9999 and args.model == "smollm2-135m"
+    assert app.build_parser().parse_args(["--port", "1234"]).port == 1234
+
+
+def test_bad_model_spec_exits_with_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "missing")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "no such model directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_option_value_exits_cleanly():
+    assert app.main(["--top-p", "1.5"]) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_app_serves_generations_through_its_api(tiny_model_dir, tmp_path):
+    from gradio_client import Client
+
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_model_dir), "--port", str(port),
+                             "--db", str(tmp_path / "f.db"), "--adapters-dir", str(tmp_path / "adapters"),
+                             "--max-new-tokens", "8"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "app did not start"
+                time.sleep(0.5)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        result = client.predict("The weather today is", 3, api_name="/generate")
+        assert len(result) == 3 and all(isinstance(c["text"], str) for c in result)
+        with pytest.raises(Exception, match="empty"):
+            client.predict("   ", 2, api_name="/generate")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
