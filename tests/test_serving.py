@@ -1,0 +1,186 @@
+"""Serving on the tiny GPT-2: generations tagged with their version, hot swaps, refusals, rollback."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from db import StoreError
+from ppo_feedback.config import SamplingConfig
+from ppo_feedback.serving import ServingModel
+from test_adapters import logits, make_policy, perturb, publish, store, store_dir  # noqa: F401  (fixtures)
+
+FAST = SamplingConfig(num_candidates=2, max_new_tokens=6)
+
+
+@pytest.fixture
+def trainer_policy(tiny_model_dir):
+    """The worker's policy, whose perturbed weights get published."""
+    return make_policy(tiny_model_dir)
+
+
+@pytest.fixture
+def serving(tiny_model_dir, store, store_dir):
+    model = ServingModel(make_policy(tiny_model_dir), store, store_dir.root, base_model="tiny", sampling=FAST)
+    yield model
+    model.stop()
+
+
+def publish_trained(store_dir, trainer_policy, store, seed: int, parent: int) -> tuple[int, torch.Tensor]:
+    """Publish a version with weights drawn from `seed`; return it and the logits it should serve."""
+    perturb(trainer_policy, seed)
+    return publish(store_dir, trainer_policy, store, parent=parent), logits(trainer_policy)
+
+
+def test_generations_are_recorded_with_the_served_version(serving, store, store_dir, trainer_policy):
+    base = logits(serving.policy)
+    first = serving.generate("Once upon a time", rater="ana", seed=1)
+    assert len(first) == 2 and {g.adapter_version for g in first} == {0}
+    prompt = store.get_prompt(first[0].prompt_id)
+    assert (prompt.text, prompt.source) == ("Once upon a time", "rater")
+    stored = store.get_generation(first[0].id)
+    assert stored.text == first[0].text and len(stored.token_ids) == len(stored.logprobs) > 0
+    assert stored.sampling == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "seed": 1}
+
+    version, expected = publish_trained(store_dir, trainer_policy, store, seed=1, parent=0)
+    assert serving.poll_once() == version == serving.version == 1
+    assert torch.equal(logits(serving.policy), expected) and not torch.equal(expected, base)
+    again = serving.generate(None, 3, rater="ana", prompt_id=prompt.id, seed=1)
+    assert [g.adapter_version for g in again] == [1, 1, 1] and {g.prompt_id for g in again} == {prompt.id}
+    assert [(e.version, e.previous, e.ok) for e in serving.events] == [(1, 0, True)]
+
+
+def test_generate_refuses_a_prompt_id_with_other_text(serving, store):
+    prompt_id = store.add_prompt("A stored prompt", source="builtin")
+    with pytest.raises(ValueError, match="other text"):
+        serving.generate("Something else", rater="ana", prompt_id=prompt_id)
+    with pytest.raises(ValueError, match="rater"):
+        serving.generate("Hello", rater=" ")
+    with pytest.raises(ValueError):
+        serving.generate("Hello", FAST.max_candidates + 1, rater="ana")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
+def test_a_broken_version_is_refused_and_serving_stays(serving, store, store_dir, trainer_policy, damage):
+    publish_trained(store_dir, trainer_policy, store, seed=1, parent=0)
+    assert serving.poll_once() == 1
+    served = logits(serving.policy)
+    publish_trained(store_dir, trainer_policy, store, seed=2, parent=1)
+    weights = store_dir.path(2) / "adapter_model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x93NUMPY garbage" * 100)
+    else:
+        weights.unlink()
+
+    assert serving.poll_once() == 1
+    assert "version 2 refused" in serving.last_swap_error and "adapter_model.safetensors" in serving.last_swap_error
+    assert torch.equal(logits(serving.policy), served)
+    assert serving.generate("Hello", rater="ana")[0].adapter_version == 1
+    serving.poll_once()
+    serving.poll_once()
+    assert [(e.version, e.ok) for e in serving.events] == [(1, True), (2, False)]  # tried once, not again
+
+    version, expected = publish_trained(store_dir, trainer_policy, store, seed=3, parent=2)
+    assert serving.poll_once() == version == 3
+    assert serving.last_swap_error is None and torch.equal(logits(serving.policy), expected)
+
+
+def test_generation_keeps_working_during_swaps(serving, store, store_dir, trainer_policy):
+    publish_trained(store_dir, trainer_policy, store, seed=1, parent=0)
+    publish_trained(store_dir, trainer_policy, store, seed=2, parent=1)
+    errors: list[BaseException] = []
+    versions: list[int] = []
+    done = threading.Event()
+
+    def client():
+        while not done.is_set():
+            try:
+                versions.extend(g.adapter_version for g in serving.generate("Machine learning", 1, rater="bot"))
+            except BaseException as exc:  # noqa: BLE001 - the test counts every failure
+                errors.append(exc)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        for i in range(20):
+            assert serving.swap_to(1 + i % 2)
+            time.sleep(0.005)
+    finally:
+        done.set()
+        thread.join(30)
+    assert errors == [] and versions and set(versions) <= {0, 1, 2}  # 0 until the first swap
+    assert all(e.ok for e in serving.events) and len(serving.events) == 20
+
+
+def test_a_request_in_flight_finishes_on_the_old_weights(serving, store, store_dir, trainer_policy, monkeypatch):
+    publish_trained(store_dir, trainer_policy, store, seed=1, parent=0)
+    serving.poll_once()
+    publish_trained(store_dir, trainer_policy, store, seed=2, parent=1)
+    started, release = threading.Event(), threading.Event()
+    sample = serving._sample
+
+    def slow_sample(*args):
+        started.set()
+        release.wait(10)
+        return sample(*args)
+
+    monkeypatch.setattr(serving, "_sample", slow_sample)
+    result = {}
+    request = threading.Thread(target=lambda: result.update(out=serving.generate("Hello", 1, rater="ana")))
+    request.start()
+    assert started.wait(10)
+    swapper = threading.Thread(target=serving.poll_once)
+    swapper.start()
+    time.sleep(0.2)
+    assert swapper.is_alive() and serving.version == 1  # the swap waits for the request
+    release.set()
+    request.join(30)
+    swapper.join(30)
+    assert result["out"][0].adapter_version == 1 and serving.version == 2
+
+
+def test_rollback_makes_serving_go_back(serving, store, store_dir, trainer_policy):
+    base = logits(serving.policy)
+    _, first = publish_trained(store_dir, trainer_policy, store, seed=1, parent=0)
+    publish_trained(store_dir, trainer_policy, store, seed=2, parent=1)
+    assert serving.poll_once() == 2
+
+    assert serving.rollback(1) == [2]
+    assert serving.version == store.serving_version() == 1
+    assert torch.equal(logits(serving.policy), first)
+    assert serving.generate("Hello", rater="ana")[0].adapter_version == 1
+    assert serving.rollback(0) == [1]
+    assert serving.version == 0 and torch.equal(logits(serving.policy), base)
+    with pytest.raises(StoreError):
+        serving.rollback(2)  # rolled back versions stay rolled back
+
+
+def test_compare_view_uses_any_version_and_swaps_back(serving, store, store_dir, trainer_policy):
+    base_text = [c.text for c in serving.generate_with_version("Once upon a time", 0, seed=3, n=2)]
+    publish_trained(store_dir, trainer_policy, store, seed=1, parent=0)
+    publish_trained(store_dir, trainer_policy, store, seed=2, parent=1)
+    serving.poll_once()
+    served = logits(serving.policy)
+
+    assert [c.text for c in serving.generate_with_version("Once upon a time", 0, seed=3, n=2)] == base_text
+    old = [c.text for c in serving.generate_with_version("Once upon a time", 1, seed=3, n=2)]
+    assert serving.version == 2 and torch.equal(logits(serving.policy), served)
+    assert serving.swap_to(1)
+    assert [c.text for c in serving.generate_with_version("Once upon a time", 1, seed=3, n=2)] == old
+
+
+def test_polling_thread_swaps_and_tells_listeners(serving, store, store_dir, trainer_policy):
+    seen = []
+    serving.add_listener(seen.append)
+    serving.start_polling(interval=0.05)
+    publish_trained(store_dir, trainer_policy, store, seed=1, parent=0)
+    deadline = time.monotonic() + 10
+    while serving.version != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    serving.stop()
+    assert serving.version == 1 and [(e.version, e.ok) for e in seen] == [(1, True)]
+
