@@ -102,6 +102,36 @@ class AppConfig:
     """Directory of published adapter versions (v0001/, v0002/, ...), shared with the worker."""
     log_level: str = "INFO"
     """Python logging level."""
+    auth_file: Optional[str] = None
+    """JSON users file (hashed passwords, admin flags; see `python -m ppo_feedback.auth`); turns on the login page."""
+    insecure_no_auth: bool = False
+    """Allow binding --host to a non-loopback address without --auth-file (anyone who can reach the port can rate and operate)."""
+    worker: bool = True
+    """Start the training worker (`python -m ppo_feedback.worker`) as a child process; --no-worker when it runs elsewhere."""
+    poll_interval: float = 2.0
+    """Seconds between the page's checks for a newly published adapter version to serve."""
+
+    def validate(self) -> None:
+        """Raise ValueError on an impossible or unsafe setting."""
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be in 1..65535, not {self.port}")
+        if self.poll_interval <= 0:
+            raise ValueError("--poll-interval must be > 0")
+        if not self.auth_file and not self.insecure_no_auth and not is_loopback(self.host):
+            raise ValueError(f"--host {self.host} would let anyone on the network rate and operate without a "
+                             "login: give --auth-file users.json, or --insecure-no-auth if that is really meant")
+
+
+def is_loopback(host: str) -> bool:
+    """Return whether `host` names this machine only (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _type_of(hint: Any) -> type:
@@ -139,12 +169,15 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
-    """Add one --option per field of `cls`; defaults come from PPO_FEEDBACK_<FIELD> when set."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None,
+                            exclude: tuple[str, ...] = ()) -> None:
+    """Add one --option per field of `cls` (but `exclude`); defaults come from PPO_FEEDBACK_<FIELD> when set."""
     group = parser.add_argument_group(title or cls.__name__)
     hints = get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         kind = _type_of(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         env = os.environ.get(env_name(f.name))
@@ -158,10 +191,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: s
             group.add_argument(option, default=default, type=kind, help=help_text)
 
 
-def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
-    """Return an instance of dataclass `cls` built from the parsed arguments that match its fields."""
+def from_namespace(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
+    """Return an instance of dataclass `cls` built from the parsed arguments that match its fields, then `overrides`."""
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
-    instance = cls(**values)
+    instance = cls(**{**values, **overrides})
     if hasattr(instance, "validate"):
         instance.validate()
     return instance

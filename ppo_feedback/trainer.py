@@ -20,6 +20,8 @@ from . import ppo
 from .generation import Rollout, sample
 from .policy import PolicyWithValueHead, last_token_hidden
 
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
 Sample = tuple[str, str]  # (prompt, response text)
 RewardFn = Callable[[Sequence[Sample]], Sequence[float]]
 
@@ -206,32 +208,34 @@ class PPOTrainer:
 
     # --------------------------------------------------------------------------- save and resume
 
-    def save_state(self, directory: str | Path) -> None:
-        """Write the trainable state: LoRA (PEFT format), value head, optimizer and controller (safetensors/JSON)."""
+    def save_state(self, directory: str | Path, include_adapter: bool = True) -> None:
+        """Write the trainable state: LoRA (PEFT format) and value head unless excluded, optimizer and controller."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.policy.save_adapter(directory)
+        if include_adapter:
+            self.policy.save_adapter(directory)
         tensors = {}
         for index, state in self.optimizer.state_dict()["state"].items():
             for key, value in state.items():
                 tensors[f"{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        save_file(tensors, str(directory / "optimizer.safetensors"))
-        (directory / "trainer_state.json").write_text(json.dumps(
+        save_file(tensors, str(directory / OPTIMIZER_FILE))
+        (directory / TRAINER_STATE_FILE).write_text(json.dumps(
             {"iteration": self.iteration, "kl_coef": self.kl_ctl.value, "config": asdict(self.config)}, indent=2))
 
-    def load_state(self, directory: str | Path) -> None:
+    def load_state(self, directory: str | Path, include_adapter: bool = True) -> None:
         """Restore what save_state wrote, so training resumes where it stopped."""
         directory = Path(directory)
-        self.policy.load_adapter(directory)
+        if include_adapter:
+            self.policy.load_adapter(directory)
         state = self.optimizer.state_dict()
-        tensors = load_file(str(directory / "optimizer.safetensors"))
+        tensors = load_file(str(directory / OPTIMIZER_FILE))
         per_param: dict[int, dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
             index, key = name.split(".", 1)
             per_param.setdefault(int(index), {})[key] = tensor
         state["state"] = per_param
         self.optimizer.load_state_dict(state)
-        meta = json.loads((directory / "trainer_state.json").read_text())
+        meta = json.loads((directory / TRAINER_STATE_FILE).read_text())
         self.iteration = int(meta["iteration"])
         if math.isfinite(meta["kl_coef"]):
             self.kl_ctl.value = float(meta["kl_coef"])

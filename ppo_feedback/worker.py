@@ -1,0 +1,350 @@
+"""The training worker: its own process, sharing only the database and the adapter directory.
+
+A round: hold the lease → wait for `--min-new-feedback` new ratings/preferences since the serving
+version → refit the reward model on all feedback → `--ppo-iterations` PPO iterations on prompts
+from the pool → publish the next adapter version atomically. A NaN/inf loss or a KL beyond
+`--max-kl` discards the round (the weights go back to the round's start) and records why. SIGTERM
+abandons the current round without publishing any of it.
+
+Usage: python -m ppo_feedback.worker --db URL --adapters-dir DIR [--model ...] (--help lists all)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import AdapterState, AdapterStore, apply_version
+from .config import AppConfig, LoraSettings, ModelConfig, SamplingConfig, add_dataclass_arguments, from_namespace
+from .generation import sample
+from .policy import PolicyWithValueHead, last_token_hidden
+from .rewards import fit_reward_model
+from .trainer import OPTIMIZER_FILE, PPOConfig, PPOTrainer
+
+log = logging.getLogger("ppo_feedback.worker")
+
+# Rollouts sample exactly as the page does, so these PPO fields come from the sampling options.
+ROLLOUT_FIELDS = ("temperature", "top_p", "response_length", "stop_at_eos")
+
+
+@dataclass
+class WorkerConfig:
+    min_new_feedback: int = 4
+    """New ratings plus preferences since the serving version needed to start a training round."""
+    ppo_iterations: int = 4
+    """PPO iterations per round (each round publishes one adapter version)."""
+    max_kl: float = 50.0
+    """Hard limit on the mean KL to the base model (nats per response); a round beyond it is discarded."""
+    lease_ttl: float = 60.0
+    """Seconds the training lease lasts without a heartbeat; another worker takes over after that."""
+    wait_interval: float = 2.0
+    """Seconds between checks for new feedback or a free lease."""
+    reference_samples: int = 16
+    """Base-model samples that calibrate the reward model to mean 0, std 1."""
+    worker_id: str = ""
+    """Name of this worker in the lease (default host:pid)."""
+
+    def validate(self) -> None:
+        """Raise ValueError on an impossible setting."""
+        if self.min_new_feedback < 1 or self.ppo_iterations < 1 or self.reference_samples < 2:
+            raise ValueError("--min-new-feedback, --ppo-iterations >= 1 and --reference-samples >= 2 are required")
+        if self.lease_ttl <= 0 or self.wait_interval <= 0 or self.max_kl <= 0:
+            raise ValueError("--lease-ttl, --wait-interval and --max-kl must be > 0")
+
+
+class RoundAbandoned(Exception):
+    """The round stopped before publishing (SIGTERM or a lost lease); nothing of it is kept."""
+
+
+class Heartbeat:
+    """Renews the lease from a background thread while the worker trains; notices when it is lost."""
+
+    def __init__(self, store, holder: str, ttl: float):
+        self.store, self.holder, self.ttl = store, holder, ttl
+        self.state = "idle"
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        """Start renewing every ttl/3 seconds."""
+        self._thread.start()
+
+    def set_state(self, state: str) -> None:
+        """Publish the worker's state for the status panel now."""
+        self.state = state
+        self._renew()
+
+    def _renew(self) -> None:
+        try:
+            if not self.store.renew_lease(self.holder, self.ttl, state=self.state):
+                self.lost.set()
+        except Exception:  # a database hiccup: try again on the next beat; expiry is the real guard
+            log.exception("lease renewal failed")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            self._renew()
+
+    def stop(self) -> None:
+        """Stop renewing."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class Worker:
+    """Trains one policy from the store's feedback and publishes adapter versions."""
+
+    def __init__(self, store, adapters: AdapterStore, policy: PolicyWithValueHead, ppo_config: PPOConfig,
+                 config: WorkerConfig, base_model: str):
+        config.validate()
+        self.store, self.adapters, self.policy, self.config = store, adapters, policy, config
+        self.base_model = base_model
+        self.trainer = PPOTrainer(policy, ppo_config)
+        self.holder = config.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.initial = AdapterState.initial(policy)
+        self.loaded_version: int | None = None
+        self.feature_cache: dict[int, torch.Tensor] = {}
+        self._reference_features: torch.Tensor | None = None
+        self.stop_requested = threading.Event()
+        self.heartbeat: Heartbeat | None = None
+        self.rng = random.Random(ppo_config.seed)
+
+    # ------------------------------------------------------------------------------ main loop
+
+    def run(self, max_rounds: int | None = None) -> int:
+        """Train until stopped (or `max_rounds` published versions); return how many versions were published."""
+        published = 0
+        while not self.stop_requested.is_set() and (max_rounds is None or published < max_rounds):
+            if not self.store.acquire_lease(self.holder, self.config.lease_ttl, state="idle"):
+                self.stop_requested.wait(self.config.wait_interval)  # another worker trains
+                continue
+            self.heartbeat = Heartbeat(self.store, self.holder, self.config.lease_ttl)
+            self.heartbeat.start()
+            try:
+                while not self.stop_requested.is_set() and (max_rounds is None or published < max_rounds):
+                    if self.heartbeat.lost.is_set():
+                        log.warning("lost the training lease; waiting to take it again")
+                        break
+                    if self.run_round() is not None:
+                        published += 1
+            finally:
+                self.heartbeat.stop()
+                self.store.release_lease(self.holder)
+        return published
+
+    def run_round(self) -> int | None:
+        """Run one round if there is enough new feedback; return the published version, else None."""
+        parent = self.store.serving_version()
+        if parent != self.loaded_version:
+            self.load_version(parent)
+        cursor = self.store.cursor_of(parent)
+        counts = self.store.count_feedback_since(cursor)
+        missing = self.config.min_new_feedback - (counts.ratings + counts.preferences)
+        if missing > 0:
+            self.heartbeat.set_state(f"waiting for {missing} more rating{'s' if missing > 1 else ''}")
+            self.stop_requested.wait(self.config.wait_interval)
+            return None
+        start = self.snapshot()
+        try:
+            return self.train_and_publish(parent, cursor)
+        except RoundAbandoned as why:
+            log.warning("round abandoned, nothing published: %s", why)
+            self.restore(start)
+            return None
+        except (FloatingPointError, DivergenceError) as why:
+            self.restore(start)
+            version = self.store.next_version_number()
+            self.store.record_failed_version(version, parent, f"diverged: {why}", holder=self.holder)
+            log.error("round discarded, version %d recorded as failed: %s", version, why)
+            return None
+
+    def train_and_publish(self, parent: int, cursor) -> int:
+        """Refit the reward model, run the PPO iterations and publish; return the new version."""
+        c = self.config
+        feedback_end = self.feedback_end(cursor)
+        total = self.store.count_feedback_since()
+        self.heartbeat.set_state("fitting the reward model")
+        reward_model, report = fit_reward_model(self.store, self.policy, reference_features=self.reference_features(),
+                                                feature_cache=self.feature_cache)
+        log.info("reward model: %s", report.summary())
+        version = self.store.next_version_number()
+        stats: dict[str, float] = {}
+        for i in range(c.ppo_iterations):
+            self.check_continue()
+            self.heartbeat.set_state(f"training iteration {i + 1} of {c.ppo_iterations}")
+            stats = self.trainer.step(self.pick_prompts(), reward_model)
+            self.check_divergence(stats)
+            self.store.record_metrics(version, i + 1, stats)
+            log.info("v%d iteration %d/%d: score %.3f kl %.3f kl_coef %.4f loss/policy %.4f loss/value %.4f",
+                     version, i + 1, c.ppo_iterations, stats["objective/scores"], stats["objective/kl"],
+                     stats["kl_coef"], stats["loss/policy"], stats["loss/value"])
+        self.check_continue()
+        metrics = {**{k: v for k, v in stats.items() if math.isfinite(v)}, **report_metrics(report)}
+        published = self.adapters.publish(
+            self.policy, self.store, base_model=self.base_model, parent=parent, cursor=feedback_end,
+            n_ratings=total.ratings, n_preferences=total.preferences, metrics=metrics, holder=self.holder,
+            write_extra=lambda d: self.trainer.save_state(d, include_adapter=False))
+        self.loaded_version = published
+        self.heartbeat.set_state("idle")
+        return published
+
+    # ------------------------------------------------------------------------------ pieces
+
+    def feedback_end(self, cursor):
+        """Return the cursor after all feedback present now (what this round trains on)."""
+        while True:
+            page = self.store.feedback_since(cursor, limit=1000)
+            if not page.ratings and not page.preferences:
+                return cursor
+            cursor = page.cursor
+
+    def load_version(self, version: int) -> None:
+        """Load a version's adapter (0 = base) and, when it has one, its optimizer state."""
+        directory = apply_version(self.policy, self.adapters.root, version, initial=self.initial)
+        self.trainer.optimizer.state.clear()
+        if directory is not None and (directory / OPTIMIZER_FILE).is_file():
+            self.trainer.load_state(directory, include_adapter=False)
+        self.loaded_version = version
+        log.info("training from version %d", version)
+
+    def snapshot(self) -> tuple[AdapterState, dict, float, int]:
+        """Return what a discarded round must restore: adapter, optimizer, KL coefficient, iteration."""
+        return (AdapterState.capture(self.policy), copy.deepcopy(self.trainer.optimizer.state_dict()),
+                self.trainer.kl_ctl.value, self.trainer.iteration)
+
+    def restore(self, snapshot) -> None:
+        """Put back a snapshot taken at the start of a round."""
+        adapter, optimizer, kl_coef, iteration = snapshot
+        adapter.restore()
+        self.trainer.optimizer.load_state_dict(optimizer)
+        self.trainer.kl_ctl.value, self.trainer.iteration = kl_coef, iteration
+
+    def check_continue(self) -> None:
+        """Raise RoundAbandoned when a stop was requested or the lease was lost."""
+        if self.stop_requested.is_set():
+            raise RoundAbandoned("stop requested")
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            raise RoundAbandoned("the training lease was lost")
+
+    def check_divergence(self, stats: dict[str, float]) -> None:
+        """Raise DivergenceError on non-finite stats or a KL beyond the hard limit."""
+        bad = [k for k, v in stats.items() if not math.isfinite(v)]
+        if bad:
+            raise DivergenceError(f"non-finite {', '.join(bad)}")
+        if stats["objective/kl"] > self.config.max_kl:
+            raise DivergenceError(f"KL {stats['objective/kl']:.2f} beyond --max-kl {self.config.max_kl}")
+
+    def pick_prompts(self) -> list[str]:
+        """Return batch_size prompt texts drawn from the active pool (with replacement when it is small)."""
+        pool = [p.text for p in self.store.list_prompts(active_only=True)]
+        if not pool:
+            raise RoundAbandoned("no active prompts in the pool")
+        n = self.trainer.config.batch_size
+        return self.rng.sample(pool, n) if len(pool) >= n else [self.rng.choice(pool) for _ in range(n)]
+
+    def reference_features(self) -> torch.Tensor:
+        """Return (N, H) reward features of base-model samples (computed once: the base never changes)."""
+        if self._reference_features is None:
+            c, prompts = self.trainer.config, []
+            while len(prompts) < self.config.reference_samples:
+                prompts.extend(self.pick_prompts())
+            prompts = prompts[:self.config.reference_samples]
+            with self.policy.peft_model.disable_adapter():
+                rollout = sample(self.policy.peft_model, self.policy.tokenizer, prompts,
+                                 max_new_tokens=c.response_length, temperature=c.temperature, top_p=c.top_p,
+                                 seed=c.seed, stop_at_eos=c.stop_at_eos)
+            ref = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length)
+            self._reference_features = last_token_hidden(ref.hidden, rollout.response_mask).float().cpu()
+        return self._reference_features
+
+
+class DivergenceError(RuntimeError):
+    """A PPO iteration whose statistics show the policy diverging."""
+
+
+def report_metrics(report) -> dict[str, float]:
+    """Return the reward-model fit report as flat metrics (finite numbers only)."""
+    values = {
+        "reward_model/held_out_preference_accuracy": report.held_out_preference_accuracy,
+        "reward_model/held_out_score_correlation": report.held_out_score_correlation,
+        "reward_model/train_loss": report.train_loss,
+        "reward_model/n_examples": report.n_examples,
+        "reward_model/n_raters": report.n_raters,
+    }
+    return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+
+
+# ---------------------------------------------------------------------------------- command line
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the worker's own options (PPO and round settings) to a parser; app.py shares them."""
+    add_dataclass_arguments(parser, PPOConfig, "PPO", exclude=ROLLOUT_FIELDS)
+    add_dataclass_arguments(parser, WorkerConfig, "worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the worker's parser: model, LoRA, sampling, store and PPO options."""
+    parser = argparse.ArgumentParser(prog="python -m ppo_feedback.worker", description=__doc__.splitlines()[0])
+    for cls, title in ((ModelConfig, "model"), (LoraSettings, "LoRA"), (SamplingConfig, "sampling")):
+        add_dataclass_arguments(parser, cls, title)
+    group = parser.add_argument_group("store")
+    app_defaults = AppConfig()
+    group.add_argument("--db", default=os.environ.get("PPO_FEEDBACK_DB", app_defaults.db), help="SQLite file or SQLAlchemy URL")
+    group.add_argument("--adapters-dir", default=os.environ.get("PPO_FEEDBACK_ADAPTERS_DIR", app_defaults.adapters_dir),
+                       help="directory of published adapter versions")
+    group.add_argument("--log-level", default=os.environ.get("PPO_FEEDBACK_LOG_LEVEL", "INFO"))
+    add_worker_arguments(parser)
+    return parser
+
+
+def ppo_config_from(args: argparse.Namespace, sampling: SamplingConfig) -> PPOConfig:
+    """Return the PPOConfig of parsed arguments, with rollouts sampled as the page samples."""
+    return from_namespace(PPOConfig, args, temperature=sampling.temperature, top_p=sampling.top_p,
+                          response_length=sampling.max_new_tokens, stop_at_eos=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the worker until SIGTERM/SIGINT; return the exit code."""
+    args, _unknown = build_parser().parse_known_args(argv)  # app.py forwards its whole command line
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from db import FeedbackStore
+
+    from .modeling import ModelSpecError, add_lora, load_model
+
+    try:
+        model_cfg, lora, sampling = (from_namespace(cls, args) for cls in (ModelConfig, LoraSettings, SamplingConfig))
+        ppo_config, worker_cfg = ppo_config_from(args, sampling), from_namespace(WorkerConfig, args)
+        loaded = load_model(model_cfg)
+    except (ValueError, ModelSpecError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    store = FeedbackStore(args.db)
+    policy = PolicyWithValueHead(add_lora(loaded.model, lora), loaded.tokenizer)
+    worker = Worker(store, AdapterStore(args.adapters_dir), policy, ppo_config, worker_cfg, loaded.spec)
+
+    def request_stop(signum, _frame):
+        log.info("signal %d: finishing without publishing a partial round", signum)
+        worker.stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    log.info("worker %s training %s; adapters in %s", worker.holder, loaded.spec, Path(args.adapters_dir).resolve())
+    worker.run()
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The worker as a real process: ratings in → version published → serving swaps; crashes lose nothing."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from db import FeedbackStore, NewGeneration
+from ppo_feedback.config import LoraSettings, ModelConfig, SamplingConfig
+from ppo_feedback.generation import generate
+from ppo_feedback.serving import ServingModel
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["The weather today is", "I love this pizza", "Once upon a time", "Machine learning models"]
+
+pytestmark = pytest.mark.slow  # real subprocesses, each loading torch: tens of seconds
+
+
+@pytest.fixture
+def rated_store(tmp_path, tiny_loaded):
+    """A SQLite store with 4 prompts, 8 tiny-model generations and 8 ratings by two raters."""
+    store = FeedbackStore(tmp_path / "feedback.db")
+    ids = store.add_prompts(PROMPTS)
+    for pid, text in zip(ids, PROMPTS):
+        candidates = generate(tiny_loaded.model, tiny_loaded.tokenizer, text, n=2, max_new_tokens=8, seed=pid)
+        gens = store.record_generations(pid, 0, [NewGeneration(c.text, c.token_ids, c.logprobs, {"seed": pid})
+                                                 for c in candidates])
+        store.rate(gens[0].id, "ann", 5)
+        store.rate(gens[1].id, "bob", 2)
+    yield store
+    store.close()
+
+
+def worker_cmd(tmp_path, model_dir, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ppo_feedback.worker", "--db", str(tmp_path / "feedback.db"),
+            "--adapters-dir", str(tmp_path / "adapters"), "--model", str(model_dir), "--device", "cpu",
+            "--max-new-tokens", "8", "--batch-size", "4", "--mini-batch-size", "4", "--ppo-epochs", "1",
+            "--ppo-iterations", "2", "--reference-samples", "4", "--wait-interval", "0.2", *extra]
+
+
+def start(cmd: list[str], log_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode} while waiting for {what}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_worker_publishes_and_serving_swaps_to_it(tmp_path, tiny_model_dir, rated_store):
+    serving = ServingModel.load(ModelConfig(model=str(tiny_model_dir), device="cpu"), LoraSettings(), rated_store,
+                                tmp_path / "adapters", sampling=SamplingConfig(max_new_tokens=8))
+    assert serving.version == 0
+    proc = start(worker_cmd(tmp_path, tiny_model_dir, "--min-new-feedback", "8"), tmp_path / "worker.log")
+    try:
+        wait_for(lambda: rated_store.serving_version() >= 1, 240, proc, "version 1")
+        v1 = rated_store.get_version(1)
+        assert v1.status == "published" and v1.parent == 0 and v1.n_ratings == 8
+        assert (tmp_path / "adapters" / "v0001" / "adapter_model.safetensors").is_file()
+        assert "objective/kl" in v1.metrics and "reward_model/n_examples" in v1.metrics
+        points = rated_store.metrics(1)
+        assert {p.iteration for p in points} == {1, 2}
+        assert serving.poll_once() == 1
+        records = serving.generate(PROMPTS[0], 2, rater="carol")
+        assert [r.adapter_version for r in records] == [1, 1]
+        # with no new feedback it waits, and says so
+        wait_for(lambda: "waiting for" in rated_store.worker_status().state, 60, proc, "waiting state")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not rated_store.worker_status().present
+    finally:
+        proc.kill()
+
+
+def test_sigkill_mid_round_then_restart_completes_without_loss(tmp_path, tiny_model_dir, rated_store):
+    cmd = worker_cmd(tmp_path, tiny_model_dir, "--min-new-feedback", "8", "--lease-ttl", "3",
+                     "--ppo-iterations", "6")
+    proc = start(cmd, tmp_path / "worker1.log")
+    try:
+        wait_for(lambda: "training iteration" in rated_store.worker_status().state, 240, proc, "training")
+        first_holder = rated_store.worker_status().holder
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert rated_store.serving_version() == 0  # nothing half-published
+    assert not list((tmp_path / "adapters").glob("v[0-9]*"))
+    ratings_before = rated_store.counts()["ratings"]
+    restarted = start(cmd, tmp_path / "worker2.log")
+    try:
+        wait_for(lambda: rated_store.serving_version() >= 1, 240, restarted, "version 1 after restart")
+        v1 = rated_store.get_version(1)
+        assert v1.n_ratings == ratings_before == 8  # no rating lost or counted twice
+        assert rated_store.worker_status().holder not in (None, first_holder)  # taken over after expiry
+        assert not [p for p in (tmp_path / "adapters").iterdir() if p.name.startswith(".tmp-")]
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        restarted.wait(timeout=60)
+
+
+def test_two_workers_only_one_trains(tmp_path, tiny_model_dir, rated_store):
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [start(worker_cmd(tmp_path, tiny_model_dir, "--min-new-feedback", "8", "--worker-id", name), log)
+             for name, log in zip(("worker-a", "worker-b"), logs)]
+    try:
+        wait_for(lambda: rated_store.serving_version() >= 1, 240, None, "version 1")
+        time.sleep(2)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=60)
+    trained = [log.read_text().count("iteration 1/2") for log in logs]
+    assert sorted(trained) == [0, 1], trained
+    assert [v.version for v in rated_store.list_versions()] == [1]
+
+
+# ------------------------------------------------------------------------------ in-process rounds
+
+def make_worker(tmp_path, tiny_model_dir, store, **worker_overrides):
+    from ppo_feedback.adapters import AdapterStore
+    from ppo_feedback.modeling import add_lora, load_model
+    from ppo_feedback.policy import PolicyWithValueHead
+    from ppo_feedback.trainer import PPOConfig
+    from ppo_feedback.worker import Heartbeat, Worker, WorkerConfig
+
+    loaded = load_model(ModelConfig(model=str(tiny_model_dir), device="cpu"))
+    policy = PolicyWithValueHead(add_lora(loaded.model, LoraSettings()), loaded.tokenizer)
+    config = WorkerConfig(**{"min_new_feedback": 4, "ppo_iterations": 2, "reference_samples": 4,
+                             "wait_interval": 0.1, **worker_overrides})
+    worker = Worker(store, AdapterStore(tmp_path / "adapters"), policy,
+                    PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, response_length=8), config, "tiny")
+    assert store.acquire_lease(worker.holder, 30)
+    worker.heartbeat = Heartbeat(store, worker.holder, 30)
+    return worker
+
+
+def lora_weights(worker):
+    return [p.detach().clone() for p in worker.policy.trainable_parameters()]
+
+
+def test_diverging_round_is_discarded_and_recorded(tmp_path, tiny_model_dir, rated_store):
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, max_kl=1e-9)
+    before = lora_weights(worker)
+    assert worker.run_round() is None
+    failed = rated_store.get_version(1)
+    assert failed.status == "failed" and "KL" in str(failed.metrics)
+    assert rated_store.serving_version() == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_weights(worker)))
+
+
+def test_stop_mid_round_publishes_nothing(tmp_path, tiny_model_dir, rated_store):
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store)
+    before = lora_weights(worker)
+    step = worker.trainer.step
+
+    def step_then_stop(*args, **kwargs):
+        stats = step(*args, **kwargs)
+        worker.stop_requested.set()  # SIGTERM arrives during the first iteration
+        return stats
+
+    worker.trainer.step = step_then_stop
+    assert worker.run_round() is None
+    assert rated_store.list_versions() == []
+    assert not list((tmp_path / "adapters").glob("v[0-9]*"))
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_weights(worker)))
+
+
+def test_waits_for_enough_new_feedback(tmp_path, tiny_model_dir, rated_store):
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, min_new_feedback=12)
+    assert worker.run_round() is None
+    assert rated_store.worker_status().state == "waiting for 4 more ratings"
