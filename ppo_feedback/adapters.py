@@ -215,6 +215,11 @@ class AdapterStore:
         found = (VERSION_DIR.match(entry.name) for entry in self.root.iterdir() if entry.is_dir())
         return sorted(int(match.group(1)) for match in found if match)
 
+    def next_version(self, store) -> int:
+        """Return the number the next publish will take: one past the store's newest and the newest on disk."""
+        on_disk = self.versions_on_disk()
+        return max(store.next_version_number(), (on_disk[-1] + 1) if on_disk else 1)
+
     def read_metadata(self, version: int) -> dict[str, Any]:
         """Return the metadata of `version`; raise AdapterLoadError if it is missing or corrupt."""
         return read_metadata(self.path(version), version)
@@ -256,10 +261,9 @@ class AdapterStore:
         """Write the policy's adapter as the next version and publish it in the store; return its number.
 
         `extra_files` maps file names to bytes or to a file to copy; `write_extra(directory)` may
-        write more (e.g. `trainer.save_state`). The number is one past both the store's newest and
-        the newest directory on disk. If another publisher took the number, raises
-        VersionConflict; if the store refuses the version (lease lost, parent rolled back, ...)
-        its error is raised. Either way no `vNNNN` directory of this call remains.
+        write more (e.g. `trainer.save_state`). The number is `next_version(store)`. If another
+        publisher took it, raises VersionConflict; if the store refuses the version (lease lost,
+        parent rolled back, ...) its error is raised. Either way no `vNNNN` of this call remains.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_stale(store)
@@ -274,8 +278,7 @@ class AdapterStore:
             "metrics": dict(metrics or {}), "created_at": datetime.now(timezone.utc).isoformat(),
         }
         json.dumps(metadata, allow_nan=False)  # fail before writing anything on NaN or non-JSON metrics
-        on_disk = self.versions_on_disk()
-        version = max(store.next_version_number(), (on_disk[-1] + 1) if on_disk else 1)
+        version = self.next_version(store)
         metadata["version"] = version
         final = self.path(version)
 

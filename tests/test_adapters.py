@@ -161,6 +161,7 @@ def test_crash_between_rename_and_store_is_never_served_and_cleaned_later(policy
             publish(store_dir, policy, store)
     assert store_dir.versions_on_disk() == [1] and store.serving_version() == 0  # complete, but unpublished
 
+    assert store_dir.next_version(store) == 2 and store.next_version_number() == 1
     assert publish(store_dir, policy, store) == 2  # never reuses the orphan's number
     assert store_dir.clean_stale(store) == [store_dir.path(1)]
     assert store_dir.versions_on_disk() == [2] and store.serving_version() == 2
@@ -170,7 +171,7 @@ def test_losing_a_publish_race_raises_and_keeps_nothing(policy, store, store_dir
     other = store_dir.path(1)
     other.mkdir(parents=True)
     (other / "adapter_model.safetensors").write_bytes(b"the other publisher's")
-    monkeypatch.setattr(AdapterStore, "versions_on_disk", lambda self: [])  # it renamed after we looked
+    monkeypatch.setattr(AdapterStore, "next_version", lambda self, store: 1)  # it renamed after we looked
     with pytest.raises(VersionConflict):
         publish(store_dir, policy, store)
     assert [p.name for p in store_dir.root.iterdir()] == ["v0001"]
