@@ -19,6 +19,16 @@ from typing import Any, Optional, get_type_hints
 ENV_PREFIX = "PPO_FEEDBACK_"
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    """Set up Python logging for a process of this project, in the one format all of them use."""
+    import logging
+
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+
+
 def default_cache_dir() -> str:
     """Return the user's cache directory for converted models (XDG_CACHE_HOME or ~/.cache)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -22,11 +22,14 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from .adapters import AdapterState, AdapterStore, apply_version
-from .config import AppConfig, LoraSettings, ModelConfig, SamplingConfig, add_dataclass_arguments, from_namespace
+from .config import AppConfig, LoraSettings, ModelConfig, SamplingConfig, add_dataclass_arguments, configure_logging, \
+    from_namespace
 from .generation import sample
 from .policy import PolicyWithValueHead, last_token_hidden
 from .rewards import fit_reward_model
@@ -54,6 +57,8 @@ class WorkerConfig:
     """Base-model samples that calibrate the reward model to mean 0, std 1."""
     worker_id: str = ""
     """Name of this worker in the lease (default host:pid)."""
+    tensorboard: Optional[str] = None
+    """Also write every PPO iteration's metrics to this TensorBoard log directory."""
 
     def validate(self) -> None:
         """Raise ValueError on an impossible setting."""
@@ -120,6 +125,11 @@ class Worker:
         self.stop_requested = threading.Event()
         self.heartbeat: Heartbeat | None = None
         self.rng = random.Random(ppo_config.seed)
+        self.tensorboard = None
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(config.tensorboard)
 
     # ------------------------------------------------------------------------------ main loop
 
@@ -181,12 +191,14 @@ class Worker:
         log.info("reward model: %s", report.summary())
         version = self.store.next_version_number()
         stats: dict[str, float] = {}
-        for i in range(c.ppo_iterations):
+        progress = tqdm(range(c.ppo_iterations), desc=f"v{version}", unit="it", disable=not sys.stderr.isatty())
+        for i in progress:
             self.check_continue()
             self.heartbeat.set_state(f"training iteration {i + 1} of {c.ppo_iterations}")
             stats = self.trainer.step(self.pick_prompts(), reward_model)
             self.check_divergence(stats)
-            self.store.record_metrics(version, i + 1, stats)
+            self.record(version, i + 1, stats)
+            progress.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.2f}")
             log.info("v%d iteration %d/%d: score %.3f kl %.3f kl_coef %.4f loss/policy %.4f loss/value %.4f",
                      version, i + 1, c.ppo_iterations, stats["objective/scores"], stats["objective/kl"],
                      stats["kl_coef"], stats["loss/policy"], stats["loss/value"])
@@ -201,6 +213,14 @@ class Worker:
         return published
 
     # ------------------------------------------------------------------------------ pieces
+
+    def record(self, version: int, iteration: int, stats: dict[str, float]) -> None:
+        """Store an iteration's metrics (for the page's plots) and, when asked, write them to TensorBoard."""
+        self.store.record_metrics(version, iteration, stats)
+        if self.tensorboard is not None:
+            for name, value in stats.items():
+                self.tensorboard.add_scalar(name, value, global_step=self.trainer.iteration)
+            self.tensorboard.flush()
 
     def feedback_end(self, cursor):
         """Return the cursor after all feedback present now (what this round trains on)."""
@@ -318,7 +338,7 @@ def ppo_config_from(args: argparse.Namespace, sampling: SamplingConfig) -> PPOCo
 def main(argv: list[str] | None = None) -> int:
     """Run the worker until SIGTERM/SIGINT; return the exit code."""
     args, _unknown = build_parser().parse_known_args(argv)  # app.py forwards its whole command line
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     from db import FeedbackStore
 
     from .modeling import ModelSpecError, add_lora, load_model

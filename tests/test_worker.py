@@ -180,3 +180,18 @@ def test_waits_for_enough_new_feedback(tmp_path, tiny_model_dir, rated_store):
     worker = make_worker(tmp_path, tiny_model_dir, rated_store, min_new_feedback=12)
     assert worker.run_round() is None
     assert rated_store.worker_status().state == "waiting for 4 more ratings"
+
+
+def test_round_publishes_with_metrics_in_store_and_tensorboard(tmp_path, tiny_model_dir, rated_store, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, tensorboard=str(tmp_path / "tb"))
+    with caplog.at_level("INFO", logger="ppo_feedback.worker"):
+        assert worker.run_round() == 1
+    assert [p.iteration for p in rated_store.metrics(1) if p.name == "objective/kl"] == [1, 2]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"objective/kl", "objective/scores", "loss/policy"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("objective/kl")] == [1, 2]
+    lines = [r.getMessage() for r in caplog.records if "iteration" in r.getMessage()]
+    assert len(lines) == 2 and "kl" in lines[0] and "score" in lines[0]
