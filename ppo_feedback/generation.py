@@ -8,10 +8,14 @@ issue #2358). So a recorded log-probability always equals a fresh forward's, top
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from transformers import DynamicCache
+
+from .policy import position_ids_for, split_causal_lm
 
 class PromptError(ValueError):
     """A prompt that cannot be generated from: empty, or too long for the model."""
@@ -85,47 +89,74 @@ def first_eos_mask(responses: torch.Tensor, eos_token_id: int | None) -> torch.T
     return (eos_before == 0).float()
 
 
+def _cache_keyword(trunk) -> str:
+    """Return the name the trunk's forward uses for the KV cache (`cache` in transformers 5.2x)."""
+    params = inspect.signature(trunk.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Return probs (B, V) restricted to each row's smallest set with mass >= top_p (not renormalised)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # (B, V) mass of strictly likelier tokens
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always stays
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
            value_head: torch.nn.Module | None = None) -> Rollout:
     """Return a Rollout of one sampled response per prompt, with behaviour logprobs (and values, given a head).
 
-    Uses the KV cache and one batch for all prompts. With `stop_at_eos=False` every response has
-    exactly `max_new_tokens` tokens (the benchmark's fixed-length work).
+    One batch for all prompts, with the KV cache. Each step runs the trunk once and applies the LM
+    head (and the value head) to the newest position only, so no (B, R, V) tensor is ever held.
+    With `stop_at_eos=False` every response has exactly `max_new_tokens` tokens; otherwise rows
+    that said EOS are fed padding until all have, and their later slots are masked out.
     """
-    from transformers import GenerationConfig
-
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
-    device = next(model.parameters()).device
+    trunk, lm_head = split_causal_lm(model)
+    device = lm_head.weight.device
     batch = encode_prompts(tokenizer, prompts, max_new_tokens, device, max_positions(model))
     eos = tokenizer.eos_token_id if stop_at_eos else None
-    gen_config = GenerationConfig(
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-        min_new_tokens=0 if stop_at_eos else max_new_tokens,
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-        output_logits=True, output_hidden_states=value_head is not None)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if seed is not None:
-            torch.manual_seed(seed)
-        out = model.generate(**batch, generation_config=gen_config)
-    context_length = batch["input_ids"].shape[1]
-    responses = out.sequences[:, context_length:]  # (B, R)
-    # Each step's logits are (B, V); gathering step by step never holds (B, R, V) at once.
-    logprobs = torch.stack([
-        torch.log_softmax(step.float() / temperature, dim=-1).gather(1, responses[:, t:t + 1]).squeeze(1)
-        for t, step in enumerate(out.logits)], dim=1)  # (B, R)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    cache = DynamicCache()
+    cache_kw = _cache_keyword(trunk)
+    attention_mask = batch["attention_mask"]
+    position_ids = position_ids_for(attention_mask)
+    hidden = trunk(input_ids=batch["input_ids"], attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]  # (B, H)
+    next_position = position_ids[:, -1:] + 1  # (B, 1)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    tokens, logprobs, values = [], [], []
+    for _ in range(max_new_tokens):
+        logp = torch.log_softmax(lm_head(hidden).float() / temperature, dim=-1)  # (B, V)
+        probs = logp.exp()
+        if top_p < 1.0:
+            probs = _nucleus(probs, top_p)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        token = token.masked_fill(done, tokenizer.pad_token_id)
+        tokens.append(token)
+        logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
+        if value_head is not None:
+            values.append(value_head(hidden.to(value_head.weight.dtype)).squeeze(-1))
+        if eos is not None:
+            done |= token == eos
+            if done.all():
+                break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        hidden = trunk(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                       use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]
+        next_position = next_position + 1
+    responses = torch.stack(tokens, dim=1)  # (B, R)
     response_mask = first_eos_mask(responses, eos)
-    values = None
-    if value_head is not None:
-        # hidden_states[t][-1] is the last layer at step t; its last position predicts response token t.
-        last = torch.stack([h[-1][:, -1, :] for h in out.hidden_states], dim=1)  # (B, R, H)
-        values = value_head(last.to(value_head.weight.dtype)).squeeze(-1) * response_mask
-    attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(responses)], dim=1)
-    return Rollout(query_response=out.sequences, attention_mask=attention_mask, context_length=context_length,
-                   response_mask=response_mask, logprobs=logprobs * response_mask, values=values,
-                   temperature=temperature)
+    query_response = torch.cat([batch["input_ids"], responses], dim=1)
+    full_mask = torch.cat([batch["attention_mask"], torch.ones_like(responses)], dim=1)
+    return Rollout(query_response=query_response, attention_mask=full_mask,
+                   context_length=batch["input_ids"].shape[1], response_mask=response_mask,
+                   logprobs=torch.stack(logprobs, dim=1) * response_mask,
+                   values=torch.stack(values, dim=1) * response_mask if values else None, temperature=temperature)
 
 
 def generate(model, tokenizer, prompt: str, n: int, max_new_tokens: int, temperature: float = 1.0,

@@ -33,6 +33,12 @@ class ForwardOutput:
     values: torch.Tensor | None = None  # value head on `hidden` (policy forwards only)
 
 
+def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Return (trunk, lm_head) of a causal LM or of a peft model wrapping one (LoRA layers stay in the trunk)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()
+
+
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Return position ids that skip left padding, the same rule `generate` uses: cumsum(mask) - 1."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -45,10 +51,8 @@ class PolicyWithValueHead(nn.Module):
         super().__init__()
         self.peft_model = peft_model
         self.tokenizer = tokenizer
-        causal_lm = peft_model.get_base_model()
-        self.trunk = getattr(causal_lm, causal_lm.base_model_prefix)
-        self.lm_head = causal_lm.get_output_embeddings()
-        hidden_size = causal_lm.config.get_text_config().hidden_size
+        self.trunk, self.lm_head = split_causal_lm(peft_model)
+        hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
         device = next(peft_model.parameters()).device
         self.value_head = nn.Linear(hidden_size, 1, device=device)
         nn.init.zeros_(self.value_head.weight)  # V = 0 at start: no noisy value targets on step one

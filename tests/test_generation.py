@@ -61,7 +61,7 @@ def test_top_p_restricts_the_tokens_drawn(policy):
     rollout = sample(policy.peft_model, policy.tokenizer, PROMPTS, max_new_tokens=8, top_p=1e-6, seed=0)
     with torch.no_grad():
         out = policy(rollout.query_response, rollout.attention_mask, rollout.context_length)
-        logits = policy.lm_head(out.hidden)
+        logits = policy.lm_head(out.hidden[:, :-1])  # hidden has one more state, after the last token
     assert torch.equal(logits.argmax(-1), rollout.responses)
 
 
