@@ -156,3 +156,14 @@ def test_smollm2_alias_generates_english_and_second_load_is_cached(tmp_path):
     words = candidate.text.split()
     assert len(words) >= 3
     assert sum(w.strip(".,!?").isalpha() and w.isascii() for w in words) / len(words) > 0.6, candidate.text
+
+
+def test_gpt2_uses_the_fused_tanh_gelu_with_the_same_outputs(tiny_loaded, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    assert tiny_loaded.model.config.activation_function == "gelu_pytorch_tanh"
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert plain.config.activation_function == "gelu_new"
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert torch.allclose(tiny_loaded.model(ids).logits, plain(ids).logits, atol=1e-5)
