@@ -93,12 +93,24 @@ class PPOConfig:
 
 
 class PPOTrainer:
-    """Runs PPO iterations on a PolicyWithValueHead; keeps the optimizer and KL controller state."""
+    """Runs PPO iterations on a PolicyWithValueHead; keeps the optimizer and KL controller state.
 
-    def __init__(self, policy: PolicyWithValueHead, config: PPOConfig):
+    With an `accelerate.Accelerator` of several processes (`accelerate launch`), each process
+    samples and scores its own `batch_size` responses; gradients are averaged across processes
+    before every optimizer step and the KL and statistics are averaged too, so every process keeps
+    identical weights. Advantages are whitened per process.
+    """
+
+    def __init__(self, policy: PolicyWithValueHead, config: PPOConfig, accelerator=None):
         config.validate()
         self.policy = policy
         self.config = config
+        self.accelerator = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
+        if self.accelerator is not None:
+            from accelerate.utils import broadcast
+
+            for p in policy.trainable_parameters():  # every process starts from process 0's weights
+                p.data.copy_(broadcast(p.data.clone(), from_process=0))
         self.optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=config.learning_rate, eps=1e-5)
         self.kl_ctl = (ppo.AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
                        if config.adaptive_kl else ppo.FixedKLController(config.init_kl_coef))
@@ -111,8 +123,24 @@ class PPOTrainer:
         """Return one sampled response per prompt, with behaviour logprobs and values."""
         c = self.config
         return sample(self.policy.peft_model, self.policy.tokenizer, list(prompts), max_new_tokens=c.response_length,
-                      temperature=c.temperature, top_p=c.top_p, seed=c.seed + self.iteration,
+                      temperature=c.temperature, top_p=c.top_p, seed=self.rollout_seed(),
                       stop_at_eos=c.stop_at_eos, value_head=self.policy.value_head)
+
+    def rollout_seed(self) -> int:
+        """Return this iteration's sampling seed, distinct for every process of a data-parallel run."""
+        rank, world = (self.accelerator.process_index, self.accelerator.num_processes) if self.accelerator else (0, 1)
+        return self.config.seed + self.iteration * world + rank
+
+    def all_mean(self, value: torch.Tensor | float) -> float:
+        """Return the mean of `value` over all processes (the value itself in a single process)."""
+        if self.accelerator is None:
+            return float(value)
+        return float(self.accelerator.reduce(torch.as_tensor(float(value)).reshape(1), reduction="mean"))
+
+    def _average_gradients(self) -> None:
+        for p in self.policy.trainable_parameters():
+            if p.grad is not None:
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
 
     def decode(self, rollout: Rollout) -> list[str]:
         """Return the response texts of a rollout (valid tokens only, special tokens dropped)."""
@@ -172,10 +200,13 @@ class PPOTrainer:
                 vf_loss, vf_clipfrac = ppo.value_loss(out.values, old_values[mb], returns[mb], mask[mb],
                                                       c.cliprange_value)
                 loss = pg_loss + c.vf_coef * vf_loss
-                if not torch.isfinite(loss):
+                # decided together, so no process waits forever on another's all-reduce
+                if self.all_mean(0.0 if torch.isfinite(loss) else 1.0) > 0:
                     raise FloatingPointError(f"non-finite PPO loss {loss.item()} at iteration {self.iteration}")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.accelerator is not None:
+                    self._average_gradients()
                 torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), c.max_grad_norm)
                 self.optimizer.step()
                 for name, value in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_clipfrac),
@@ -183,12 +214,13 @@ class PPOTrainer:
                                     ("entropy", ppo.masked_mean(out.entropy, mask[mb]))):
                     epoch_stats[name].append(float(value.detach()))
         # 5. KL controller, and stats named as TRL names them (sums over tokens, means over the batch)
-        mean_kl = float(kl.sum(1).mean())
+        mean_kl = self.all_mean(kl.sum(1).mean())
         kl_coef = self.kl_ctl.value
-        self.kl_ctl.update(mean_kl, c.batch_size)
+        world = self.accelerator.num_processes if self.accelerator else 1
+        self.kl_ctl.update(mean_kl, c.batch_size * world)
         self.iteration += 1
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        return {
+        stats = {
             "objective/kl": mean_kl,
             "objective/entropy": float((-old_logprobs * mask).sum(1).mean()),
             "objective/non_score_reward": float(non_score_reward.mean()),
@@ -205,6 +237,11 @@ class PPOTrainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "iteration": self.iteration,
         }
+        if self.accelerator is not None:  # one all-reduce for every statistic
+            names = list(stats)
+            means = self.accelerator.reduce(torch.tensor([float(stats[n]) for n in names]), reduction="mean")
+            stats = dict(zip(names, means.tolist()))
+        return stats
 
     # --------------------------------------------------------------------------- save and resume
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import logging
 import math
 import os
@@ -108,15 +109,40 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
+class Team:
+    """The processes of one worker: one in a plain run, several under `accelerate launch`.
+
+    Process 0 holds the lease, reads the store, fits the reward model and publishes; it shares each
+    decision with the others, which sample their own share of every PPO batch.
+    """
+
+    def __init__(self, accelerator=None):
+        self.accelerator = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
+
+    @property
+    def is_main(self) -> bool:
+        """Return whether this is the process that talks to the store."""
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def share(self, value):
+        """Return process 0's `value` in every process."""
+        if self.accelerator is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
+
+
 class Worker:
     """Trains one policy from the store's feedback and publishes adapter versions."""
 
     def __init__(self, store, adapters: AdapterStore, policy: PolicyWithValueHead, ppo_config: PPOConfig,
-                 config: WorkerConfig, base_model: str):
+                 config: WorkerConfig, base_model: str, accelerator=None):
         config.validate()
         self.store, self.adapters, self.policy, self.config = store, adapters, policy, config
         self.base_model = base_model
-        self.trainer = PPOTrainer(policy, ppo_config)
+        self.team = Team(accelerator)
+        self.trainer = PPOTrainer(policy, ppo_config, accelerator=accelerator)
         self.holder = config.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.initial = AdapterState.initial(policy)
         self.loaded_version: int | None = None
@@ -124,9 +150,10 @@ class Worker:
         self._reference_features: torch.Tensor | None = None
         self.stop_requested = threading.Event()
         self.heartbeat: Heartbeat | None = None
-        self.rng = random.Random(ppo_config.seed)
+        rank = accelerator.process_index if accelerator is not None else 0
+        self.rng = random.Random(ppo_config.seed + rank)  # each process draws its own prompts
         self.tensorboard = None
-        if config.tensorboard:
+        if config.tensorboard and self.team.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(config.tensorboard)
@@ -136,35 +163,57 @@ class Worker:
     def run(self, max_rounds: int | None = None) -> int:
         """Train until stopped (or `max_rounds` published versions); return how many versions were published."""
         published = 0
-        while not self.stop_requested.is_set() and (max_rounds is None or published < max_rounds):
+        try:
+            while True:
+                action = None
+                if self.team.is_main:
+                    done = self.stop_requested.is_set() or (max_rounds is not None and published >= max_rounds)
+                    action = "stop" if done else ("round" if self.hold_lease() else "wait")
+                action = self.team.share(action)
+                if action == "stop":
+                    return published
+                if action == "round" and self.run_round() is not None:
+                    published += 1
+        finally:
+            if self.team.is_main:
+                self.drop_lease()
+
+    def hold_lease(self) -> bool:
+        """Return whether this worker holds the training lease now, taking it when free (waits a little if not)."""
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            log.warning("lost the training lease; waiting to take it again")
+            self.heartbeat.stop()
+            self.heartbeat = None
+        if self.heartbeat is None:
             if not self.store.acquire_lease(self.holder, self.config.lease_ttl, state="idle"):
                 self.stop_requested.wait(self.config.wait_interval)  # another worker trains
-                continue
+                return False
             self.heartbeat = Heartbeat(self.store, self.holder, self.config.lease_ttl)
             self.heartbeat.start()
-            try:
-                while not self.stop_requested.is_set() and (max_rounds is None or published < max_rounds):
-                    if self.heartbeat.lost.is_set():
-                        log.warning("lost the training lease; waiting to take it again")
-                        break
-                    if self.run_round() is not None:
-                        published += 1
-            finally:
-                self.heartbeat.stop()
-                self.store.release_lease(self.holder)
-        return published
+        return True
+
+    def drop_lease(self) -> None:
+        """Stop the heartbeat and release the lease."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        self.store.release_lease(self.holder)
 
     def run_round(self) -> int | None:
         """Run one round if there is enough new feedback; return the published version, else None."""
-        parent = self.store.serving_version()
+        plan = None
+        if self.team.is_main:
+            parent = self.store.serving_version()
+            cursor = self.store.cursor_of(parent)
+            counts = self.store.count_feedback_since(cursor)
+            plan = (parent, cursor, self.config.min_new_feedback - (counts.ratings + counts.preferences))
+        parent, cursor, missing = self.team.share(plan)
         if parent != self.loaded_version:
             self.load_version(parent)
-        cursor = self.store.cursor_of(parent)
-        counts = self.store.count_feedback_since(cursor)
-        missing = self.config.min_new_feedback - (counts.ratings + counts.preferences)
         if missing > 0:
-            self.heartbeat.set_state(f"waiting for {missing} more rating{'s' if missing > 1 else ''}")
-            self.stop_requested.wait(self.config.wait_interval)
+            if self.team.is_main:
+                self.heartbeat.set_state(f"waiting for {missing} more rating{'s' if missing > 1 else ''}")
+                self.stop_requested.wait(self.config.wait_interval)
             return None
         start = self.snapshot()
         try:
@@ -175,41 +224,58 @@ class Worker:
             return None
         except (FloatingPointError, DivergenceError) as why:
             self.restore(start)
-            version = self.store.next_version_number()
-            self.store.record_failed_version(version, parent, f"diverged: {why}", holder=self.holder)
-            log.error("round discarded, version %d recorded as failed: %s", version, why)
+            if self.team.is_main:
+                version = self.adapters.next_version(self.store)
+                self.store.record_failed_version(version, parent, f"diverged: {why}", holder=self.holder)
+                log.error("round discarded, version %d recorded as failed: %s", version, why)
             return None
 
     def train_and_publish(self, parent: int, cursor) -> int:
         """Refit the reward model, run the PPO iterations and publish; return the new version."""
         c = self.config
-        feedback_end = self.feedback_end(cursor)
-        total = self.store.count_feedback_since()
-        self.heartbeat.set_state("fitting the reward model")
-        reward_model, report = fit_reward_model(self.store, self.policy, reference_features=self.reference_features(),
-                                                feature_cache=self.feature_cache)
-        log.info("reward model: %s", report.summary())
-        version = self.store.next_version_number()
+        shared = None
+        if self.team.is_main:
+            feedback_end = self.feedback_end(cursor)
+            total = self.store.count_feedback_since()
+            self.heartbeat.set_state("fitting the reward model")
+            reward_model, report = fit_reward_model(self.store, self.policy,
+                                                    reference_features=self.reference_features(),
+                                                    feature_cache=self.feature_cache)
+            log.info("reward model: %s", report.summary())
+            shared = (reward_model, self.adapters.next_version(self.store))
+        reward_model, version = self.team.share(shared)
         stats: dict[str, float] = {}
-        progress = tqdm(range(c.ppo_iterations), desc=f"v{version}", unit="it", disable=not sys.stderr.isatty())
+        progress = tqdm(range(c.ppo_iterations), desc=f"v{version}", unit="it",
+                        disable=not (sys.stderr.isatty() and self.team.is_main))
         for i in progress:
             self.check_continue()
-            self.heartbeat.set_state(f"training iteration {i + 1} of {c.ppo_iterations}")
+            if self.team.is_main:
+                self.heartbeat.set_state(f"training iteration {i + 1} of {c.ppo_iterations}")
             stats = self.trainer.step(self.pick_prompts(), reward_model)
             self.check_divergence(stats)
-            self.record(version, i + 1, stats)
+            if self.team.is_main:
+                self.record(version, i + 1, stats)
             progress.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.2f}")
             log.info("v%d iteration %d/%d: score %.3f kl %.3f kl_coef %.4f loss/policy %.4f loss/value %.4f",
                      version, i + 1, c.ppo_iterations, stats["objective/scores"], stats["objective/kl"],
                      stats["kl_coef"], stats["loss/policy"], stats["loss/value"])
         self.check_continue()
-        metrics = {**{k: v for k, v in stats.items() if math.isfinite(v)}, **report_metrics(report)}
-        published = self.adapters.publish(
-            self.policy, self.store, base_model=self.base_model, parent=parent, cursor=feedback_end,
-            n_ratings=total.ratings, n_preferences=total.preferences, metrics=metrics, holder=self.holder,
-            write_extra=lambda d: self.trainer.save_state(d, include_adapter=False))
+        outcome: tuple[int | None, str | None] = (None, None)
+        if self.team.is_main:
+            metrics = {**{k: v for k, v in stats.items() if math.isfinite(v)}, **report_metrics(report)}
+            try:
+                outcome = (self.adapters.publish(
+                    self.policy, self.store, base_model=self.base_model, parent=parent, cursor=feedback_end,
+                    n_ratings=total.ratings, n_preferences=total.preferences, metrics=metrics, holder=self.holder,
+                    write_extra=lambda d: self.trainer.save_state(d, include_adapter=False)), None)
+            except Exception as exc:  # the lease was lost, the parent rolled back, ...: tell every process
+                outcome = (None, f"publishing failed: {exc}")
+        published, failure = self.team.share(outcome)
+        if failure is not None:
+            raise RoundAbandoned(failure)
         self.loaded_version = published
-        self.heartbeat.set_state("idle")
+        if self.team.is_main:
+            self.heartbeat.set_state("idle")
         return published
 
     # ------------------------------------------------------------------------------ pieces
@@ -252,11 +318,16 @@ class Worker:
         self.trainer.kl_ctl.value, self.trainer.iteration = kl_coef, iteration
 
     def check_continue(self) -> None:
-        """Raise RoundAbandoned when a stop was requested or the lease was lost."""
-        if self.stop_requested.is_set():
-            raise RoundAbandoned("stop requested")
-        if self.heartbeat is not None and self.heartbeat.lost.is_set():
-            raise RoundAbandoned("the training lease was lost")
+        """Raise RoundAbandoned (in every process) when a stop was requested or the lease was lost."""
+        reason = None
+        if self.team.is_main:
+            if self.stop_requested.is_set():
+                reason = "stop requested"
+            elif self.heartbeat is not None and self.heartbeat.lost.is_set():
+                reason = "the training lease was lost"
+        reason = self.team.share(reason)
+        if reason is not None:
+            raise RoundAbandoned(reason)
 
     def check_divergence(self, stats: dict[str, float]) -> None:
         """Raise DivergenceError on non-finite stats or a KL beyond the hard limit."""
@@ -350,9 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ModelSpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    accelerator = data_parallel_accelerator(loaded.device)
     store = FeedbackStore(args.db)
+    torch.manual_seed(ppo_config.seed)  # the same fresh LoRA in every process of a data-parallel run
     policy = PolicyWithValueHead(add_lora(loaded.model, lora), loaded.tokenizer)
-    worker = Worker(store, AdapterStore(args.adapters_dir), policy, ppo_config, worker_cfg, loaded.spec)
+    worker = Worker(store, AdapterStore(args.adapters_dir), policy, ppo_config, worker_cfg, loaded.spec,
+                    accelerator=accelerator)
 
     def request_stop(signum, _frame):
         log.info("signal %d: finishing without publishing a partial round", signum)
@@ -362,8 +436,30 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     log.info("worker %s training %s; adapters in %s", worker.holder, loaded.spec, Path(args.adapters_dir).resolve())
     worker.run()
+    log.info("stopped; trainable weights sha256 %s", weights_checksum(policy))
     store.close()
     return 0
+
+
+def data_parallel_accelerator(device: torch.device):
+    """Return an accelerate.Accelerator when started by `accelerate launch` with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    if device.type == "cpu":  # the processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    log.info("data-parallel process %d of %d", accelerator.process_index + 1, accelerator.num_processes)
+    return accelerator
+
+
+def weights_checksum(policy: PolicyWithValueHead) -> str:
+    """Return a sha256 of the trainable weights (LoRA and value head), to compare processes or runs."""
+    digest = hashlib.sha256()
+    for p in policy.trainable_parameters():
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 if __name__ == "__main__":

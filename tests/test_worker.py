@@ -150,13 +150,32 @@ def lora_weights(worker):
 
 
 def test_diverging_round_is_discarded_and_recorded(tmp_path, tiny_model_dir, rated_store):
-    worker = make_worker(tmp_path, tiny_model_dir, rated_store, max_kl=1e-9)
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, max_kl=50.0)
     before = lora_weights(worker)
+    real_step = worker.trainer.step
+    worker.trainer.step = lambda *a, **k: {**real_step(*a, **k), "objective/kl": 1e6}  # KL explodes
     assert worker.run_round() is None
     failed = rated_store.get_version(1)
     assert failed.status == "failed" and "KL" in str(failed.metrics)
     assert rated_store.serving_version() == 0
     assert all(torch.equal(a, b) for a, b in zip(before, lora_weights(worker)))
+
+
+def test_nan_loss_round_is_discarded(tmp_path, tiny_model_dir, rated_store, monkeypatch):
+    from ppo_feedback import worker as worker_module
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store)
+    real_fit = worker_module.fit_reward_model
+
+    def nan_reward(*args, **kwargs):
+        model, report = real_fit(*args, **kwargs)
+        model.score_hidden = lambda hidden: torch.full((hidden.shape[0],), float("nan"))
+        return model, report
+
+    monkeypatch.setattr(worker_module, "fit_reward_model", nan_reward)
+    assert worker.run_round() is None
+    assert rated_store.get_version(1).status == "failed"
+    assert "non-finite" in str(rated_store.get_version(1).metrics)
 
 
 def test_stop_mid_round_publishes_nothing(tmp_path, tiny_model_dir, rated_store):
@@ -195,3 +214,29 @@ def test_round_publishes_with_metrics_in_store_and_tensorboard(tmp_path, tiny_mo
     assert [e.step for e in events.Scalars("objective/kl")] == [1, 2]
     lines = [r.getMessage() for r in caplog.records if "iteration" in r.getMessage()]
     assert len(lines) == 2 and "kl" in lines[0] and "score" in lines[0]
+
+
+def test_data_parallel_under_accelerate_keeps_processes_identical(tmp_path, tiny_model_dir, rated_store):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port), "-m"]
+    cmd = launch + worker_cmd(tmp_path, tiny_model_dir, "--min-new-feedback", "8")[2:]
+    log_path = tmp_path / "ddp.log"
+    proc = start(cmd, log_path)
+    try:
+        wait_for(lambda: rated_store.serving_version() >= 1, 300, proc, "version 1 from two processes")
+        wait_for(lambda: "waiting for" in rated_store.worker_status().state, 60, proc, "waiting state")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    text = log_path.read_text()
+    assert text.count("data-parallel process") == 2
+    checksums = [line.rsplit(" ", 1)[1] for line in text.splitlines() if "trainable weights sha256" in line]
+    assert len(checksums) == 2 and checksums[0] == checksums[1], text[-3000:]
+    assert [v.version for v in rated_store.list_versions()] == [1]
+    assert sorted(p.iteration for p in rated_store.metrics(1) if p.name == "objective/kl") == [1, 2]
