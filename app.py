@@ -5,13 +5,34 @@ Usage: python app.py [--model gpt2|smollm2-135m|DIR|FILE.gguf] [--port 7860] ...
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
+import signal
+import subprocess
 import sys
 
 from ppo_feedback.config import AppConfig, LoraSettings, ModelConfig, SamplingConfig, add_dataclass_arguments, \
     from_namespace
 
 SECTIONS = ((ModelConfig, "model"), (LoraSettings, "LoRA"), (SamplingConfig, "sampling"), (AppConfig, "app"))
+WORKER_MODULE = "ppo_feedback.worker"
+
+log = logging.getLogger("app")
+
+
+def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the worker's own options (PPO, rounds), which app.py accepts and forwards to the worker it starts."""
+    try:
+        if importlib.util.find_spec(WORKER_MODULE) is None:
+            return
+        worker = importlib.import_module(WORKER_MODULE)
+    except Exception as exc:  # noqa: BLE001 - a broken worker must not stop the page from starting
+        log.warning("cannot import %s (%s); its options are not available", WORKER_MODULE, exc)
+        return
+    add = getattr(worker, "add_worker_arguments", None)
+    if add is not None:
+        add(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,27 +40,80 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="app.py", description=__doc__.splitlines()[0])
     for cls, title in SECTIONS:
         add_dataclass_arguments(parser, cls, title)
+    _add_worker_arguments(parser)
     return parser
 
 
+def start_worker(argv: list[str]) -> tuple[subprocess.Popen | None, str | None]:
+    """Start the training worker as a child process with our own arguments; return it, or None and why not."""
+    if importlib.util.find_spec(WORKER_MODULE) is None:
+        log.warning("no training worker: %s is not installed; the page serves but does not train", WORKER_MODULE)
+        return None, f"no worker ({WORKER_MODULE} is not installed)"
+    preexec = None
+    if sys.platform.startswith("linux"):
+        def preexec() -> None:  # the worker gets SIGTERM if this process dies without cleaning up
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, *argv], preexec_fn=preexec)
+    log.info("started the training worker (pid %d)", proc.pid)
+    return proc, None
+
+
+def stop_worker(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
+    """Ask the worker to stop (SIGTERM), kill it after `timeout` seconds; returns nothing."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, load the model and serve the page; return the exit code."""
+    """Parse the command line, load the model, start the worker and serve the page; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        model_cfg, _lora, sampling, app_cfg = (from_namespace(cls, args) for cls, _ in SECTIONS)
+        model_cfg, lora, sampling, app_cfg = (from_namespace(cls, args) for cls, _ in SECTIONS)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=app_cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ppo_feedback.modeling import ModelSpecError, load_model
-    from ppo_feedback.ui import build_demo
+    from db import FeedbackStore
+    from ppo_feedback.auth import AuthFileError, UserDirectory
+    from ppo_feedback.modeling import ModelSpecError
+    from ppo_feedback.serving import ServingModel
+    from ppo_feedback.ui import FeedbackApp, build_demo, builtin_prompts, launch_options
 
     try:
-        loaded = load_model(model_cfg)
+        users = UserDirectory(app_cfg.auth_file) if app_cfg.auth_file else None
+    except AuthFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    store = FeedbackStore(app_cfg.db, max_prompt_chars=sampling.max_prompt_chars)
+    store.add_prompts(builtin_prompts(), source="builtin")
+    try:
+        serving = ServingModel.load(model_cfg, lora, store, app_cfg.adapters_dir, sampling=sampling)
     except ModelSpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    build_demo(loaded, sampling).launch(server_name=app_cfg.host, server_port=app_cfg.port)
+    serving.start_polling(app_cfg.poll_interval)
+    worker, worker_note = (start_worker(argv) if app_cfg.worker
+                           else (None, "no worker started here (--no-worker)"))
+    feedback_app = FeedbackApp(serving, store, sampling, users=users, adapters_dir=app_cfg.adapters_dir,
+                               worker_note=worker_note, model_cache_dir=model_cfg.cache_dir)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the clean-up below on `kill` too
+    try:
+        build_demo(feedback_app).launch(server_name=app_cfg.host, server_port=app_cfg.port,
+                                        **launch_options(feedback_app))
+    finally:
+        stop_worker(worker)
+        serving.stop()
+        feedback_app.close()
+        store.close()
     return 0
 
 

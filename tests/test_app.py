@@ -52,14 +52,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_app_serves_generations_through_its_api(tiny_model_dir, tmp_path):
+def test_binding_to_the_network_without_logins_is_refused(capsys):
+    assert app.main(["--host", "0.0.0.0"]) == 2
+    assert "--insecure-no-auth" in capsys.readouterr().err
+
+
+def test_a_users_file_with_clear_text_passwords_is_refused(tmp_path, capsys):
+    users = tmp_path / "users.json"
+    users.write_text('{"users": {"ana": {"password": "hunter2"}}}')
+    assert app.main(["--auth-file", str(users), "--db", str(tmp_path / "f.db")]) == 2
+    assert "not a pbkdf2_sha256 hash" in capsys.readouterr().err
+
+
+def test_the_worker_is_optional_and_stopped_with_the_app(monkeypatch):
+    monkeypatch.setattr(app, "WORKER_MODULE", "ppo_feedback.no_such_worker")
+    assert app.start_worker([]) == (None, "no worker (ppo_feedback.no_such_worker is not installed)")
+    monkeypatch.setattr(app, "WORKER_MODULE", "http.server")  # any long-running module stands in
+    proc, note = app.start_worker(["--bind", "127.0.0.1", "0"])
+    assert note is None and proc.poll() is None
+    app.stop_worker(proc, timeout=10)
+    assert proc.poll() is not None
+
+
+def test_app_serves_the_page_and_its_api(tiny_model_dir, tmp_path):
     from gradio_client import Client
+
+    from ppo_feedback.ui import builtin_prompts
 
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_model_dir), "--port", str(port),
                              "--db", str(tmp_path / "f.db"), "--adapters-dir", str(tmp_path / "adapters"),
-                             "--max-new-tokens", "8"],
+                             "--max-new-tokens", "8", "--no-worker"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -72,10 +96,32 @@ def test_app_serves_generations_through_its_api(tiny_model_dir, tmp_path):
                 assert time.monotonic() < deadline, "app did not start"
                 time.sleep(0.5)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        pool = client.predict(api_name="/next_prompt")
+        assert pool["text"] == builtin_prompts()[0]  # the built-in prompts were seeded
         result = client.predict("The weather today is", 3, api_name="/generate")
-        assert len(result) == 3 and all(isinstance(c["text"], str) for c in result)
+        assert len(result) == 3 and all(isinstance(c["text"], str) and c["version"] == 0 for c in result)
+        assert client.predict(result[0]["generation_id"], 4, api_name="/rate") == {"ok": True}
+        status = client.predict(api_name="/status")
+        assert status["counts"]["ratings"] == 1 and status["serving_version"] == 0
+        assert status["worker"]["state"] == "paused: no worker started here (--no-worker)"
         with pytest.raises(Exception, match="empty"):
             client.predict("   ", 2, api_name="/generate")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.stdout.read()  # SIGTERM shuts down cleanly
+
+
+def test_app_accepts_and_lists_the_worker_options():
+    """app.py forwards its command line to the worker, so it must accept the worker's own options."""
+    import argparse
+
+    worker = pytest.importorskip("ppo_feedback.worker")
+    own = argparse.ArgumentParser(add_help=False)
+    worker.add_worker_arguments(own)
+    worker_options = {o for action in own._actions for o in action.option_strings}
+    parser = app.build_parser()
+    app_options = {o for action in parser._actions for o in action.option_strings}
+    assert worker_options and worker_options <= app_options
+    help_text = parser.format_help()
+    assert all(o in help_text for o in worker_options if o.startswith("--"))

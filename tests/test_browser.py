@@ -1,0 +1,199 @@
+"""The page in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven by Playwright.
+
+Skipped locally when Chromium or the playwright package is missing; under CI (CI=true) that is a
+failure instead, since `.ci/run` installs both. Screenshots go to test-artifacts/.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from db import FeedbackStore
+from db.testing import migrated_sqlite_template
+from test_ui_support import PASSWORDS, SAMPLING, ScriptedServing, launch, load_serving, publish_version, write_users
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("PPO_FEEDBACK_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+TIMEOUT_MS = 60_000
+
+
+def _missing_browser() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install playwright)"
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    reason = _missing_browser()
+    if reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"browser tests must run in CI: {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def new_store(path: Path, prompts: list[str]) -> FeedbackStore:
+    shutil.copyfile(migrated_sqlite_template(), path)
+    store = FeedbackStore(path, max_prompt_chars=SAMPLING.max_prompt_chars)
+    store.add_prompts(prompts)
+    return store
+
+
+@pytest.fixture(scope="module")
+def live(tiny_model_dir, tmp_path_factory, browser):
+    """The page on the tiny model, without logins, polling for new versions every half second."""
+    root = tmp_path_factory.mktemp("browser")
+    store = new_store(root / "feedback.db", ["Write a short poem about the sea.", "Name three colours."])
+    serving = load_serving(tiny_model_dir, store, root / "adapters")
+    serving.start_polling(0.5)
+    launched = launch(serving, store)
+    yield {"url": launched.url, "store": store, "serving": serving, "root": root, "model": tiny_model_dir}
+    launched.close()
+    serving.stop()
+    store.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def text_of(page, selector: str) -> str:
+    return page.locator(f"{selector} textarea, {selector} input[type=text]").first.input_value()
+
+
+def wait_for_value(page, selector: str, predicate_js: str) -> None:
+    """Wait until the text box under `selector` has a value for which `predicate_js` (on v) is true."""
+    page.wait_for_function(
+        f"""() => {{ const el = document.querySelector('{selector} textarea, {selector} input[type=text]');
+                     if (!el) return false; const v = el.value; return {predicate_js}; }}""")
+
+
+def shoot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_rate_with_the_keyboard_and_see_the_counts_change(live, page):
+    page.goto(live["url"])
+    wait_for_value(page, "#prompt", "v === 'Write a short poem about the sea.'")  # the pool's next prompt
+    wait_for_value(page, "#status-ratings", "v.startsWith('0 /')")
+    page.click("#generate")
+    for i in range(SAMPLING.num_candidates):
+        page.wait_for_function(f"() => /· base model$/.test(document.querySelector('#candidate-{i} label span')"
+                               f"?.textContent.trim() ?? '')")
+    page.wait_for_function("() => document.activeElement && document.activeElement.id === 'candidate-0'")
+
+    for key in "425":  # rates A, moves to B, rates B, ...
+        page.keyboard.press(key)
+    page.locator("#candidate-1").click(position={"x": 8, "y": 8})  # pick a candidate with the mouse, 'b' = best
+    page.keyboard.press("b")
+    checked = [page.locator(f"#rating-{i} input:checked").get_attribute("value") for i in range(3)]
+    assert checked == ["4", "2", "5"]
+    assert page.locator("#best-candidate input:checked").get_attribute("value") == "B"
+    shoot(page, "rate-page.png")
+
+    page.keyboard.press("Enter")  # submits
+    wait_for_value(page, "#status-ratings", "v.startsWith('3 /')")
+    wait_for_value(page, "#rate-message", "v.startsWith('Saved 3 ratings and B as the best.')")
+    assert text_of(page, "#prompt") == "Name three colours."  # the next prompt is offered
+    assert page.locator("#candidate-0").is_hidden()
+    ratings = {r.rating.generation_id: r.rating.score for r in live["store"].feedback_since().ratings}
+    assert sorted(ratings.values()) == [2, 4, 5] and {r.rating.rater for r in live["store"].feedback_since().ratings} == {"local"}
+    assert len(live["store"].feedback_since().preferences) == 2
+    shoot(page, "rate-page-submitted.png")
+
+
+def test_a_new_version_is_announced_and_plotted_without_reloading(live, page):
+    page.goto(live["url"])
+    wait_for_value(page, "#status-serving", "v.length > 0")
+    before = live["serving"].version
+    version = publish_version(live["model"], live["store"], live["root"] / "adapters", seed=3)
+    wait_for_value(page, "#status-serving", f"v === 'v{version}'")
+    page.get_by_text(f"New version: now serving v{version}.").first.wait_for()
+    assert version > before
+    for generation in live["serving"].generate("Rate the new version", 2, rater="tester", seed=1):
+        assert generation.adapter_version == version
+        live["store"].rate(generation.id, "tester", 5)
+    page.get_by_role("tab", name="Progress").click()
+    page.locator("#progress-versions").get_by_text("published").wait_for()
+    page.locator("#plot-score canvas, #plot-score svg").first.wait_for()
+    page.locator("#plot-ratings").get_by_text("v1", exact=True).wait_for()  # the new version's mean rating
+    page.wait_for_timeout(500)
+    shoot(page, "progress.png")
+
+
+def test_prompts_and_generations_render_as_text(page, browser, tmp_path):
+    """Script and event-handler markup in a pool prompt and in model output is shown literally, never run."""
+    prompt = "<script>window.__pwned = 'prompt'</script><img src=x onerror=\"window.__pwned='prompt-img'\">"
+    outputs = ["<script>window.__pwned = 'gen'</script>", "<img src=x onerror=\"window.__pwned='gen-img'\"> **bold**"]
+    store = new_store(tmp_path / "feedback.db", [prompt])
+    launched = launch(ScriptedServing(store, outputs, tmp_path / "adapters"), store,
+                      SAMPLING.__class__(**{**SAMPLING.__dict__, "num_candidates": 2}))
+    try:
+        page.goto(launched.url)
+        wait_for_value(page, "#prompt", f"v === {prompt!r}")
+        page.click("#generate")
+        wait_for_value(page, "#candidate-1", f"v === {outputs[1]!r}")
+        assert text_of(page, "#candidate-0") == outputs[0]
+        page.get_by_role("tab", name="Compare").click()
+        page.fill("#compare-prompt textarea", prompt)
+        page.click("#compare-button")
+        page.wait_for_function(f"() => Array.from(document.querySelectorAll('textarea'))"
+                               f".filter(t => t.value === {outputs[0]!r}).length >= 3")
+        page.wait_for_timeout(500)
+        assert page.evaluate("window.__pwned") is None
+        assert page.locator("img[src=x]").count() == 0 and page.locator("b:text('model')").count() == 0
+        shoot(page, "injection.png")
+    finally:
+        launched.close()
+        store.close()
+
+
+def test_only_admins_see_the_operate_tab(live, browser):
+    users = write_users(live["root"] / "users.json")
+    launched = launch(live["serving"], live["store"], users=users)
+    try:
+        for name, admin in (("ben", False), ("ana", True)):
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(launched.url)
+            page.fill("input[data-testid=textbox]", name)
+            page.fill("input[type=password]", PASSWORDS[name])
+            page.get_by_role("button", name="Login").click()
+            page.locator("#who").get_by_text(f"Signed in as {name}").wait_for()
+            page.get_by_role("tab", name="Compare").wait_for()
+            page.wait_for_timeout(500)
+            assert page.get_by_role("tab", name="Operate").count() == (1 if admin else 0)
+            if admin:
+                page.get_by_role("tab", name="Operate").click()
+                page.get_by_text("Download adapter zip").wait_for()
+                shoot(page, "operate.png")
+            context.close()
+    finally:
+        launched.close()

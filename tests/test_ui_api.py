@@ -1,0 +1,198 @@
+"""The named API through gradio_client against the launched page on the tiny model: every endpoint and its errors."""
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+from db import FeedbackStore
+from db.testing import migrated_sqlite_template
+from test_ui_support import PASSWORDS, SAMPLING, launch, load_serving, publish_version, write_users
+
+ITEM_KEYS = {"generation_id", "prompt_id", "text", "version"}
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model_dir, tmp_path_factory):
+    """One store, one serving model and two launched pages on them: with logins and without."""
+    root = tmp_path_factory.mktemp("ui_api")
+    shutil.copyfile(migrated_sqlite_template(), root / "feedback.db")
+    store = FeedbackStore(root / "feedback.db", max_prompt_chars=SAMPLING.max_prompt_chars)
+    store.add_prompts([f"Pool prompt number {i}" for i in range(5)])
+    serving = load_serving(tiny_model_dir, store, root / "adapters")
+    with_auth = launch(serving, store, users=write_users(root / "users.json"))
+    without_auth = launch(serving, store, worker_note="no worker started here (--no-worker)")
+    yield {"store": store, "serving": serving, "root": root, "model": tiny_model_dir,
+           "auth_url": with_auth.url, "open_url": without_auth.url, "app": with_auth.app}
+    with_auth.close()
+    without_auth.close()
+    serving.stop()
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def ana(env):
+    return Client(env["auth_url"], auth=("ana", PASSWORDS["ana"]), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def ben(env):
+    return Client(env["auth_url"], auth=("ben", PASSWORDS["ben"]), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def local(env):
+    return Client(env["open_url"], verbose=False)
+
+
+def test_the_page_with_logins_refuses_strangers(env):
+    with pytest.raises(Exception):
+        Client(env["auth_url"], verbose=False)
+    with pytest.raises(Exception):
+        Client(env["auth_url"], auth=("ben", "wrong"), verbose=False)
+
+
+def test_endpoints_are_named_in_the_api(ben):
+    named = ben.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert {"/next_prompt", "/generate", "/rate", "/prefer", "/status", "/export_adapter"} <= set(named)
+
+
+def test_next_prompt_gives_the_least_rated_prompt_the_rater_has_not_rated(ben, env):
+    first = ben.predict(api_name="/next_prompt")
+    assert set(first) == {"prompt_id", "text"} and env["store"].get_prompt(first["prompt_id"]).text == first["text"]
+    generated = ben.predict(first["text"], 2, api_name="/generate")
+    assert {g["prompt_id"] for g in generated} == {first["prompt_id"]}  # the pool prompt, not a copy
+    ben.predict(generated[0]["generation_id"], 3, api_name="/rate")
+    after = ben.predict(api_name="/next_prompt")
+    assert after["prompt_id"] != first["prompt_id"]
+
+
+def test_generate_records_candidates_with_their_version(ben, env):
+    result = ben.predict("Tell me about the sea", 3, api_name="/generate")
+    assert len(result) == 3 and all(set(item) == ITEM_KEYS for item in result)
+    assert {item["version"] for item in result} == {env["serving"].version}
+    stored = env["store"].get_generation(result[0]["generation_id"])
+    assert stored.text == result[0]["text"] and stored.adapter_version == result[0]["version"]
+    assert env["store"].get_prompt(stored.prompt_id).source == "rater"
+
+
+@pytest.mark.parametrize("prompt, n, message", [
+    ("   ", 2, "empty"),
+    ("x" * (SAMPLING.max_prompt_chars + 1), 2, "limit is 200"),
+    ("Hello", 0, "Ask for 1 to 4"),
+    ("Hello", SAMPLING.max_candidates + 1, "Ask for 1 to 4"),
+])
+def test_generate_limits_are_clear_errors(ben, prompt, n, message):
+    with pytest.raises(Exception, match=message):
+        ben.predict(prompt, n, api_name="/generate")
+
+
+def test_rate_stores_the_logged_in_rater_and_refuses_bad_input(ben, env):
+    gid = ben.predict("Rate this one", 1, api_name="/generate")[0]["generation_id"]
+    assert ben.predict(gid, 4, "nice <b>", "mallory", api_name="/rate") == {"ok": True}
+    (rating,) = env["store"].rating_history(gid)
+    assert (rating.rater, rating.score, rating.comment) == ("ben", 4, "nice <b>")  # `rater` ignored under auth
+    with pytest.raises(Exception, match="Unknown generation id 999999"):
+        ben.predict(999999, 3, api_name="/rate")
+    for score in (0, 6):
+        with pytest.raises(Exception, match="1 to 5"):
+            ben.predict(gid, score, api_name="/rate")
+    assert len(env["store"].rating_history(gid)) == 1
+
+
+def test_prefer_stores_best_over_others_and_refuses_bad_input(ben, env):
+    ids = [g["generation_id"] for g in ben.predict("Prefer among these", 3, api_name="/generate")]
+    assert ben.predict(ids[1], [ids[0], ids[2]], api_name="/prefer") == {"ok": True}
+    pairs = {(p.chosen.id, p.rejected.id) for p in env["store"].feedback_since().preferences if p.preference.rater == "ben"}
+    assert {(ids[1], ids[0]), (ids[1], ids[2])} <= pairs
+    other = ben.predict("A different prompt", 1, api_name="/generate")[0]["generation_id"]
+    with pytest.raises(Exception, match="Unknown generation id 999999"):
+        ben.predict(ids[0], [999999], api_name="/prefer")
+    with pytest.raises(Exception, match="same prompt"):
+        ben.predict(ids[0], [other], api_name="/prefer")
+    with pytest.raises(Exception, match="itself"):
+        ben.predict(ids[0], [ids[0]], api_name="/prefer")
+
+
+def test_status_reports_versions_worker_and_counts(ben, env):
+    gid = ben.predict("Status check prompt", 1, api_name="/generate")[0]["generation_id"]
+    ben.predict(gid, 5, api_name="/rate")
+    status = ben.predict(api_name="/status")
+    assert set(status) >= {"serving_version", "latest_version", "worker", "counts", "versions"}
+    assert status["serving_version"] == env["serving"].version
+    assert status["worker"]["present"] is False and status["worker"]["state"].startswith("paused")
+    counts = env["store"].counts()
+    assert status["counts"]["ratings"] == counts["ratings"] and status["counts"]["generations"] >= 1
+    assert all(set(v) == {"version", "mean_rating", "n_ratings"} for v in status["versions"])
+    assert any(v["n_ratings"] >= 1 for v in status["versions"])
+
+
+@pytest.mark.parametrize("endpoint, args", [("/export_adapter", (1,)), ("/export_ratings", ("ratings",)),
+                                            ("/rollback", (0,))])
+def test_admin_endpoints_refuse_non_admins(ben, endpoint, args):
+    with pytest.raises(Exception, match="Only admins"):
+        ben.predict(*args, api_name=endpoint)
+
+
+def test_admin_downloads_an_adapter_zip_and_rolls_back(ana, env):
+    store, serving = env["store"], env["serving"]
+    first = publish_version(env["model"], store, env["root"] / "adapters", seed=1)
+    second = publish_version(env["model"], store, env["root"] / "adapters", seed=2)
+    assert serving.poll_once() == second
+
+    path = ana.predict(first, api_name="/export_adapter")
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+    folder = f"ppo-feedback-v{first:04d}"
+    assert {f"{folder}/adapter_config.json", f"{folder}/adapter_model.safetensors"} <= names  # a PEFT folder
+    with pytest.raises(Exception, match="99 does not exist|Unknown adapter version id 99"):
+        ana.predict(99, api_name="/export_adapter")
+    with pytest.raises(Exception, match="base model"):
+        ana.predict(0, api_name="/export_adapter")
+
+    assert ana.predict(api_name="/status")["serving_version"] == second
+    result = ana.predict(first, api_name="/rollback")
+    assert result == {"ok": True, "rolled_back": [second], "serving_version": first}
+    status = ana.predict(api_name="/status")
+    assert (status["serving_version"], status["latest_version"], status["latest_status"]) == \
+        (first, second, "rolled_back")
+    generated = ana.predict("After the rollback", 1, api_name="/generate")
+    assert generated[0]["version"] == first
+
+
+def test_admin_exports_ratings_as_jsonl(ana):
+    gid = ana.predict("Export me", 1, api_name="/generate")[0]["generation_id"]
+    ana.predict(gid, 2, "meh", api_name="/rate")
+    rows = [json.loads(line) for line in Path(ana.predict("ratings", api_name="/export_ratings")).read_text().splitlines()]
+    assert any(r["generation_id"] == gid and r["rater"] == "ana" and r["score"] == 2 for r in rows)
+    with pytest.raises(Exception):
+        ana.predict("nonsense", api_name="/export_ratings")
+
+
+def test_without_logins_a_script_can_act_as_several_raters(local, env):
+    ids = [g["generation_id"] for g in local.predict("Several raters", 2, "script-a", api_name="/generate")]
+    local.predict(ids[0], 5, "", "script-a", api_name="/rate")
+    local.predict(ids[0], 1, "", "script-b", api_name="/rate")
+    local.predict(ids[1], 3, api_name="/rate")
+    local.predict(ids[1], [ids[0]], "script-b", api_name="/prefer")
+    raters = {r.rater for gid in ids for r in env["store"].rating_history(gid)}
+    assert raters == {"script-a", "script-b", "local"}
+    assert local.predict(rater="script-a", api_name="/next_prompt")["prompt_id"] is not None
+    status = local.predict(api_name="/status")
+    assert status["worker"]["state"] == "paused: no worker started here (--no-worker)"
+    assert Path(local.predict("unpaired", api_name="/export_ratings")).read_text()  # the local user is the admin
+
+
+def test_compare_uses_one_seed_for_every_version(env):
+    app = env["app"]
+    first = app.compare("Compare this", None, seed=7)
+    again = app.compare("Compare this", None, seed=7)
+    assert first == again and first["serving"]["version"] == env["serving"].version
+    base_only = env["serving"].generate_with_version("Compare this", 0, 7)[0].text
+    assert first["base"] == base_only
+    with pytest.raises(ValueError, match="empty"):
+        app.compare(" ", None, seed=1)

@@ -1,0 +1,112 @@
+"""Helpers shared by the page's tests (test_ui_api, test_browser): launch the page in-process, publish versions.
+
+No tests here; the page runs in this process with `prevent_thread_lock`, on a free loopback port.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from db import Cursor, FeedbackStore, NewGeneration
+from ppo_feedback.adapters import AdapterStore
+from ppo_feedback.auth import User, UserDirectory, hash_password, write_users_file
+from ppo_feedback.config import LoraSettings, ModelConfig, SamplingConfig
+from ppo_feedback.generation import Candidate
+from ppo_feedback.ui import FeedbackApp, build_demo, launch_options
+
+LORA = LoraSettings(lora_r=4, lora_alpha=8)
+SAMPLING = SamplingConfig(num_candidates=3, max_candidates=4, max_new_tokens=8, max_prompt_chars=200)
+PASSWORDS = {"ana": "ana-secret", "ben": "ben-secret"}  # ana is an admin, ben is not
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_users(path: Path) -> UserDirectory:
+    """Write a users file with ana (admin) and ben (rater), cheaply hashed; return the app's view of it."""
+    write_users_file(path, {name: User(name, hash_password(pw, 1000), admin=(name == "ana"))
+                            for name, pw in PASSWORDS.items()})
+    return UserDirectory(path)
+
+
+def load_serving(model_dir, store: FeedbackStore, adapters: Path, sampling: SamplingConfig = SAMPLING):
+    """Return a ServingModel on the tiny model, already serving the store's version."""
+    from ppo_feedback.serving import ServingModel
+
+    return ServingModel.load(ModelConfig(model=str(model_dir), device="cpu"), LORA, store, adapters,
+                             sampling=sampling)
+
+
+@dataclass
+class Launched:
+    url: str
+    app: FeedbackApp
+    demo: object
+
+    def close(self) -> None:
+        self.demo.close()
+        self.app.close()
+
+
+def launch(serving, store: FeedbackStore, sampling: SamplingConfig = SAMPLING, *, users: UserDirectory | None = None,
+           worker_note: str | None = None) -> Launched:
+    """Build the page around `serving` and serve it on a free port without blocking; return where."""
+    app = FeedbackApp(serving, store, sampling, users=users, worker_note=worker_note)
+    demo = build_demo(app)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **launch_options(app))
+    return Launched(f"http://127.0.0.1:{port}/", app, demo)
+
+
+@torch.no_grad()
+def publish_version(model_dir, store: FeedbackStore, adapters: Path, seed: int, *, metrics_points: int = 3) -> int:
+    """Publish an adapter version with random LoRA weights (as the worker would) and a few PPO metrics; return it."""
+    from ppo_feedback.modeling import add_lora, load_model
+    from ppo_feedback.policy import PolicyWithValueHead
+
+    loaded = load_model(ModelConfig(model=str(model_dir), device="cpu"))
+    torch.manual_seed(0)
+    policy = PolicyWithValueHead(add_lora(loaded.model, LORA), loaded.tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name or name.startswith("value_head."):
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    version = store.next_version_number()
+    for iteration in range(metrics_points):
+        store.record_metrics(version, iteration, {"objective/scores": 0.1 * seed + 0.05 * iteration,
+                                                  "objective/kl": 0.2 * iteration, "loss/policy": 0.0})
+    return AdapterStore(adapters).publish(policy, store, base_model=loaded.spec, parent=store.serving_version(),
+                                          cursor=Cursor(), n_ratings=0, n_preferences=0,
+                                          metrics={"objective/kl": 0.1})
+
+
+class ScriptedServing:
+    """A stand-in for ServingModel that 'generates' fixed texts (for the injection test), recording them as usual."""
+
+    def __init__(self, store: FeedbackStore, texts: list[str], adapters: Path):
+        self.store = store
+        self.texts = texts
+        self.adapters = AdapterStore(adapters)
+        self.version = 0
+        self.last_swap_error = None
+        self.base_model = "scripted <b>model</b>"
+        self._calls = 0
+
+    def generate(self, prompt, n=None, *, rater, prompt_id=None, seed=None, **_):
+        prompt_id = self.store.add_prompt(prompt, source="rater") if prompt_id is None else prompt_id
+        texts = [self.texts[(self._calls + i) % len(self.texts)] for i in range(n or 1)]
+        self._calls += len(texts)  # the page may ask one candidate at a time: keep cycling through the texts
+        return self.store.record_generations(prompt_id, self.version, [NewGeneration(t) for t in texts])
+
+    def generate_with_version(self, prompt, version, seed=None, **_):
+        return [Candidate(text=self.texts[0], token_ids=[], logprobs=[], finished=True)]
+
+    def rollback(self, version):
+        return self.store.rollback_to(version)
