@@ -44,17 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate_with_parent() -> None:
+    """In the worker child (Linux): receive SIGTERM if the app dies without stopping it (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
 def start_worker(argv: list[str]) -> tuple[subprocess.Popen | None, str | None]:
     """Start the training worker as a child process with our own arguments; return it, or None and why not."""
     if importlib.util.find_spec(WORKER_MODULE) is None:
         log.warning("no training worker: %s is not installed; the page serves but does not train", WORKER_MODULE)
         return None, f"no worker ({WORKER_MODULE} is not installed)"
-    preexec = None
-    if sys.platform.startswith("linux"):
-        def preexec() -> None:  # the worker gets SIGTERM if this process dies without cleaning up
-            import ctypes
-
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    preexec = _terminate_with_parent if sys.platform.startswith("linux") else None
     proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, *argv], preexec_fn=preexec)
     log.info("started the training worker (pid %d)", proc.pid)
     return proc, None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import html
+import inspect
 import json
 import logging
 import os
@@ -38,12 +39,10 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from db.errors import StoreError
 from db.export import FORMATS, export_jsonl
 from db.records import BASE_VERSION
 from .auth import UserDirectory
 from .config import SamplingConfig
-from .generation import PromptError
 from .policy import AdapterLoadError
 
 log = logging.getLogger(__name__)
@@ -122,7 +121,8 @@ def _as_int(value: Any, what: str) -> int:
 
 
 def shown_errors(fn: Callable) -> Callable:
-    """Turn bad-input exceptions (StoreError, PromptError, AdapterLoadError, limits, Forbidden) into gr.Error."""
+    """Turn bad-input exceptions into gr.Error: ValueError (StoreError, PromptError, AdapterLoadError,
+    ExportError, limits) and PermissionError (Forbidden). Anything else stays a server error."""
     def convert(exc: Exception) -> gr.Error:
         return gr.Error(_safe_message(str(exc)), print_exception=False)
 
@@ -149,8 +149,6 @@ def shown_errors(fn: Callable) -> Callable:
 
 
 def _is_generator(fn: Callable) -> bool:
-    import inspect
-
     return inspect.isgeneratorfunction(fn)
 
 
@@ -629,7 +627,7 @@ def build_demo(app: FeedbackApp) -> gr.Blocks:
                                 "`prompt` field.")
                     upload = gr.File(label="Prompts file", file_types=[".txt", ".jsonl", ".json"], type="filepath",
                                      height=120)
-                    pasted = gr.Textbox(label="…or paste prompts", lines=4)
+                    pasted = gr.Textbox(label="…or paste prompts", lines=4, elem_id="operate-paste")
                     add_button = gr.Button("Add prompts")
                     add_message = gr.Textbox(show_label=False, interactive=False, container=False)
                 with gr.Column():

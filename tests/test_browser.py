@@ -169,6 +169,12 @@ def test_prompts_and_generations_render_as_text(page, browser, tmp_path):
         assert page.evaluate("window.__pwned") is None
         assert page.locator("img[src=x]").count() == 0 and page.locator("b:text('model')").count() == 0
         shoot(page, "injection.png")
+
+        page.get_by_role("tab", name="Rate", exact=True).click()  # limits are messages on the page, not crashes
+        page.fill("#prompt textarea", "x" * (SAMPLING.max_prompt_chars + 1))
+        page.click("#generate")
+        page.get_by_text(f"The prompt has {SAMPLING.max_prompt_chars + 1} characters; the limit is "
+                         f"{SAMPLING.max_prompt_chars}.").first.wait_for()
     finally:
         launched.close()
         store.close()
@@ -192,7 +198,11 @@ def test_only_admins_see_the_operate_tab(live, browser):
             assert page.get_by_role("tab", name="Operate").count() == (1 if admin else 0)
             if admin:
                 page.get_by_role("tab", name="Operate").click()
-                page.get_by_text("Download adapter zip").wait_for()
+                page.fill("#operate-paste textarea",
+                          "An uploaded prompt\nAnother uploaded prompt")
+                page.get_by_role("button", name="Add prompts").click()
+                page.wait_for_function("() => Array.from(document.querySelectorAll('textarea'))"
+                                       ".some(t => t.value.startsWith('Added 2 new prompts'))")
                 shoot(page, "operate.png")
             context.close()
     finally:
