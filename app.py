@@ -5,15 +5,14 @@ Usage: python app.py [--model gpt2|smollm2-135m|DIR|FILE.gguf] [--port 7860] ...
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
 import signal
 import subprocess
 import sys
 
 from ppo_feedback.config import AppConfig, LoraSettings, ModelConfig, SamplingConfig, add_dataclass_arguments, \
-    from_namespace
+    configure_logging, from_namespace
+from ppo_feedback.worker import add_worker_arguments
 
 SECTIONS = ((ModelConfig, "model"), (LoraSettings, "LoRA"), (SamplingConfig, "sampling"), (AppConfig, "app"))
 WORKER_MODULE = "ppo_feedback.worker"
@@ -21,26 +20,12 @@ WORKER_MODULE = "ppo_feedback.worker"
 log = logging.getLogger("app")
 
 
-def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the worker's own options (PPO, rounds), which app.py accepts and forwards to the worker it starts."""
-    try:
-        if importlib.util.find_spec(WORKER_MODULE) is None:
-            return
-        worker = importlib.import_module(WORKER_MODULE)
-    except Exception as exc:  # noqa: BLE001 - a broken worker must not stop the page from starting
-        log.warning("cannot import %s (%s); its options are not available", WORKER_MODULE, exc)
-        return
-    add = getattr(worker, "add_worker_arguments", None)
-    if add is not None:
-        add(parser)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser; every option also reads PPO_FEEDBACK_<OPTION> from the environment."""
     parser = argparse.ArgumentParser(prog="app.py", description=__doc__.splitlines()[0])
     for cls, title in SECTIONS:
         add_dataclass_arguments(parser, cls, title)
-    _add_worker_arguments(parser)
+    add_worker_arguments(parser)
     return parser
 
 
@@ -53,9 +38,6 @@ def _terminate_with_parent() -> None:
 
 def start_worker(argv: list[str]) -> tuple[subprocess.Popen | None, str | None]:
     """Start the training worker as a child process with our own arguments; return it, or None and why not."""
-    if importlib.util.find_spec(WORKER_MODULE) is None:
-        log.warning("no training worker: %s is not installed; the page serves but does not train", WORKER_MODULE)
-        return None, f"no worker ({WORKER_MODULE} is not installed)"
     preexec = _terminate_with_parent if sys.platform.startswith("linux") else None
     proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, *argv], preexec_fn=preexec)
     log.info("started the training worker (pid %d)", proc.pid)
@@ -83,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=app_cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(app_cfg.log_level)
     from db import FeedbackStore
     from ppo_feedback.auth import AuthFileError, UserDirectory
     from ppo_feedback.modeling import ModelSpecError
