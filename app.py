@@ -11,10 +11,12 @@ import subprocess
 import sys
 
 from ppo_feedback.config import AppConfig, LoraSettings, ModelConfig, SamplingConfig, add_dataclass_arguments, \
-    configure_logging, from_namespace
-from ppo_feedback.worker import add_worker_arguments
+    configure_logging, from_namespace, options_markdown
+from ppo_feedback.worker import WORKER_SECTIONS, add_worker_arguments
 
 SECTIONS = ((ModelConfig, "model"), (LoraSettings, "LoRA"), (SamplingConfig, "sampling"), (AppConfig, "app"))
+# every option of app.py, for the README's configuration reference (`python app.py --options-reference`)
+ALL_SECTIONS = tuple((cls, title, ()) for cls, title in SECTIONS) + WORKER_SECTIONS
 WORKER_MODULE = "ppo_feedback.worker"
 
 log = logging.getLogger("app")
@@ -59,6 +61,9 @@ def stop_worker(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, load the model, start the worker and serve the page; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--options-reference"]:
+        print(options_markdown(ALL_SECTIONS))
+        return 0
     args = build_parser().parse_args(argv)
     try:
         model_cfg, lora, sampling, app_cfg = (from_namespace(cls, args) for cls, _ in SECTIONS)

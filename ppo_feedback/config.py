@@ -201,6 +201,26 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: s
             group.add_argument(option, default=default, type=kind, help=help_text)
 
 
+def options_markdown(sections) -> str:
+    """Return a Markdown table of every option of `sections` ((dataclass, title, excluded fields) triples)."""
+    rows = ["| option | environment variable | default | what it sets |", "| --- | --- | --- | --- |"]
+    for cls, title, exclude in sections:
+        docs, hints = field_docs(cls), get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in exclude:
+                continue
+            option = f"`--{f.name.replace('_', '-')}`"
+            if _type_of(hints[f.name]) is bool:
+                option += f" / `--no-{f.name.replace('_', '-')}`"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if f.name == "cache_dir":
+                default = "~/.cache/ppo-feedback"  # the user's, not this machine's, path
+            shown = "(none)" if default in (None, "") else f"`{default}`"
+            what = docs.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| {option} | `{env_name(f.name)}` | {shown} | {title}: {what} |")
+    return "\n".join(rows)
+
+
 def from_namespace(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
     """Return an instance of dataclass `cls` built from the parsed arguments that match its fields, then `overrides`."""
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}

@@ -379,10 +379,14 @@ def report_metrics(report) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------- command line
 
+# (dataclass, title, fields not on the command line)
+WORKER_SECTIONS = ((PPOConfig, "PPO", ROLLOUT_FIELDS), (WorkerConfig, "worker", ()))
+
+
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the worker's own options (PPO and round settings) to a parser; app.py shares them."""
-    add_dataclass_arguments(parser, PPOConfig, "PPO", exclude=ROLLOUT_FIELDS)
-    add_dataclass_arguments(parser, WorkerConfig, "worker")
+    for cls, title, exclude in WORKER_SECTIONS:
+        add_dataclass_arguments(parser, cls, title, exclude=exclude)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -123,3 +123,19 @@ def test_app_accepts_and_lists_the_worker_options():
     assert worker_options and worker_options <= app_options
     help_text = parser.format_help()
     assert all(o in help_text for o in worker_options if o.startswith("--"))
+
+
+def test_readme_option_table_is_the_generated_one_and_every_option_exists():
+    import re
+
+    from ppo_feedback.config import options_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    documented = readme.split("<!-- options:start -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
+    assert documented == options_markdown(app.ALL_SECTIONS)
+    parser_options = {s for a in app.build_parser()._actions for s in a.option_strings}
+    for option in re.findall(r"`(--[a-z][a-z0-9-]*)`", documented):
+        assert option in parser_options, option
+    for action in app.build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert any(f"`{s}`" in documented for s in action.option_strings), action.option_strings
