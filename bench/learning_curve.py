@@ -1,0 +1,268 @@
+"""The improvement curve: app + worker + simulated raters on the offline SmolLM2-135M, CPU only.
+
+    python bench/learning_curve.py --preference keyword:happy [--ratings 200] [--pace 40] \\
+        [-- app/worker options, default: --learning-rate 5e-4 --ppo-iterations 6 ...]
+
+One command: starts `app.py` (which starts the worker with the same options), runs the simulated
+raters (`ppo_feedback.simulate`, through the public API) with `--pace`, so the room waits after
+every block of ratings until the worker published a version trained on it, then stops the app and
+measures version 0 (the base model) against the newest version offline, on held-out prompts that
+were never in the prompt pool:
+
+- mean preference score (taste, 0..1) per prompt over `--samples` samples, then the mean over
+  prompts with a 95% t interval, for both versions, and the paired difference with its interval;
+- mean KL of the newest version to the base, per response: sum over tokens of log pi - log pi_ref
+  (pi_ref = the same network with the adapter off, `PolicyWithValueHead.reference`);
+- the base model's perplexity of the newest version's generations (and of its own, for scale).
+
+Prints the curve (per version: ratings given so far, mean taste of its rated generations), the
+held-out figures and one JSON line; writes the simulator's CSV and PNG under `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.load import app_command, child_env, free_port, stop_process, wait_for_app  # noqa: E402
+
+HELD_OUT_PROMPTS = [
+    "Write a short poem about a mountain lake.",
+    "Describe a walk in the park on a spring morning.",
+    "What makes a good friend?",
+    "Tell me about your favourite season.",
+    "Write a postcard from a seaside town.",
+    "Explain how plants grow.",
+    "Describe a birthday party for a grandmother.",
+    "Give advice to someone starting a new job.",
+    "Write a short story about a dog who finds a ball.",
+    "What is the best part of a summer holiday?",
+    "Describe the view from a hilltop at sunrise.",
+    "Write a note to a teacher at the end of the school year.",
+    "How do bees make honey?",
+    "Describe a market on a busy Saturday.",
+    "Write a short song about the ocean.",
+    "What do you like about music?",
+    "Describe a cup of hot chocolate on a cold day.",
+    "Tell a story about a child and a kite.",
+    "What should I cook for dinner tonight?",
+    "Write a welcome message for a new neighbour.",
+    "Describe a train journey through the countryside.",
+    "Explain why people keep diaries.",
+    "Write a few lines about a rainy afternoon.",
+    "Describe the first day of school.",
+]
+"""Prompts for the held-out evaluation; none is in ppo_feedback/prompts.txt (checked at start)."""
+
+DEFAULT_TRAINING = ["--learning-rate", "1e-3", "--min-new-feedback", "56", "--ppo-iterations", "4",
+                    "--batch-size", "8", "--mini-batch-size", "8", "--ppo-epochs", "2",
+                    "--reference-samples", "8", "--wait-interval", "1"]
+"""Worker options when none are given after `--` (app.py forwards them to the worker)."""
+
+
+def held_out_prompts() -> list[str]:
+    """Return the held-out prompts, after checking that none is in the pool the app loads."""
+    from ppo_feedback.ui import builtin_prompts
+
+    pool = set(builtin_prompts())
+    overlap = [p for p in HELD_OUT_PROMPTS if p in pool]
+    if overlap:
+        raise RuntimeError(f"held-out prompts in the pool: {overlap}")
+    return list(HELD_OUT_PROMPTS)
+
+
+def _option(args: list[str], name: str, default: str) -> str:
+    """Return the value of `--name VALUE` (or `--name=VALUE`) in an argument list, else `default`."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def evaluate(model: str, adapters_dir: Path, versions: list[int], prompts: list[str], preference, *,
+             samples: int, max_new_tokens: int, temperature: float, top_p: float, lora_args: list[str],
+             seed: int = 1234, batch: int = 16, log=print) -> dict[int, dict[str, Any]]:
+    """Sample every version on the held-out prompts; return per version its per-prompt tastes, KL and perplexity."""
+    from ppo_feedback.adapters import AdapterState, apply_version
+    from ppo_feedback.config import LoraSettings, ModelConfig, add_dataclass_arguments, from_namespace
+    from ppo_feedback.generation import sample
+    from ppo_feedback.modeling import add_lora, load_model
+    from ppo_feedback.policy import PolicyWithValueHead
+
+    lora_parser = argparse.ArgumentParser(add_help=False)
+    add_dataclass_arguments(lora_parser, LoraSettings)
+    lora = from_namespace(LoraSettings, lora_parser.parse_known_args(lora_args)[0])
+    loaded = load_model(ModelConfig(model=model, device="cpu"))
+    policy = PolicyWithValueHead(add_lora(loaded.model, lora), loaded.tokenizer)
+    initial = AdapterState.initial(policy)
+    tokenizer = policy.tokenizer
+    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(samples)]
+    results: dict[int, dict[str, Any]] = {}
+    for version in versions:
+        start = time.perf_counter()
+        apply_version(policy, adapters_dir, version, initial=initial)
+        tastes: list[list[float]] = [[] for _ in prompts]
+        kls, nll, tokens, texts = [], 0.0, 0, []
+        for k in range(0, len(rows), batch):
+            chunk = rows[k:k + batch]
+            rollout = sample(policy.peft_model, tokenizer, [p for _, p in chunk], max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, seed=seed + k)
+            mask = rollout.response_mask
+            ref = policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length, temperature)
+            kls += ((rollout.logprobs - ref.logprobs) * mask).sum(1).tolist()
+            ref1 = ref if temperature == 1.0 else policy.reference(rollout.query_response, rollout.attention_mask,
+                                                                   rollout.context_length, 1.0)
+            nll -= float((ref1.logprobs * mask).sum())
+            tokens += int(mask.sum())
+            for (i, _), ids, n in zip(chunk, rollout.responses.tolist(), mask.sum(1).long().tolist()):
+                text = tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
+                tastes[i].append(float(preference(text)))
+                texts.append(text)
+        per_prompt = [statistics.fmean(t) for t in tastes]
+        results[version] = {"per_prompt": per_prompt, "kl": kls, "base_perplexity": math.exp(nll / max(tokens, 1)),
+                            "mean_tokens": tokens / len(rows), "examples": texts[:: max(1, len(texts) // 6)][:6],
+                            "seconds": time.perf_counter() - start}
+        log(f"  held-out v{version}: {len(rows)} samples in {time.perf_counter() - start:.0f}s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(argv)
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preference", default="keyword:happy")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratings", type=int, default=200)
+    parser.add_argument("--raters", type=int, default=2)
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--pace", type=int, default=40, help="ratings per block; the room waits for a version after each")
+    parser.add_argument("--pace-timeout", type=float, default=400.0)
+    parser.add_argument("--pace-lag", type=int, default=2, help="see python -m ppo_feedback.simulate --help")
+    parser.add_argument("--noise", type=float, default=0.5)
+    parser.add_argument("--bias", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=3, help="held-out samples per prompt and version")
+    parser.add_argument("--eval-threads", type=int, default=1,
+                        help="torch threads for the held-out evaluation (one is fastest on a busy 2-core machine)")
+    parser.add_argument("--budget", type=float, default=1200.0, help="seconds the whole run should fit in")
+    parser.add_argument("--out", default=None, help="directory for the database, adapters, CSV and PNG")
+    args = parser.parse_args(argv)
+
+    from ppo_feedback.simulate import Simulation, format_summary, parse_preference, t_interval, version_summary, \
+        write_csv, write_plot
+
+    t0 = time.perf_counter()
+    preference = parse_preference(args.preference)
+    prompts = held_out_prompts()
+    training = passthrough or DEFAULT_TRAINING
+    out = Path(args.out or ROOT / "bench" / "out" / "learning_curve" /
+               f"{args.preference.replace(':', '-').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    db, adapters, port = out / "feedback.db", out / "adapters", free_port()
+    url = f"http://127.0.0.1:{port}/"
+    command = app_command(args.model, port, db, adapters, candidates=args.candidates,
+                          max_new_tokens=args.max_new_tokens, extra=training, worker=True, log_level="INFO")
+    print("command: python bench/learning_curve.py " + shlex.join(given))
+    print("app: " + shlex.join(command[1:]))
+    with (out / "app.log").open("w") as app_log:
+        app = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=app_log,
+                               stderr=subprocess.STDOUT, text=True)
+        try:
+            startup = wait_for_app(url, app, timeout=400)
+            print(f"app and worker up in {startup:.0f}s")
+            sim = Simulation(url, preference, raters=args.raters, ratings=args.ratings, candidates=args.candidates,
+                             noise=args.noise, bias=args.bias, seed=args.seed, pace=args.pace, pace_lag=args.pace_lag,
+                             pace_timeout=args.pace_timeout, log=lambda m: print(m, flush=True))
+            result = sim.run()
+        finally:
+            stop_process(app, timeout=60)
+    rated_s = time.perf_counter() - t0
+    rows = version_summary(result.records)
+    print("\nThe curve (simulated raters' ratings, per version that generated them):")
+    print(format_summary(rows))
+    write_csv(result.records, out / "ratings.csv")
+    try:
+        write_plot(result.records, out / "curve.png", title=f"{args.model}, preference {args.preference}")
+    except ImportError:
+        print("no curve.png: matplotlib is not installed (pip install matplotlib)")
+
+    from db import FeedbackStore
+
+    with FeedbackStore(db) as store:
+        published = [v for v in store.list_versions() if v.status == "published"]
+        metrics = {v.version: v.metrics for v in published}
+    newest = published[-1].version if published else 0
+    print(f"\nversions published: {[v.version for v in published]}; held-out evaluation of v0 and v{newest} "
+          f"({len(prompts)} prompts x {args.samples} samples)")
+    import torch
+
+    torch.set_num_threads(args.eval_threads)
+    temperature = float(_option(training, "--temperature", "1.0"))
+    top_p = float(_option(training, "--top-p", "1.0"))
+    evals = evaluate(args.model, adapters, sorted({0, newest}), prompts, preference, samples=args.samples,
+                     max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=top_p, lora_args=training)
+    base, new = evals[0], evals[newest]
+    m0, h0 = t_interval(base["per_prompt"])
+    m1, h1 = t_interval(new["per_prompt"])
+    md, hd = t_interval([b - a for a, b in zip(base["per_prompt"], new["per_prompt"])])
+    kl_mean, kl_half = t_interval(new["kl"])
+    total_s = time.perf_counter() - t0
+    print(f"\nheld-out taste  v0: {m0:.3f} ± {h0:.3f}   v{newest}: {m1:.3f} ± {h1:.3f}   "
+          f"difference {md:+.3f} ± {hd:.3f} (95% t intervals over {len(prompts)} prompts)")
+    print(f"KL(v{newest} || base) per response: {kl_mean:.2f} ± {kl_half:.2f} nats; "
+          f"base-model perplexity of v{newest}'s text {new['base_perplexity']:.1f} (of its own: "
+          f"{base['base_perplexity']:.1f}); mean length {new['mean_tokens']:.1f} vs {base['mean_tokens']:.1f} tokens")
+    print(f"examples v{newest}: " + " | ".join(t.replace("\n", " ")[:90] for t in new["examples"][:3]))
+    print(f"ratings {len(result.records)} (+{result.preferences} preferences) in {rated_s:.0f}s; total {total_s:.0f}s "
+          f"({'within' if total_s <= args.budget else 'OVER'} the {args.budget:.0f}s budget)")
+
+    def r(x: float, d: int = 4) -> float | None:
+        return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, d)
+
+    report = {
+        "bench": "learning_curve", "model": args.model, "preference": args.preference,
+        "ratings": len(result.records), "preferences": result.preferences, "raters": args.raters,
+        "training": training, "pace": args.pace,
+        "curve": [{"version": x["version"], "ratings_so_far": x["ratings_so_far"], "n_ratings": x["n_ratings"],
+                   "mean_taste": r(x["mean_taste"]), "ci95": r(x["ci95"])} for x in rows],
+        "pace_waits": result.pace_waits,
+        "versions_published": [v.version for v in published],
+        "train_metrics_newest": {k: r(v) for k, v in metrics.get(newest, {}).items()
+                                 if k.startswith(("objective/", "reward_model/"))},
+        "held_out": {"prompts": len(prompts), "samples_per_prompt": args.samples,
+                     "v0": {"mean": r(m0), "ci95": r(h0)}, f"v{newest}": {"mean": r(m1), "ci95": r(h1)},
+                     "difference": {"mean": r(md), "ci95": r(hd)},
+                     "kl_newest": {"mean": r(kl_mean, 3), "ci95": r(kl_half, 3)},
+                     "base_perplexity": {f"v{newest}": r(new["base_perplexity"], 2), "v0": r(base["base_perplexity"], 2)},
+                     "mean_tokens": {f"v{newest}": r(new["mean_tokens"], 1), "v0": r(base["mean_tokens"], 1)}},
+        "errors": len(result.errors), "rater_failures": result.failures,
+        "rating_phase_s": round(rated_s), "total_s": round(total_s), "within_budget": total_s <= args.budget,
+        "goal_met": bool(md - hd > 0) and total_s <= args.budget and len(result.records) <= 200,
+        "out": str(out),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

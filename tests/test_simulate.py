@@ -1,0 +1,376 @@
+"""Simulated raters: the pure taste and score functions, and short runs against a launched app (tiny model).
+
+The runs assert bookkeeping only (exact counts, exactly-once in the store, the CSV), not learning.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ppo_feedback import lexicon
+from ppo_feedback.simulate import (
+    CSV_COLUMNS,
+    Preference,
+    RatingRecord,
+    ScriptedRater,
+    Simulation,
+    check_exactly_once,
+    keyword_taste,
+    length_taste,
+    parse_preference,
+    percentile,
+    rater_biases,
+    regex_taste,
+    score_from_taste,
+    sentiment_taste,
+    t_interval,
+    version_summary,
+    write_csv,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ tastes
+
+@pytest.mark.parametrize("text, word, expected", [
+    ("I am so happy today", "happy", 1.0),
+    ("HAPPY days", "happy", 1.0),
+    ("Happy, happy, joy.", "happy", 1.0),
+    ("unhappy people", "happy", 0.0),
+    ("happyness is not a word", "happy", 0.0),
+    ("", "happy", 0.0),
+    ("the sun rises", "sun", 1.0),
+    ("a sunny day", "sun", 0.0),
+    ("C++ is fun", "C++", 1.0),
+])
+def test_keyword_taste_matches_whole_words_in_any_case(text, word, expected):
+    assert keyword_taste(text, word) == expected
+
+
+@pytest.mark.parametrize("n_words, target, expected", [(10, 10, 1.0), (5, 10, 0.5), (15, 10, 0.5), (0, 10, 0.0),
+                                                        (20, 10, 0.0), (35, 10, 0.0), (3, 4, 0.75)])
+def test_length_taste_is_one_at_the_target_and_falls_linearly(n_words, target, expected):
+    assert length_taste(" ".join(["word"] * n_words), target) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The table is in the kitchen.", 0.5),
+    ("What a wonderful, happy day!", 0.5 + 2 / 6),
+    ("It was a wonderful, happy, lovely, great day!", 1.0),
+    ("A terrible, awful day.", 0.5 - 2 / 6),
+    ("Bad, worse, worst, awful, horrible.", 0.0),
+    ("This is not good.", 0.5 - 1 / 6),
+    ("Honestly, not bad at all.", 0.5 + 1 / 6),
+    ("I don't hate it.", 0.5 + 1 / 6),
+    ("Good but sad.", 0.5),
+])
+def test_sentiment_taste_counts_lexicon_words_with_negation(text, expected):
+    assert sentiment_taste(text) == pytest.approx(expected)
+
+
+def test_the_lexicon_is_small_disjoint_and_lower_case():
+    assert 100 < len(lexicon.POSITIVE) < 1000 and 100 < len(lexicon.NEGATIVE) < 1000
+    assert not lexicon.POSITIVE & lexicon.NEGATIVE
+    assert all(w == w.lower() and w.isalpha() for w in lexicon.POSITIVE | lexicon.NEGATIVE)
+    assert lexicon.sentiment_counts("Happy HAPPY happy, sad\u2019s sad") == (3, 1)
+
+
+def test_regex_taste_is_one_on_a_match():
+    assert regex_taste("Call me at 555-1234", r"\d{3}-\d{4}") == 1.0
+    assert regex_taste("no numbers here", r"\d") == 0.0
+    assert regex_taste("Yes!", r"(?i)^yes") == 1.0
+
+
+def test_parse_preference_builds_each_builtin_and_refuses_nonsense():
+    assert parse_preference("keyword:sun")("The sun is up") == 1.0
+    assert parse_preference("length:4")("one two three four") == 1.0
+    assert parse_preference("sentiment")("great") == pytest.approx(0.5 + 1 / 6)
+    assert parse_preference("regex:^A")("A start") == 1.0 and parse_preference("regex:^A")("no") == 0.0
+    assert parse_preference("regex:a:b")("a:b") == 1.0  # only the first colon separates the kind
+    assert parse_preference("keyword:sun") == Preference("keyword:sun", lambda t: 0.0)  # equal by spec
+    for bad in ("", "keyword:", "keyword: ", "length:x", "length:0", "regex:(", "sentiment:3", "colour:red"):
+        with pytest.raises(ValueError):
+            parse_preference(bad)
+
+
+# ------------------------------------------------------------------------------------------ scores
+
+@pytest.mark.parametrize("taste, bias, noise, expected", [
+    (0.0, 0.0, 0.0, 1), (1.0, 0.0, 0.0, 5), (0.5, 0.0, 0.0, 3), (0.25, 0.0, 0.0, 2), (0.75, 0.0, 0.0, 4),
+    (1.0, 1.0, 0.0, 5), (0.0, -1.0, 0.0, 1), (0.5, 1.0, 0.0, 4), (0.5, -1.0, 0.0, 2), (0.5, 0.0, 0.6, 4),
+    (0.5, 0.0, -0.4, 3), (0.5, 0.0, 9.0, 5), (0.5, 0.0, -9.0, 1), (0.125, 0.0, 0.0, 2),
+])
+def test_score_from_taste_rounds_and_clips_to_1_to_5(taste, bias, noise, expected):
+    assert score_from_taste(taste, bias, noise) == expected
+
+
+def test_rater_biases_spread_evenly():
+    assert rater_biases(1, 0.8) == [0.0]
+    assert rater_biases(3, 1.0) == [-1.0, 0.0, 1.0]
+    assert rater_biases(5, 0.0) == [0.0] * 5
+    with pytest.raises(ValueError):
+        rater_biases(0, 1.0)
+
+
+def test_a_rater_is_seedable_and_its_bias_shifts_scores():
+    keyword = parse_preference("keyword:sun")
+    texts = ["the sun", "rain", "sun and sun", "clouds"] * 25
+    a = ScriptedRater("a", keyword, noise=0.7, seed=3).judge(texts)
+    again = ScriptedRater("a", keyword, noise=0.7, seed=3).judge(texts)
+    other = ScriptedRater("a", keyword, noise=0.7, seed=4).judge(texts)
+    assert [j.score for j in a] == [j.score for j in again] and [j.score for j in a] != [j.score for j in other]
+    assert [j.taste for j in a] == [1.0, 0.0, 1.0, 0.0] * 25
+    exact = ScriptedRater("b", keyword).judge(texts[:4])
+    assert [j.score for j in exact] == [5, 1, 5, 1]
+    lenient = ScriptedRater("c", parse_preference("length:4"), bias=1.0).judge(["a b"])  # taste .5 -> 3, +1
+    assert lenient[0].score == 4
+    strict_mean = sum(j.score for j in ScriptedRater("d", keyword, bias=-1, noise=0.5, seed=1).judge(texts))
+    kind_mean = sum(j.score for j in ScriptedRater("e", keyword, bias=1, noise=0.5, seed=1).judge(texts))
+    assert kind_mean > strict_mean
+
+
+def test_best_has_the_highest_taste_and_beats_only_worse_candidates():
+    rater = ScriptedRater("a", parse_preference("keyword:sun"))
+    best, beaten = rater.best(rater.judge(["rain", "sun", "fog"]))
+    assert (best, beaten) == (1, [0, 2])
+    assert rater.best(rater.judge(["rain", "fog"])) == (None, [])  # nothing stands out: no preference
+    assert rater.best(rater.judge(["sun"])) == (None, [])
+    best, beaten = rater.best(rater.judge(["sun", "rain", "sun"]))
+    assert best in (0, 2) and beaten == [1]  # the other "sun" is as good, so it is not beaten
+    noisy = ScriptedRater("b", parse_preference("keyword:sun"), noise=2.0, seed=5)
+    for _ in range(20):  # noise moves the scores, never the order of tastes
+        best, beaten = noisy.best(noisy.judge(["rain", "sun", "fog", "sun sun"]))
+        assert best in (1, 3) and beaten == [0, 2]
+        assert noisy.best(noisy.judge(["rain", "fog"])) == (None, [])
+
+
+def test_statistics_helpers():
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(list(range(101)), 95) == pytest.approx(95.0)
+    assert percentile([1.0, 2.0], 50) == pytest.approx(1.5)
+    mean, half = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and half == pytest.approx(2.776 * (2.5 ** 0.5) / 5 ** 0.5, rel=2e-3)
+    assert t_interval([2.0])[0] == 2.0
+
+
+def test_version_summary_and_csv(tmp_path):
+    records = [RatingRecord(0.1 * i, i + 1, "sim-01", 1, 100 + i, 0 if i < 4 else 1, float(i >= 6), 3)
+               for i in range(8)]
+    rows = version_summary(records)
+    assert [(r["version"], r["n_ratings"], r["first_at"], r["ratings_so_far"]) for r in rows] == \
+        [(0, 4, 1, 4), (1, 4, 5, 8)]
+    assert rows[0]["mean_taste"] == 0.0 and rows[1]["mean_taste"] == 0.5
+    path = write_csv(records, tmp_path / "out" / "sim.csv")
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_COLUMNS
+        assert len(list(reader)) == 8
+
+
+# ------------------------------------------------------------------------------ against an app
+
+class FakeClient:
+    """An in-process stand-in for gradio_client.Client on a FeedbackStore (no model, no HTTP)."""
+
+    def __init__(self, store, texts, version=0, fail_rate_every=0, serving=None):
+        self.store, self.texts, self.version = store, texts, version
+        self.serving = serving or (lambda counts: self.version)  # the version /status reports
+        self.fail_rate_every, self.calls = fail_rate_every, 0
+        self.rng = random.Random(0)
+
+    def predict(self, *args, api_name):
+        from gradio_client.exceptions import AppError
+
+        if api_name == "/next_prompt":
+            p = self.store.next_prompt(args[0])
+            return {"prompt_id": p.id if p else None, "text": p.text if p else None}
+        if api_name == "/generate":
+            from db import NewGeneration
+
+            prompt, n, _rater = args
+            pid = self.store.add_prompt(prompt, source="rater")
+            gens = self.store.record_generations(pid, self.version,
+                                                 [NewGeneration(self.rng.choice(self.texts)) for _ in range(n)])
+            return [{"generation_id": g.id, "prompt_id": pid, "text": g.text, "version": g.adapter_version}
+                    for g in gens]
+        if api_name == "/rate":
+            self.calls += 1
+            if self.fail_rate_every and self.calls % self.fail_rate_every == 0:
+                raise AppError("simulated refusal")
+            gid, score, comment, rater = args
+            self.store.rate(gid, rater, score, comment or None)
+            return {"ok": True}
+        if api_name == "/prefer":
+            chosen, rejected, rater = args
+            self.store.pick_best(chosen, rejected, rater)
+            return {"ok": True}
+        if api_name == "/status":
+            c = self.store.counts()
+            return {"serving_version": self.serving(c), "latest_version": self.serving(c),
+                    "worker": {"state": "paused", "present": False}, "counts": c, "versions": []}
+        raise AssertionError(api_name)
+
+
+@pytest.fixture()
+def store(tmp_path):
+    from db import FeedbackStore
+    from db.testing import migrated_sqlite_template
+
+    shutil.copyfile(migrated_sqlite_template(), tmp_path / "feedback.db")
+    s = FeedbackStore(tmp_path / "feedback.db")
+    s.add_prompts([f"Pool prompt {i}" for i in range(6)])
+    yield s
+    s.close()
+
+
+TEXTS = ["a happy day", "a sad day", "rain again", "happy happy sun"]
+
+
+def test_the_room_stops_at_exactly_n_ratings_and_they_are_stored_once(store):
+    sim = Simulation("fake", "keyword:happy", raters=3, ratings=23, candidates=4, noise=0.3, bias=0.5, seed=1,
+                     client_factory=lambda url: FakeClient(store, TEXTS), log=None)
+    result = sim.run()
+    assert len(result.records) == 23 and len(result.accepted) == 23 and not result.errors
+    assert sorted(r.ratings_so_far for r in result.records) == list(range(1, 24))
+    assert {r.rater for r in result.records} == {"sim-01", "sim-02", "sim-03"}
+    assert store.counts()["ratings"] == 23 and store.counts()["rating_revisions"] == 23
+    check = check_exactly_once(store, result.accepted, result.generations, [r.name for r in sim.raters])
+    assert check["ok"], check
+    assert result.preferences > 0
+    assert all(r.taste == keyword_taste(store.get_generation(r.generation_id).text, "happy")
+               for r in result.records)
+
+
+def test_refused_ratings_are_errors_not_records_and_the_check_sees_them(store):
+    sim = Simulation("fake", "sentiment", raters=2, ratings=12, candidates=3, seed=2,
+                     client_factory=lambda url: FakeClient(store, TEXTS, fail_rate_every=5), log=None)
+    result = sim.run()
+    assert len(result.records) == 12  # a refused rating frees its slot for another one
+    assert [c.endpoint for c in result.errors] and {c.endpoint for c in result.errors} == {"/rate"}
+    assert check_exactly_once(store, result.accepted, result.generations, ["sim-01", "sim-02"])["ok"]
+    forged = dict(result.accepted)
+    (gid, rater), score = next(iter(forged.items()))
+    forged[(gid, rater)] = 1 if score != 1 else 2
+    store.rate(gid, rater, forged[(gid, rater)])  # a second revision: duplicated, but current score matches
+    bad = check_exactly_once(store, forged, result.generations, ["sim-01", "sim-02"])
+    assert not bad["ok"] and bad["duplicated"] == 1
+    del forged[(gid, rater)]
+    assert check_exactly_once(store, forged, result.generations, ["sim-01", "sim-02"])["unexpected"] == 1
+
+
+def test_a_room_with_a_duration_stops_in_time(store):
+    sim = Simulation("fake", "length:3", raters=2, ratings=None, duration=0.5, candidates=2,
+                     client_factory=lambda url: FakeClient(store, TEXTS), log=None)
+    result = sim.run()
+    assert result.wall_s < 5 and len(result.records) > 0
+    assert check_exactly_once(store, result.accepted, result.generations, ["sim-01", "sim-02"])["ok"]
+
+
+def test_pacing_waits_at_each_block_for_the_worker(store):
+    clients = []
+
+    def factory(url):
+        clients.append(FakeClient(store, TEXTS))
+        return clients[-1]
+
+    sim = Simulation("fake", "keyword:sun", raters=2, ratings=10, candidates=3, pace=4, pace_timeout=0.5,
+                     client_factory=factory, log=None)
+    result = sim.run()
+    assert len(result.records) == 10
+    # blocks end at 4 and 8 ratings, and the final wait after 10; the fake worker never publishes
+    assert [w["after_ratings"] for w in result.pace_waits] == [4, 8, 10]
+    assert all(w["outcome"] == "timeout" for w in result.pace_waits)
+
+
+@pytest.mark.parametrize("lag, waits", [(1, [4, 8, 10]), (2, [8, 10])])
+def test_pacing_goes_on_once_the_worker_published_enough_versions(store, lag, waits):
+    def one_version_per_started_block(counts):
+        return -(-counts["ratings"] // 4)
+
+    sim = Simulation("fake", "keyword:sun", raters=3, ratings=10, candidates=3, pace=4, pace_lag=lag,
+                     pace_timeout=30, log=None,
+                     client_factory=lambda url: FakeClient(store, TEXTS, serving=one_version_per_started_block))
+    result = sim.run()
+    assert len(result.records) == 10 and result.wall_s < 20
+    assert [w["after_ratings"] for w in result.pace_waits] == waits  # lag 2: block 1 needs no version yet
+    assert {w["outcome"] for w in result.pace_waits} == {"trained"}
+
+
+# --------------------------------------------------------------------- a launched app (tiny model)
+
+def _launch_app(model_dir, tmp_path, port, *extra):
+    from db.testing import migrated_sqlite_template
+
+    db = tmp_path / "feedback.db"
+    shutil.copyfile(migrated_sqlite_template(), db)
+    cmd = [sys.executable, str(ROOT / "app.py"), "--model", str(model_dir), "--device", "cpu", "--port", str(port),
+           "--db", str(db), "--adapters-dir", str(tmp_path / "adapters"), "--max-new-tokens", "6",
+           "--num-candidates", "3", "--log-level", "WARNING", *extra]
+    return db, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _known_tiny_model_error(message: str) -> bool:
+    """The randomly initialised tiny model now and then samples byte 0, which the store refuses (the app
+    answers /generate with an error): a known app issue, not the simulator's bookkeeping."""
+    return "NUL character" in message
+
+
+@pytest.mark.slow
+def test_simulate_command_against_a_launched_app(tiny_model_dir, tmp_path):
+    from bench.load import free_port, stop_process, wait_for_app
+    from db import FeedbackStore
+
+    port = free_port()
+    db, app = _launch_app(tiny_model_dir, tmp_path, port, "--no-worker")
+    try:
+        wait_for_app(f"http://127.0.0.1:{port}/", app, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "ppo_feedback.simulate", "--url", f"http://127.0.0.1:{port}/", "--raters", "2",
+             "--ratings", "8", "--candidates", "3", "--preference", "regex:[aeiou]", "--seed", "3",
+             "--csv", str(tmp_path / "sim.csv"), "--plot", str(tmp_path / "sim.png")],
+            cwd=ROOT, capture_output=True, text=True, timeout=240)
+        summary = json.loads(out.stdout.strip().splitlines()[-1])
+        assert all(_known_tiny_model_error(e) for e in summary["error_messages"]), out.stdout + out.stderr
+        assert out.returncode in (0, 1) and (out.returncode == 0) == (summary["errors"] == 0), out.stderr
+    finally:
+        stop_process(app)
+    with (tmp_path / "sim.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_COLUMNS
+        rows = list(reader)
+    assert len(rows) == 8 and {r["rater"] for r in rows} == {"sim-01", "sim-02"}
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "sim.png").stat().st_size > 1000
+    with FeedbackStore(db) as store:
+        assert store.counts()["ratings"] == 8 and store.counts()["rating_revisions"] == 8
+        accepted = {(int(r["generation_id"]), r["rater"]): int(r["score"]) for r in rows}
+        check = check_exactly_once(store, accepted, [g for g, _ in accepted], ["sim-01", "sim-02"])
+        assert check["ok"], check
+        for r in rows:
+            assert store.get_generation(int(r["generation_id"])).adapter_version == int(r["version"])
+    assert '"ratings": 8' in out.stdout
+
+
+@pytest.mark.slow
+def test_short_load_run_is_exactly_once_with_a_worker_killed_and_restarted(tiny_model_dir, tmp_path):
+    from bench.load import run_load
+
+    worker_args = ["--min-new-feedback", "4", "--ppo-iterations", "1", "--batch-size", "2", "--mini-batch-size", "2",
+                   "--ppo-epochs", "1", "--reference-samples", "2"]
+    report = run_load(model=str(tiny_model_dir), workdir=tmp_path, raters=3, duration=8.0, kill_worker=True,
+                      candidates=2, max_new_tokens=4, recovery_timeout=0, worker_args=worker_args, log=None)
+    assert report["exactly_once"]["ok"], report["exactly_once"]
+    assert report["ratings"] > 0 and not report["rater_failures"]
+    assert not [e for e in report["error_examples"] if not _known_tiny_model_error(e)], report["error_examples"]
+    assert report["serving_version_monotonic"]
+    assert report["worker"]["killed"] and report["worker"]["restarted"]
