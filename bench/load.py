@@ -171,17 +171,22 @@ def _ts(moment: datetime) -> float:
 
 
 def wait_for_recovery(db: Path, runner: "WorkerRunner", timeout: float) -> dict[str, Any]:
-    """After a restart, wait until a version published by the restarted worker appears (reading the store,
-    as a checker); return it and the seconds from the restart to its publication (None if not within `timeout`)."""
+    """After a restart, wait until the new worker holds the lease and has published a version (reading the
+    store, as a checker); return the seconds each took from the restart (None if not within `timeout`)."""
     from db import FeedbackStore
 
     restarted = [e["at"] for e in runner.events if e["event"] == "started"][-1]
-    out: dict[str, Any] = {"first_version": None, "first_version_s": None}
+    out: dict[str, Any] = {"lease_s": None, "first_version_s": None, "first_version": None}
     with FeedbackStore(db) as store:
         while time.time() - restarted < timeout:
+            status = store.worker_status()
+            if out["lease_s"] is None and status.present and status.holder == WORKER_ID \
+                    and status.heartbeat_at is not None and _ts(status.heartbeat_at) > restarted:
+                out["lease_s"] = round(time.time() - restarted, 1)
             newer = [v for v in store.list_versions() if _ts(v.created_at) > restarted]
             if newer:
-                out = {"first_version": newer[0].version, "first_version_s": round(_ts(newer[0].created_at) - restarted, 1)}
+                out["first_version_s"] = round(_ts(newer[0].created_at) - restarted, 1)
+                out["first_version"] = newer[0].version
                 break
             time.sleep(1.0)
     return out
