@@ -13,7 +13,6 @@ import os
 import textwrap
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
 ENV_PREFIX = "PPO_FEEDBACK_"
@@ -228,10 +227,3 @@ def from_namespace(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
     if hasattr(instance, "validate"):
         instance.validate()
     return instance
-
-
-def ensure_parent(path: str) -> Path:
-    """Create the parent directory of `path` and return it as a Path."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return p
