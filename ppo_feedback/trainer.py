@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from . import ppo
 from .generation import Rollout, sample
-from .policy import PolicyWithValueHead, last_token_hidden
+from .policy import PolicyWithValueHead, response_features
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -30,7 +30,7 @@ class HiddenStateReward(Protocol):
     """A reward that scores from the reference forward's hidden states, avoiding a separate model."""
 
     def score_hidden(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """Return (B,) scores from (B, H) hidden states after each response's last token."""
+        """Return (B,) scores from (B, H) response features (`policy.response_features`)."""
 
 
 @dataclass
@@ -152,7 +152,7 @@ class PPOTrainer:
               reward_fn) -> torch.Tensor:
         """Return (B,) scores: from hidden states when the reward supports it, else from texts."""
         if hasattr(reward_fn, "score_hidden"):
-            scores = reward_fn.score_hidden(last_token_hidden(ref_hidden, rollout.response_mask))
+            scores = reward_fn.score_hidden(response_features(ref_hidden, rollout.response_mask))
         else:
             samples = list(zip(prompts, self.decode(rollout)))
             scores = torch.tensor([float(s) for s in reward_fn(samples)])
