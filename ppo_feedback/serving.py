@@ -120,8 +120,9 @@ class ServingModel:
         return settings
 
     def _sample(self, prompt: str, s: SamplingConfig, seed: int | None) -> list[Candidate]:
-        return generate(self.policy.peft_model, self.tokenizer, prompt, s.num_candidates, s.max_new_tokens,
-                        temperature=s.temperature, top_p=s.top_p, seed=seed)
+        candidates = generate(self.policy.peft_model, self.tokenizer, prompt, s.num_candidates, s.max_new_tokens,
+                              temperature=s.temperature, top_p=s.top_p, seed=seed)
+        return [displayable(c) for c in candidates]
 
     def generate(self, prompt: str | None, n: int | None = None, *, rater: str, prompt_id: int | None = None,
                  seed: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
@@ -292,6 +293,22 @@ class ServingModel:
                     log.warning("cannot ask the store which version to serve (%s); will keep trying", exc)
                 failing = True
             self._stop.wait(interval)
+
+
+NUL_REPLACEMENT = "\ufffd"
+"""What a sampled NUL character becomes in candidate text (U+FFFD REPLACEMENT CHARACTER)."""
+
+
+def displayable(candidate: Candidate) -> Candidate:
+    """Return the candidate with every NUL character of its text replaced by U+FFFD (token ids unchanged).
+
+    A model can sample the byte-0 token (the randomly initialised test model now and then does); the
+    store refuses text holding NUL (and so would a page), so the sampled text is recorded and shown with
+    U+FFFD in its place. A prompt typed with NUL is the rater's input and still gets the store's error.
+    """
+    if "\x00" not in candidate.text:
+        return candidate
+    return dataclasses.replace(candidate, text=candidate.text.replace("\x00", NUL_REPLACEMENT))
 
 
 @contextmanager

@@ -52,6 +52,26 @@ def test_generations_are_recorded_with_the_served_version(serving, store, store_
     assert [(e.version, e.previous, e.ok) for e in serving.events] == [(1, 0, True)]
 
 
+def test_a_sampled_nul_character_is_recorded_and_shown_as_a_replacement_character(serving, store, monkeypatch):
+    """The tiny model now and then samples byte 0; the store refuses NUL, so /generate used to fail."""
+    import ppo_feedback.serving as serving_module
+    from ppo_feedback.generation import Candidate
+    from ppo_feedback.ui import FeedbackApp
+
+    def sample_nul(model, tokenizer, prompt, n, *args, **kwargs):
+        return [Candidate(f"a\x00b{i}\x00", [5, 0, 6, 0], [-1.0] * 4, False) for i in range(n)]
+
+    monkeypatch.setattr(serving_module, "generate", sample_nul)
+    items = FeedbackApp(serving, store, FAST).generate("Once upon a time", 2, "ana")  # the page's /generate
+    assert [i["text"] for i in items] == ["a\ufffdb0\ufffd", "a\ufffdb1\ufffd"]
+    for item in items:
+        stored = store.get_generation(item["generation_id"])
+        assert stored.text == item["text"] and list(stored.token_ids) == [5, 0, 6, 0]
+    assert serving.generate_with_version("Once upon a time", 0)[0].text == "a\ufffdb0\ufffd"  # compare view
+    with pytest.raises(StoreError, match="NUL character"):  # a prompt typed with NUL is still refused
+        serving.generate("nul\x00prompt", 1, rater="ana")
+
+
 def test_generate_refuses_a_prompt_id_with_other_text(serving, store):
     prompt_id = store.add_prompt("A stored prompt", source="builtin")
     with pytest.raises(ValueError, match="other text"):
