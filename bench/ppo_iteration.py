@@ -41,7 +41,7 @@ class LinearRewardHead(torch.nn.Module):
     @torch.no_grad()
     def score_hidden(self, final_hidden: torch.Tensor) -> torch.Tensor:
         """Return (B,) scores for (B, H) final hidden states."""
-        return self.head(final_hidden).squeeze(-1)
+        return self.head(final_hidden.to(self.head.weight.dtype)).squeeze(-1)
 
 
 def main(iterations: int, model_dir: str | None) -> None:

@@ -103,6 +103,18 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Return (B,) token ids, one per row drawn from unnormalised probs (B, V), by inverse CDF.
+
+    One uniform number per row; torch.multinomial instead draws an exponential per vocabulary entry,
+    which costs more than GPT-2 small's whole decoding step on a CPU.
+    """
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # the first index whose cdf exceeds u; zero-probability tokens (top-p) can never be it
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
@@ -131,11 +143,12 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempera
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, logprobs, values = [], [], []
     for _ in range(max_new_tokens):
-        logp = torch.log_softmax(lm_head(hidden).float() / temperature, dim=-1)  # (B, V)
+        logits = lm_head(hidden).float()
+        logp = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)  # (B, V)
         probs = logp.exp()
         if top_p < 1.0:
             probs = _nucleus(probs, top_p)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        token = draw(probs, generator)  # (B,)
         token = token.masked_fill(done, tokenizer.pad_token_id)
         tokens.append(token)
         logprobs.append(logp.gather(1, token[:, None]).squeeze(1))

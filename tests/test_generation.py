@@ -114,3 +114,15 @@ def test_bad_prompts_are_refused(policy):
 
 def test_plain_continuation_without_chat_template(policy):
     assert format_prompt(policy.tokenizer, "Hi there") == "Hi there"
+
+
+def test_draw_follows_the_probabilities_and_never_picks_a_zero():
+    from ppo_feedback.generation import draw
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 2.0]]).repeat(20000, 1)  # rows unnormalised
+    tokens = draw(probs, torch.Generator().manual_seed(0))
+    shares = torch.bincount(tokens[0::2], minlength=4).float() / 20000
+    assert torch.allclose(shares, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.01), shares
+    assert shares[1] == 0 and (tokens[1::2] == 3).all()
+    again = draw(probs, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)  # seeded: the same draw
