@@ -3,12 +3,16 @@
 Work per iteration, as in ../shared/bench/trl_ppo_anchor.py: the GPT-2-shaped model (built locally),
 8 prompts, 32 sampled tokens each with no EOS stop, 4 PPO epochs over 1 minibatch, LoRA r=16
 alpha=32 on c_attn, a reward from a learned (here randomly initialised) linear head on the
-reference forward's last hidden state. Time and peak resident memory are measured as the anchor
+reference forward's hidden states. Time and peak resident memory are measured as the anchor
 measures them: wall time of all iterations / iterations, ru_maxrss of the whole process.
-Usage: python bench/ppo_iteration.py [ITERATIONS] [MODEL_DIR]
+With `--dtype bfloat16` the frozen base weights are bfloat16 (LoRA, value head and log-probabilities
+stay float32): not the anchor's float32 work, so it prints its dtype; compare it with the anchor's
+float32 line knowing that.
+Usage: python bench/ppo_iteration.py [ITERATIONS] [MODEL_DIR] [--dtype float32|bfloat16]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -40,16 +44,16 @@ class LinearRewardHead(torch.nn.Module):
 
     @torch.no_grad()
     def score_hidden(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """Return (B,) scores for (B, H) final hidden states."""
+        """Return (B,) scores for (B, H) response features."""
         return self.head(final_hidden.to(self.head.weight.dtype)).squeeze(-1)
 
 
-def main(iterations: int, model_dir: str | None) -> None:
+def main(iterations: int, model_dir: str | None, dtype: str = "float32") -> None:
     model_dir = model_dir or os.path.join(os.path.dirname(__file__), "out", "gpt2-shaped")
     if not Path(model_dir, "config.json").is_file():
         build_gpt2(model_dir, "gpt2-shaped")
     torch.manual_seed(0)
-    loaded = load_model(ModelConfig(model=model_dir, device="cpu"))
+    loaded = load_model(ModelConfig(model=model_dir, device="cpu", dtype=dtype))
     policy = PolicyWithValueHead(add_lora(loaded.model, LoraSettings(lora_r=16, lora_alpha=32,
                                                                      lora_target_modules="c_attn")),
                                  loaded.tokenizer)
@@ -63,10 +67,16 @@ def main(iterations: int, model_dir: str | None) -> None:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"impl": "ppo-feedback PPOTrainer (one network)", "iterations": iterations, "batch": BATCH,
-                      "response_length": RESPONSE_LENGTH, "ppo_epochs": PPO_EPOCHS,
+                      "response_length": RESPONSE_LENGTH, "ppo_epochs": PPO_EPOCHS, "dtype": dtype,
                       "s_per_iteration": round(seconds / iterations, 3), "peak_rss_mib": round(peak),
                       "threads": torch.get_num_threads(), "last_kl": round(stats["objective/kl"], 4)}))
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3, sys.argv[2] if len(sys.argv) > 2 else None)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("iterations", nargs="?", type=int, default=3)
+    parser.add_argument("model_dir", nargs="?", default=None)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="precision of the frozen base weights (the anchor's is float32)")
+    args = parser.parse_args()
+    main(args.iterations, args.model_dir, args.dtype)

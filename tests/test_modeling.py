@@ -108,6 +108,31 @@ def test_bad_quantize_and_device_values(tmp_path):
         ModelConfig(device="tpu").validate()
 
 
+def test_dtype_auto_is_bfloat16_only_on_a_cuda_gpu_that_has_it(monkeypatch, tmp_path):
+    assert modeling.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert modeling.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert modeling.resolve_dtype("auto", torch.device("cuda")) == torch.float32
+    with pytest.raises(ModelSpecError, match="float16 is very slow on the CPU"):
+        modeling.resolve_dtype("float16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="--dtype"):
+        cfg(tmp_path, model="x", dtype="fp8").validate()
+
+
+def test_bfloat16_base_keeps_lora_and_logits_in_float32(tiny_model_dir, tmp_path):
+    from ppo_feedback.policy import PolicyWithValueHead
+
+    loaded = load_model(cfg(tmp_path, model=str(tiny_model_dir), dtype="bfloat16"))
+    assert loaded.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    policy = PolicyWithValueHead(add_lora(loaded.model, LoraSettings(lora_r=4, lora_alpha=8)), loaded.tokenizer)
+    assert {p.dtype for p in policy.trainable_parameters()} == {torch.float32}
+    assert not policy.samples_exactly
+    ids = loaded.tokenizer(["hello world"], return_tensors="pt")
+    out = policy(ids["input_ids"], ids["attention_mask"], context_length=1)
+    assert out.logprobs.dtype == torch.float32 and out.values.dtype == torch.float32
+
+
 def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert modeling.resolve_device("auto").type == "cuda"
