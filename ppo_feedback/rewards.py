@@ -5,9 +5,10 @@ then PPO maximises it. The pieces, named after the papers:
 
 - `normalize_ratings`: scores 1..5 become per-rater z-scores, shrunk towards the global mean and
   spread for raters with few ratings (a strict rater's 3 is not a lenient rater's 3).
-- `RewardModel`: a linear head (with L2) over features of the frozen base model: the reference
-  forward's last hidden state after the response's last token, the same tensor `PPOTrainer.score`
-  hands to `score_hidden`, so PPO scores its rollouts without a second network. Fitted by regression
+- `RewardModel`: a linear head (with L2) over features of the frozen base model: the mean of the
+  reference forward's last hidden states after each response token (`policy.response_features`), the
+  same tensor `PPOTrainer.score` hands to `score_hidden`, so PPO scores its rollouts without a second
+  network. Fitted by regression
   on normalised scores plus the Bradley-Terry loss −log σ(r_chosen − r_rejected) on preferences
   (Christiano et al. 2017; Stiennon et al. 2020; Ouyang et al. 2022), then calibrated so its output
   has mean 0 and std 1 on samples of the reference policy (Stiennon et al. 2020; Ziegler et al. 2019).
@@ -36,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .generation import encode_prompts, first_eos_mask, max_positions
-from .policy import last_token_hidden, position_ids_for
+from .policy import position_ids_for, response_features
 
 WEIGHTS_FILE = "reward_model.safetensors"
 META_FILE = "reward_model.json"
@@ -172,7 +173,7 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def featurize(policy, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]],
                   batch_size: int = 16) -> torch.Tensor:
-        """Return (N, H) float32 CPU features: the adapter-off hidden state after each response's last token.
+        """Return (N, H) float32 CPU features: the mean of the adapter-off hidden states after each response token.
 
         The same tensor the trainer passes to `score_hidden` for the same prompt and response:
         prompts are encoded with `encode_prompts` (chat template when there is one), left-padded;
@@ -205,7 +206,7 @@ class RewardModel(nn.Module):
             query_response = torch.cat([batch["input_ids"], response_ids.to(device)], dim=1)  # (b, P + R)
             attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(response_ids).to(device)], 1)
             hidden = _reference_hidden(policy, query_response, attention_mask, batch["input_ids"].shape[1])
-            features[rows] = last_token_hidden(hidden, response_mask).float().cpu()  # (b, H)
+            features[rows] = response_features(hidden, response_mask).float().cpu()  # (b, H)
         return features
 
     # -------------------------------------------------------------------------- scoring

@@ -13,7 +13,7 @@ from db import FeedbackStore, NewGeneration
 from ppo_feedback.config import LoraSettings, ModelConfig
 from ppo_feedback.generation import first_eos_mask, generate, sample
 from ppo_feedback.modeling import add_lora, load_model
-from ppo_feedback.policy import PolicyWithValueHead, last_token_hidden
+from ppo_feedback.policy import PolicyWithValueHead, response_features
 from ppo_feedback.rewards import FitReport, RewardConfig, RewardModel, fit_reward_model, normalize_ratings
 from ppo_feedback.trainer import PPOConfig, PPOTrainer
 
@@ -249,7 +249,7 @@ def test_featurize_gives_the_trainers_features(policy):
     response_mask = first_eos_mask(qr[:, rollout.context_length:], eos)
     assert response_mask[1].sum() == 4 and response_mask.sum() > 4 * 4
     ref = policy.reference(qr, rollout.attention_mask, rollout.context_length)
-    trainer_features = last_token_hidden(ref.hidden, response_mask)  # what PPOTrainer.score hands over
+    trainer_features = response_features(ref.hidden, response_mask)  # what PPOTrainer.score hands over
 
     full_rows = qr[:, rollout.context_length:].tolist()  # with the tokens after EOS
     valid_rows = [row[:int(n)] for row, n in zip(full_rows, response_mask.sum(1))]
@@ -262,7 +262,7 @@ def test_featurize_gives_the_trainers_features(policy):
         assert torch.allclose(features, expected, atol=1e-4)
 
     with torch.no_grad():  # and not the adapter-on policy's
-        on = last_token_hidden(policy(qr, rollout.attention_mask, rollout.context_length).hidden, response_mask)
+        on = response_features(policy(qr, rollout.attention_mask, rollout.context_length).hidden, response_mask)
     assert not torch.allclose(on, trainer_features, atol=1e-3)
 
 
@@ -280,6 +280,33 @@ def test_trainer_scores_rollouts_with_the_reward_model(policy):
     expected = model.score_hidden(RewardModel.featurize(policy, PROMPTS, responses))
     assert torch.allclose(scores, expected, atol=1e-4)
     assert scores.std() > 0
+
+
+def test_the_workers_reference_features_are_featurizes(policy, tmp_path, monkeypatch):
+    """Calibration, the fit and PPO's scores must all see the same features for the same prompt and response."""
+    from ppo_feedback import worker as worker_module
+    from ppo_feedback.adapters import AdapterStore
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    store.add_prompts(PROMPTS)
+    rollouts = []
+
+    def recording_sample(*args, **kwargs):
+        rollouts.append((list(args[2]), sample(*args, **kwargs)))
+        return rollouts[-1][1]
+
+    monkeypatch.setattr(worker_module, "sample", recording_sample)
+    worker = worker_module.Worker(store, AdapterStore(tmp_path / "adapters"), policy,
+                                  PPOConfig(batch_size=4, mini_batch_size=4, response_length=10),
+                                  worker_module.WorkerConfig(reference_samples=6), "tiny")
+    features = worker.reference_features()
+    (prompts, rollout), = rollouts
+    lengths = rollout.response_mask.sum(1).long().tolist()
+    assert len(prompts) == 6 and features.shape == (6, policy.trunk.config.hidden_size)
+    responses = [row[:n] for row, n in zip(rollout.responses.tolist(), lengths)]
+    assert torch.allclose(features, RewardModel.featurize(policy, prompts, responses), atol=1e-4)
+    assert worker.reference_features() is features  # computed once
+    store.close()
 
 
 # ------------------------------------------------------------------------------ from the store
