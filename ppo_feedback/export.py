@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -103,16 +104,9 @@ def export_adapter(version: int, out: str | Path, *, store: Any, adapters_dir: s
     _check_number(version)
     out = Path(out).expanduser().absolute()
     _check_free(out, overwrite)
-    with _opened(store) as feedback:
-        chosen = check_version(feedback, adapters_dir, version)
-        base = resolve_base(chosen.metadata.get("base_model") or "", model, cache_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            built = _build(staging, chosen, base, feedback, merge=merge, value_head=value_head, device=device)
-            _move_into_place(built, out, overwrite)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    with _staged_build(out, version, store, adapters_dir, model, cache_dir, merge=merge, value_head=value_head,
+                       device=device) as (chosen, built, _staging):
+        _move_into_place(built, out, overwrite)
     log.info("exported version %d to %s", chosen.version, out)
     return out
 
@@ -135,24 +129,36 @@ def export_zip(version: int, out: str | Path, *, store: Any, adapters_dir: str |
     elif out.suffix != ".zip":
         out = out.with_name(out.name + ".zip")
     _check_free(out, overwrite, zip_file=True)
+    with _staged_build(out, version, store, adapters_dir, model, cache_dir, merge=merge, value_head=value_head,
+                       device=device) as (chosen, built, staging):
+        partial = staging / "archive.zip"
+        with zipfile.ZipFile(partial, "w", allowZip64=True) as archive:
+            for path in sorted(p for p in built.rglob("*") if p.is_file()):
+                kind = zipfile.ZIP_STORED if path.suffix in STORED else zipfile.ZIP_DEFLATED
+                archive.write(path, f"{out.stem}/{path.relative_to(built).as_posix()}", compress_type=kind)
+        _check_free(out, overwrite, zip_file=True)
+        os.replace(partial, out)
+    log.info("exported version %d to %s", chosen.version, out)
+    return out
+
+
+@contextmanager
+def _staged_build(out: Path, version: int, store: Any, adapters_dir: str | Path, model: str | None,
+                  cache_dir: str | None, *, merge: bool, value_head: bool, device: str):
+    """Yield (chosen version, built folder, staging folder): the export built in a temporary sibling of `out`.
+
+    The staging folder, and whatever the caller did not move out of it, is removed on exit.
+    """
     with _opened(store) as feedback:
         chosen = check_version(feedback, adapters_dir, version)
         base = resolve_base(chosen.metadata.get("base_model") or "", model, cache_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            built = _build(staging, chosen, base, feedback, merge=merge, value_head=value_head, device=device)
-            partial = staging / "archive.zip"
-            with zipfile.ZipFile(partial, "w", allowZip64=True) as archive:
-                for path in sorted(p for p in built.rglob("*") if p.is_file()):
-                    kind = zipfile.ZIP_STORED if path.suffix in STORED else zipfile.ZIP_DEFLATED
-                    archive.write(path, f"{out.stem}/{path.relative_to(built).as_posix()}", compress_type=kind)
-            _check_free(out, overwrite, zip_file=True)
-            os.replace(partial, out)
+            yield chosen, _build(staging, chosen, base, feedback, merge=merge, value_head=value_head,
+                                 device=device), staging
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    log.info("exported version %d to %s", chosen.version, out)
-    return out
 
 
 # ---------------------------------------------------------------------------------------- checks
