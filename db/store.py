@@ -653,16 +653,17 @@ class FeedbackStore:
             write=False,
         )
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, since_version: int | None = None) -> dict[str, int]:
         """Return numbers for the status panel: active prompts, generations, current ratings,
-        rating revisions, preferences, raters, serving version, and ratings/preferences since it."""
+        rating revisions, preferences, raters, serving version, and ratings/preferences since
+        `since_version` (default: the serving version; a page passes the version it has loaded)."""
 
         def count(s: Session, stmt: Any) -> int:
             return s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
 
         def work(s: Session) -> dict[str, int]:
             serving = _serving(s)
-            since = _count_since(s, _cursor_of(s, serving))
+            since = _count_since(s, _cursor_of(s, serving if since_version is None else since_version))
             raters = union(select(m.Rating.rater), select(m.Preference.rater))
             return {
                 "prompts": count(s, select(m.Prompt.id).where(m.Prompt.active)),

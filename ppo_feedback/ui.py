@@ -308,13 +308,14 @@ class FeedbackApp:
             now = time.monotonic()
             if self._status_cache is not None and now - self._status_cache[0] < max_age_s:
                 return self._status_cache[1]
-            counts = self.store.counts()
+            serving_version = self.serving.version  # read once: a swap may land while the record is built
+            counts = self.store.counts(since_version=serving_version)
             worker = self.store.worker_status()
             versions = self.store.list_versions()
             summary = self.store.version_rating_summary()
             latest = versions[-1] if versions else None
             record = {
-                "serving_version": self.serving.version,
+                "serving_version": serving_version,
                 "latest_version": latest.version if latest else BASE_VERSION,
                 "latest_status": latest.status if latest else None,
                 "worker": {"state": self.worker_state(worker), "present": worker.present, "holder": worker.holder},

@@ -328,6 +328,9 @@ def test_feedback_cursor_counts_new_feedback_exactly(store: FeedbackStore) -> No
     assert [(r.generation.id, r.rating.score) for r in new.ratings] == [(a, 2)]
     assert new.ratings[0].generation.token_ids == ()
     assert store.counts()["ratings_since_serving"] == 1
+    # a page still serving version 0 counts from there (3 current ratings, one of them revised)
+    assert store.counts(since_version=0)["ratings_since_serving"] == 3
+    assert store.counts(since_version=0)["preferences_since_serving"] == 1
     assert store.feedback_since(new.cursor).ratings == ()
 
 
