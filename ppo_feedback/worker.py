@@ -1,10 +1,10 @@
 """The training worker: its own process, sharing only the database and the adapter directory.
 
 A round: hold the lease → wait for `--min-new-feedback` new ratings/preferences since the serving
-version → refit the reward model on all feedback → `--ppo-iterations` PPO iterations on prompts
-from the pool → publish the next adapter version atomically. A NaN/inf loss or a KL beyond
-`--max-kl` discards the round (the weights go back to the round's start) and records why. SIGTERM
-abandons the current round without publishing any of it.
+version → refit the reward model on all feedback (`--reward-l2`, `--prior-weight`, ...) →
+`--ppo-iterations` PPO iterations on prompts from the pool → publish the next adapter version
+atomically. A NaN/inf loss or a KL beyond `--max-kl` discards the round (the weights go back to the
+round's start) and records why. SIGTERM abandons the current round without publishing any of it.
 
 Usage: python -m ppo_feedback.worker --db URL --adapters-dir DIR [--model ...] (--help lists all)
 """
@@ -33,7 +33,7 @@ from .config import AppConfig, LoraSettings, ModelConfig, SamplingConfig, add_da
     from_namespace
 from .generation import sample
 from .policy import PolicyWithValueHead, response_features
-from .rewards import fit_reward_model
+from .rewards import RewardConfig, fit_reward_model
 from .trainer import OPTIMIZER_FILE, PPOConfig, PPOTrainer
 
 log = logging.getLogger("ppo_feedback.worker")
@@ -137,8 +137,10 @@ class Worker:
     """Trains one policy from the store's feedback and publishes adapter versions."""
 
     def __init__(self, store, adapters: AdapterStore, policy: PolicyWithValueHead, ppo_config: PPOConfig,
-                 config: WorkerConfig, base_model: str, accelerator=None):
+                 config: WorkerConfig, base_model: str, accelerator=None, reward_config: RewardConfig | None = None):
         config.validate()
+        self.reward_config = reward_config or RewardConfig()
+        self.reward_config.validate()
         self.store, self.adapters, self.policy, self.config = store, adapters, policy, config
         self.base_model = base_model
         self.team = Team(accelerator)
@@ -240,7 +242,7 @@ class Worker:
             self.heartbeat.set_state("fitting the reward model")
             reward_model, report = fit_reward_model(self.store, self.policy,
                                                     reference_features=self.reference_features(),
-                                                    feature_cache=self.feature_cache)
+                                                    feature_cache=self.feature_cache, config=self.reward_config)
             log.info("reward model: %s", report.summary())
             shared = (reward_model, self.adapters.next_version(self.store))
         reward_model, version = self.team.share(shared)
@@ -377,6 +379,7 @@ def report_metrics(report) -> dict[str, float]:
         "reward_model/train_loss": report.train_loss,
         "reward_model/n_examples": report.n_examples,
         "reward_model/n_raters": report.n_raters,
+        "reward_model/l2": report.l2,
     }
     return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
 
@@ -384,17 +387,18 @@ def report_metrics(report) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- command line
 
 # (dataclass, title, fields not on the command line)
-WORKER_SECTIONS = ((PPOConfig, "PPO", ROLLOUT_FIELDS), (WorkerConfig, "worker", ()))
+WORKER_SECTIONS = ((PPOConfig, "PPO", ROLLOUT_FIELDS), (RewardConfig, "reward model", ()),
+                   (WorkerConfig, "worker", ()))
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the worker's own options (PPO and round settings) to a parser; app.py shares them."""
+    """Add the worker's own options (PPO, reward model and round settings) to a parser; app.py shares them."""
     for cls, title, exclude in WORKER_SECTIONS:
         add_dataclass_arguments(parser, cls, title, exclude=exclude)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the worker's parser: model, LoRA, sampling, store and PPO options."""
+    """Return the worker's parser: model, LoRA, sampling, store, PPO, reward-model and worker options."""
     parser = argparse.ArgumentParser(prog="python -m ppo_feedback.worker", description=__doc__.splitlines()[0])
     for cls, title in ((ModelConfig, "model"), (LoraSettings, "LoRA"), (SamplingConfig, "sampling")):
         add_dataclass_arguments(parser, cls, title)
@@ -425,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_cfg, lora, sampling = (from_namespace(cls, args) for cls in (ModelConfig, LoraSettings, SamplingConfig))
         ppo_config, worker_cfg = ppo_config_from(args, sampling), from_namespace(WorkerConfig, args)
+        reward_cfg = from_namespace(RewardConfig, args)
         loaded = load_model(model_cfg)
     except (ValueError, ModelSpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -434,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(ppo_config.seed)  # the same fresh LoRA in every process of a data-parallel run
     policy = PolicyWithValueHead(add_lora(loaded.model, lora), loaded.tokenizer)
     worker = Worker(store, AdapterStore(args.adapters_dir), policy, ppo_config, worker_cfg, loaded.spec,
-                    accelerator=accelerator)
+                    accelerator=accelerator, reward_config=reward_cfg)
 
     def request_stop(signum, _frame):
         log.info("signal %d: finishing without publishing a partial round", signum)

@@ -139,3 +139,20 @@ def test_readme_option_table_is_the_generated_one_and_every_option_exists():
     for action in app.build_parser()._actions:
         if action.option_strings and action.dest != "help":
             assert any(f"`{s}`" in documented for s in action.option_strings), action.option_strings
+
+
+def test_reward_model_options_reach_the_workers_reward_config(monkeypatch):
+    from ppo_feedback.config import from_namespace
+    from ppo_feedback.rewards import RewardConfig
+    from ppo_feedback.worker import build_parser
+
+    assert from_namespace(RewardConfig, build_parser().parse_args([])) == RewardConfig()
+    assert RewardConfig().reward_l2 is None  # chosen by cross-validation
+    argv = ["--reward-l2", "3", "--prior-weight", "2", "--reward-holdout", "0.1", "--feature-batch-size", "4",
+            "--batch-size", "8"]
+    config = from_namespace(RewardConfig, build_parser().parse_args(argv))
+    assert (config.reward_l2, config.prior_weight, config.reward_holdout, config.feature_batch_size) \
+        == (3.0, 2.0, 0.1, 4)
+    assert app.build_parser().parse_args(argv).batch_size == 8  # the PPO batch size: no clash
+    monkeypatch.setenv("PPO_FEEDBACK_REWARD_L2", "0.5")
+    assert from_namespace(RewardConfig, build_parser().parse_args([])).reward_l2 == 0.5

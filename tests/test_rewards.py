@@ -14,7 +14,8 @@ from ppo_feedback.config import LoraSettings, ModelConfig
 from ppo_feedback.generation import first_eos_mask, generate, sample
 from ppo_feedback.modeling import add_lora, load_model
 from ppo_feedback.policy import PolicyWithValueHead, response_features
-from ppo_feedback.rewards import FitReport, RewardConfig, RewardModel, fit_reward_model, normalize_ratings
+from ppo_feedback.rewards import DEFAULT_L2, L2_GRID, FitReport, RewardConfig, RewardModel, fit_reward_model, \
+    normalize_ratings
 from ppo_feedback.trainer import PPOConfig, PPOTrainer
 
 PROMPTS = ["The weather today is", "I love this pizza", "Once upon a time there was a little robot",
@@ -186,6 +187,63 @@ def test_fit_with_too_little_data_reports_no_held_out_numbers():
         RewardModel(H).fit(x, None, [])
     with pytest.raises(ValueError):
         RewardModel(H).fit(x, None, [(0, 8)])
+
+
+def few_noisy_examples(seed: int, prompts: int = 30, per_prompt: int = 3, width: int = 256, factors: int = 8):
+    """Return (x, z, groups) of prompts x per_prompt rated rows, and (x, quality) of 500 fresh rows.
+
+    Features as hidden states look: a few latent factors mixed into many correlated dimensions plus
+    noise; the taste is linear in the factors and the scores carry as much noise as signal. 90
+    examples for 256 features: without regularisation the head fits the noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mix, taste = torch.randn(factors, width, generator=g), torch.randn(factors, generator=g)
+
+    def draw(n):
+        latent = torch.randn(n, factors, generator=g)
+        quality = latent @ taste
+        return latent @ mix + 0.5 * torch.randn(n, width, generator=g), (quality - quality.mean()) / quality.std()
+
+    x, quality = draw(prompts * per_prompt)
+    z = quality + torch.randn(len(quality), generator=g)
+    return (x, z, [i // per_prompt for i in range(len(z))]), draw(500)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chosen_regularisation_generalises_better_than_a_weak_one(seed):
+    # Measured (seeds 0-3): fresh-sample correlation 0.93-0.99 with the cross-validated l2 (1 or 10),
+    # 0.75-0.85 with l2 = 0.01.
+    (x, z, groups), (fresh, fresh_quality) = few_noisy_examples(seed)
+    chosen, weak = RewardModel(x.shape[1]), RewardModel(x.shape[1])
+    report = chosen.fit(x, z, [], groups=groups)
+    weak_report = weak.fit(x, z, [], groups=groups, config=RewardConfig(reward_l2=0.01))
+    assert report.l2_choice == "cross-validated" and report.l2 in L2_GRID
+    assert (weak_report.l2, weak_report.l2_choice) == (0.01, "set")
+    assert f"l2 {report.l2:g} (cross-validated)" in report.summary()
+    assert pearson(chosen.raw_score(fresh), fresh_quality) > pearson(weak.raw_score(fresh), fresh_quality) + 0.05
+    assert pearson(chosen.raw_score(fresh), fresh_quality) > 0.9
+
+
+def test_the_l2_choice_is_deterministic_and_ignores_the_held_out_prompts():
+    (x, z, groups), _ = few_noisy_examples(0)
+    first, again = RewardModel(x.shape[1]), RewardModel(x.shape[1])
+    report = first.fit(x, z, [], groups=groups)
+    assert again.fit(x, z, [], groups=groups).l2 == report.l2 and torch.equal(first.weight, again.weight)
+    held = {g for g in set(groups) if (g * 0.6180339887498949) % 1.0 < 0.2}
+    assert held and report.n_held_out_scores == 3 * len(held)
+    z_held_changed = z.clone()
+    z_held_changed[[i for i, g in enumerate(groups) if g in held]] *= -5  # wild held-out scores
+    other = RewardModel(x.shape[1]).fit(x, z_held_changed, [], groups=groups)
+    assert other.l2 == report.l2  # chosen on the training prompts only
+    set_report = RewardModel(x.shape[1]).fit(x, z, [], groups=groups, config=RewardConfig(reward_l2=report.l2))
+    assert set_report.held_out_score_correlation == pytest.approx(report.held_out_score_correlation)
+
+
+def test_with_few_prompts_the_default_l2_is_used():
+    (x, z, groups), _ = few_noisy_examples(1, prompts=6)
+    report = RewardModel(x.shape[1]).fit(x, z, [], groups=groups)
+    assert (report.l2, report.l2_choice) == (DEFAULT_L2, "default") and DEFAULT_L2 == 10.0
+    assert "l2 10 (default)" in report.summary()
 
 
 def test_calibration_gives_mean_zero_std_one_on_reference_samples():
@@ -363,7 +421,10 @@ def test_fit_reward_model_without_feedback_refuses(policy, tmp_path):
 
 def test_reward_config_validates():
     with pytest.raises(ValueError):
-        RewardConfig(holdout=1.0).validate()
+        RewardConfig(reward_holdout=1.0).validate()
     with pytest.raises(ValueError):
-        RewardConfig(l2=-1).validate()
+        RewardConfig(reward_l2=-1).validate()
+    with pytest.raises(ValueError):
+        RewardConfig(feature_batch_size=0).validate()
     RewardConfig().validate()
+    RewardConfig(reward_l2=0.0).validate()

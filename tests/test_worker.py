@@ -204,9 +204,14 @@ def test_waits_for_enough_new_feedback(tmp_path, tiny_model_dir, rated_store):
 def test_round_publishes_with_metrics_in_store_and_tensorboard(tmp_path, tiny_model_dir, rated_store, caplog):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from ppo_feedback.rewards import RewardConfig
+
     worker = make_worker(tmp_path, tiny_model_dir, rated_store, tensorboard=str(tmp_path / "tb"))
+    worker.reward_config = RewardConfig(reward_l2=2.0)  # what --reward-l2 2 gives
     with caplog.at_level("INFO", logger="ppo_feedback.worker"):
         assert worker.run_round() == 1
+    assert rated_store.get_version(1).metrics["reward_model/l2"] == 2.0
+    assert any("l2 2 (set)" in r.getMessage() for r in caplog.records)
     assert [p.iteration for p in rated_store.metrics(1) if p.name == "objective/kl"] == [1, 2]
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
