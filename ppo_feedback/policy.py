@@ -138,12 +138,6 @@ class PolicyWithValueHead(nn.Module):
             self.value_head.load_state_dict(head)
 
 
-def last_token_hidden(hidden: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Return (B, H): from (B, R + 1, H) hidden states, the one after each row's last valid response token."""
-    lengths = response_mask.sum(1).long()  # (B,) index L in hidden is the state after token L - 1
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths]
-
-
 def response_features(hidden: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Return (B, H) reward features: the mean of the hidden states after each valid response token.
 
