@@ -10,9 +10,8 @@ import signal
 import subprocess
 import sys
 
-from ppo_feedback.config import AppConfig, LoraSettings, ModelConfig, SamplingConfig, add_dataclass_arguments, \
-    configure_logging, from_namespace, options_markdown
-from ppo_feedback.worker import WORKER_SECTIONS, add_worker_arguments
+from ppo_feedback.config import WORKER_SECTIONS, AppConfig, LoraSettings, ModelConfig, SamplingConfig, \
+    add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace, options_markdown
 
 SECTIONS = ((ModelConfig, "model"), (LoraSettings, "LoRA"), (SamplingConfig, "sampling"), (AppConfig, "app"))
 # every option of app.py, for the README's configuration reference (`python app.py --options-reference`)

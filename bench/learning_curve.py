@@ -65,10 +65,11 @@ HELD_OUT_PROMPTS = [
 ]
 """Prompts for the held-out evaluation; none is in ppo_feedback/prompts.txt (checked at start)."""
 
-DEFAULT_TRAINING = ["--learning-rate", "1e-3", "--min-new-feedback", "56", "--ppo-iterations", "4",
-                    "--batch-size", "8", "--mini-batch-size", "8", "--ppo-epochs", "2",
+DEFAULT_TRAINING = ["--dtype", "bfloat16", "--learning-rate", "1e-3", "--min-new-feedback", "56",
+                    "--ppo-iterations", "6", "--batch-size", "8", "--mini-batch-size", "8", "--ppo-epochs", "2",
                     "--reference-samples", "8", "--wait-interval", "1"]
-"""Worker options when none are given after `--` (app.py forwards them to the worker)."""
+"""App and worker options when none are given after `--` (app.py forwards them to the worker).
+bfloat16 base weights: about twice as fast on a CPU with native bfloat16 (AVX512-BF16 or AMX)."""
 
 
 def held_out_prompts() -> list[str]:

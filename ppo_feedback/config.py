@@ -2,6 +2,7 @@
 
 The command line of `app.py` (and of the worker) is generated from these dataclasses, so `--help`
 always lists every option with its default and its environment variable `PPO_FEEDBACK_<FIELD>`.
+Nothing here imports torch, so `--help` and option errors answer at once.
 """
 from __future__ import annotations
 
@@ -231,3 +232,134 @@ def from_namespace(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
     if hasattr(instance, "validate"):
         instance.validate()
     return instance
+
+
+# ------------------------------------------------------------------ training: PPO, reward model, worker
+
+KL_ESTIMATORS = ("k1", "k3")
+"""Per-token KL estimators `ppo.kl_per_token` knows (Schulman's k1 and k3)."""
+
+
+@dataclass
+class PPOConfig:
+    batch_size: int = 8
+    """Prompts per PPO iteration (one sampled response each)."""
+    mini_batch_size: int = 8
+    """Responses per gradient step; batch_size must be a multiple of it."""
+    ppo_epochs: int = 4
+    """Passes over the batch per iteration."""
+    learning_rate: float = 3e-4
+    """Adam learning rate for the LoRA weights and value head (LoRA PPO wants ~1e-4 to 5e-4)."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon."""
+    cliprange_value: float = 0.2
+    """Value clip epsilon around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward: k1 or k3."""
+    adaptive_kl: bool = True
+    """Adapt the KL coefficient towards target_kl (Ziegler); otherwise keep init_kl_coef fixed."""
+    init_kl_coef: float = 0.05
+    """Initial KL penalty coefficient beta."""
+    target_kl: float = 6.0
+    """Adaptive controller's target KL per sequence, in nats."""
+    kl_horizon: int = 10000
+    """Adaptive controller's horizon, in samples."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards (without shifting the mean) before GAE."""
+    missing_eos_penalty: Optional[float] = None
+    """Subtracted from the score of responses that hit the length limit without EOS."""
+    response_length: int = 32
+    """Most tokens sampled per response."""
+    temperature: float = 1.0
+    """Sampling temperature, also used for every PPO log-probability."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold for rollouts."""
+    stop_at_eos: bool = True
+    """Stop responses at EOS; off gives fixed-length responses (the benchmark's work)."""
+    seed: int = 0
+    """Seed for sampling and minibatch shuffling."""
+
+    def validate(self) -> None:
+        """Raise ValueError on an inconsistent setting."""
+        if self.batch_size < 1 or self.mini_batch_size < 1 or self.batch_size % self.mini_batch_size:
+            raise ValueError("batch_size must be a positive multiple of mini_batch_size")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.response_length < 1:
+            raise ValueError("temperature > 0, 0 < top_p <= 1 and response_length >= 1 are required")
+        if self.learning_rate <= 0 or self.ppo_epochs < 1:
+            raise ValueError("learning_rate > 0 and ppo_epochs >= 1 are required")
+
+
+@dataclass
+class RewardConfig:
+    prior_weight: float = 5.0
+    """Pseudo-ratings at the global mean and spread added to each rater's own when scores are normalised per rater (k in `normalize_ratings`)."""
+    reward_l2: Optional[float] = None
+    """L2 penalty (ridge strength) of the reward model's linear head on standardised features; unset, each fit chooses it from 0.1, 1, 10, 100 by 5-fold cross-validation over prompts (10 with fewer than 10 prompts)."""
+    preference_weight: float = 1.0
+    """Weight of the Bradley-Terry preference loss relative to the score regression loss."""
+    reward_holdout: float = 0.2
+    """Share of prompts whose feedback is held out to measure the reward model's fit; it then refits on all data."""
+    reward_max_iter: int = 50
+    """Most Newton iterations per reward-model fit (full batch; it usually converges in under 10)."""
+    feature_batch_size: int = 16
+    """Samples per reference forward when computing reward-model features."""
+
+    def validate(self) -> None:
+        """Raise ValueError on an impossible setting."""
+        if self.prior_weight < 0 or self.preference_weight < 0 or (self.reward_l2 is not None and self.reward_l2 < 0):
+            raise ValueError("--prior-weight, --reward-l2 and --preference-weight must be >= 0")
+        if not 0.0 <= self.reward_holdout < 1.0:
+            raise ValueError("--reward-holdout must be in [0, 1)")
+        if self.reward_max_iter < 1 or self.feature_batch_size < 1:
+            raise ValueError("--reward-max-iter and --feature-batch-size must be >= 1")
+
+
+# Rollouts sample exactly as the page does, so these PPO fields come from the sampling options.
+ROLLOUT_FIELDS = ("temperature", "top_p", "response_length", "stop_at_eos")
+
+
+@dataclass
+class WorkerConfig:
+    min_new_feedback: int = 4
+    """New ratings plus preferences since the serving version needed to start a training round."""
+    ppo_iterations: int = 4
+    """PPO iterations per round (each round publishes one adapter version)."""
+    max_kl: float = 50.0
+    """Hard limit on the mean KL to the base model (nats per response); a round beyond it is discarded."""
+    lease_ttl: float = 60.0
+    """Seconds the training lease lasts without a heartbeat; another worker takes over after that."""
+    wait_interval: float = 2.0
+    """Seconds between checks for new feedback or a free lease."""
+    reference_samples: int = 16
+    """Base-model samples that calibrate the reward model to mean 0, std 1."""
+    worker_id: str = ""
+    """Name of this worker in the lease (default host:pid)."""
+    tensorboard: Optional[str] = None
+    """Also write every PPO iteration's metrics to this TensorBoard log directory."""
+
+    def validate(self) -> None:
+        """Raise ValueError on an impossible setting."""
+        if self.min_new_feedback < 1 or self.ppo_iterations < 1 or self.reference_samples < 2:
+            raise ValueError("--min-new-feedback, --ppo-iterations >= 1 and --reference-samples >= 2 are required")
+        if self.lease_ttl <= 0 or self.wait_interval <= 0 or self.max_kl <= 0:
+            raise ValueError("--lease-ttl, --wait-interval and --max-kl must be > 0")
+
+
+WORKER_SECTIONS = ((PPOConfig, "PPO", ROLLOUT_FIELDS), (RewardConfig, "reward model", ()),
+                   (WorkerConfig, "worker", ()))
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the worker's own options (PPO, reward model and round settings) to a parser; app.py shares them."""
+    for cls, title, exclude in WORKER_SECTIONS:
+        add_dataclass_arguments(parser, cls, title, exclude=exclude)

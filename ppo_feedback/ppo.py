@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from .config import KL_ESTIMATORS
+
 __all__ = [
     "masked_mean",
     "masked_var",
@@ -39,8 +41,6 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
 ]
-
-KL_ESTIMATORS = ("k1", "k3")
 
 
 def _bool_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import RewardConfig
 from .generation import encode_prompts, first_eos_mask, max_positions
 from .policy import position_ids_for, response_features
 
@@ -59,31 +60,6 @@ tastes: held-out score correlation 0.48 / 0.41 at 10, where 0.01 overfitted)."""
 CV_FOLDS = 5
 """Folds (of prompts) of the cross-validation that chooses the L2 strength."""
 _GOLDEN = 0.6180339887498949
-
-
-@dataclass
-class RewardConfig:
-    prior_weight: float = 5.0
-    """Pseudo-ratings at the global mean and spread added to each rater's own when scores are normalised per rater (k in `normalize_ratings`)."""
-    reward_l2: Optional[float] = None
-    """L2 penalty (ridge strength) of the reward model's linear head on standardised features; unset, each fit chooses it from 0.1, 1, 10, 100 by 5-fold cross-validation over prompts (10 with fewer than 10 prompts)."""
-    preference_weight: float = 1.0
-    """Weight of the Bradley-Terry preference loss relative to the score regression loss."""
-    reward_holdout: float = 0.2
-    """Share of prompts whose feedback is held out to measure the reward model's fit; it then refits on all data."""
-    reward_max_iter: int = 50
-    """Most Newton iterations per reward-model fit (full batch; it usually converges in under 10)."""
-    feature_batch_size: int = 16
-    """Samples per reference forward when computing reward-model features."""
-
-    def validate(self) -> None:
-        """Raise ValueError on an impossible setting."""
-        if self.prior_weight < 0 or self.preference_weight < 0 or (self.reward_l2 is not None and self.reward_l2 < 0):
-            raise ValueError("--prior-weight, --reward-l2 and --preference-weight must be >= 0")
-        if not 0.0 <= self.reward_holdout < 1.0:
-            raise ValueError("--reward-holdout must be in [0, 1)")
-        if self.reward_max_iter < 1 or self.feature_batch_size < 1:
-            raise ValueError("--reward-max-iter and --feature-batch-size must be >= 1")
 
 
 # ------------------------------------------------------------------------------ per-rater normalisation

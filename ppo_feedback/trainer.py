@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from . import ppo
+from .config import PPOConfig
 from .generation import Rollout, sample
 from .policy import PolicyWithValueHead, response_features
 
@@ -33,65 +34,6 @@ class HiddenStateReward(Protocol):
 
     def score_hidden(self, final_hidden: torch.Tensor) -> torch.Tensor:
         """Return (B,) scores from (B, H) response features (`policy.response_features`)."""
-
-
-@dataclass
-class PPOConfig:
-    batch_size: int = 8
-    """Prompts per PPO iteration (one sampled response each)."""
-    mini_batch_size: int = 8
-    """Responses per gradient step; batch_size must be a multiple of it."""
-    ppo_epochs: int = 4
-    """Passes over the batch per iteration."""
-    learning_rate: float = 3e-4
-    """Adam learning rate for the LoRA weights and value head (LoRA PPO wants ~1e-4 to 5e-4)."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip."""
-    gamma: float = 1.0
-    """Discount factor."""
-    lam: float = 0.95
-    """GAE lambda."""
-    cliprange: float = 0.2
-    """PPO ratio clip epsilon."""
-    cliprange_value: float = 0.2
-    """Value clip epsilon around the rollout's values."""
-    vf_coef: float = 0.1
-    """Weight of the value loss in the total loss."""
-    kl_estimator: str = "k1"
-    """Per-token KL estimator in the reward: k1 or k3."""
-    adaptive_kl: bool = True
-    """Adapt the KL coefficient towards target_kl (Ziegler); otherwise keep init_kl_coef fixed."""
-    init_kl_coef: float = 0.05
-    """Initial KL penalty coefficient beta."""
-    target_kl: float = 6.0
-    """Adaptive controller's target KL per sequence, in nats."""
-    kl_horizon: int = 10000
-    """Adaptive controller's horizon, in samples."""
-    whiten_rewards: bool = False
-    """Whiten per-token rewards (without shifting the mean) before GAE."""
-    missing_eos_penalty: Optional[float] = None
-    """Subtracted from the score of responses that hit the length limit without EOS."""
-    response_length: int = 32
-    """Most tokens sampled per response."""
-    temperature: float = 1.0
-    """Sampling temperature, also used for every PPO log-probability."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold for rollouts."""
-    stop_at_eos: bool = True
-    """Stop responses at EOS; off gives fixed-length responses (the benchmark's work)."""
-    seed: int = 0
-    """Seed for sampling and minibatch shuffling."""
-
-    def validate(self) -> None:
-        """Raise ValueError on an inconsistent setting."""
-        if self.batch_size < 1 or self.mini_batch_size < 1 or self.batch_size % self.mini_batch_size:
-            raise ValueError("batch_size must be a positive multiple of mini_batch_size")
-        if self.kl_estimator not in ppo.KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {ppo.KL_ESTIMATORS}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.response_length < 1:
-            raise ValueError("temperature > 0, 0 < top_p <= 1 and response_length >= 1 are required")
-        if self.learning_rate <= 0 or self.ppo_epochs < 1:
-            raise ValueError("learning_rate > 0 and ppo_epochs >= 1 are required")
 
 
 class PPOTrainer:

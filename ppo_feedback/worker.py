@@ -21,53 +21,20 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from tqdm import tqdm
 
 from .adapters import AdapterState, AdapterStore, apply_version
-from .config import AppConfig, LoraSettings, ModelConfig, SamplingConfig, add_dataclass_arguments, configure_logging, \
-    from_namespace
+from .config import AppConfig, LoraSettings, ModelConfig, PPOConfig, RewardConfig, SamplingConfig, WorkerConfig, \
+    add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
 from .generation import sample
 from .policy import PolicyWithValueHead, response_features
-from .rewards import RewardConfig, fit_reward_model
-from .trainer import OPTIMIZER_FILE, PPOConfig, PPOTrainer
+from .rewards import fit_reward_model
+from .trainer import OPTIMIZER_FILE, PPOTrainer
 
 log = logging.getLogger("ppo_feedback.worker")
-
-# Rollouts sample exactly as the page does, so these PPO fields come from the sampling options.
-ROLLOUT_FIELDS = ("temperature", "top_p", "response_length", "stop_at_eos")
-
-
-@dataclass
-class WorkerConfig:
-    min_new_feedback: int = 4
-    """New ratings plus preferences since the serving version needed to start a training round."""
-    ppo_iterations: int = 4
-    """PPO iterations per round (each round publishes one adapter version)."""
-    max_kl: float = 50.0
-    """Hard limit on the mean KL to the base model (nats per response); a round beyond it is discarded."""
-    lease_ttl: float = 60.0
-    """Seconds the training lease lasts without a heartbeat; another worker takes over after that."""
-    wait_interval: float = 2.0
-    """Seconds between checks for new feedback or a free lease."""
-    reference_samples: int = 16
-    """Base-model samples that calibrate the reward model to mean 0, std 1."""
-    worker_id: str = ""
-    """Name of this worker in the lease (default host:pid)."""
-    tensorboard: Optional[str] = None
-    """Also write every PPO iteration's metrics to this TensorBoard log directory."""
-
-    def validate(self) -> None:
-        """Raise ValueError on an impossible setting."""
-        if self.min_new_feedback < 1 or self.ppo_iterations < 1 or self.reference_samples < 2:
-            raise ValueError("--min-new-feedback, --ppo-iterations >= 1 and --reference-samples >= 2 are required")
-        if self.lease_ttl <= 0 or self.wait_interval <= 0 or self.max_kl <= 0:
-            raise ValueError("--lease-ttl, --wait-interval and --max-kl must be > 0")
-
 
 class RoundAbandoned(Exception):
     """The round stopped before publishing (SIGTERM or a lost lease); nothing of it is kept."""
@@ -387,16 +354,6 @@ def report_metrics(report) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- command line
 
 # (dataclass, title, fields not on the command line)
-WORKER_SECTIONS = ((PPOConfig, "PPO", ROLLOUT_FIELDS), (RewardConfig, "reward model", ()),
-                   (WorkerConfig, "worker", ()))
-
-
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the worker's own options (PPO, reward model and round settings) to a parser; app.py shares them."""
-    for cls, title, exclude in WORKER_SECTIONS:
-        add_dataclass_arguments(parser, cls, title, exclude=exclude)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Return the worker's parser: model, LoRA, sampling, store, PPO, reward-model and worker options."""
     parser = argparse.ArgumentParser(prog="python -m ppo_feedback.worker", description=__doc__.splitlines()[0])

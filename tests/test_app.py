@@ -27,6 +27,12 @@ def test_help_lists_every_field_with_default_and_env():
             assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
 
 
+def test_help_is_quick_because_the_options_do_not_import_torch():
+    code = "import sys, app; app.build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_environment_variables_set_defaults_and_flags_override(monkeypatch):
     monkeypatch.setenv("PPO_FEEDBACK_PORT", "9999")
     monkeypatch.setenv("PPO_FEEDBACK_MODEL", "smollm2-135m")
