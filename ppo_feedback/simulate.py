@@ -409,6 +409,7 @@ class Simulation:
         self.url, self.candidates, self.target, self.duration = url, candidates, ratings, duration
         self.preference = parse_preference(preference) if isinstance(preference, str) else preference
         self.pace, self.pace_lag, self.pace_timeout = pace, pace_lag, pace_timeout
+        self.idle_grace_s = 5.0  # how long the worker must say "waiting for ..." before a wait gives up
         self.status_interval = status_interval
         self.retries, self.prefer, self.client_factory, self.log = retries, prefer, client_factory, log
         self.raters = [ScriptedRater(f"{rater_prefix}-{i + 1:02d}", self.preference, bias=b, noise=noise,
@@ -570,6 +571,7 @@ class Simulation:
         status = self._status_or_none(client)
         announced = False
         outcome = "timeout"
+        idle_since: float | None = None
         while not self._stop.is_set() or final:
             if status is None:  # the failed call is recorded; keep asking until the deadline
                 if time.perf_counter() >= deadline:
@@ -584,6 +586,16 @@ class Simulation:
             if counts["ratings_since_serving"] == 0 and counts["preferences_since_serving"] == 0:
                 outcome = "nothing new to train on"
                 break
+            # the worker wants more feedback (--min-new-feedback) than is left and nothing is in flight:
+            # waiting longer cannot bring a version, the room must rate on (or, at the end, stop)
+            if (status["worker"]["state"].startswith("waiting for")
+                    and status["latest_version"] == status["serving_version"]):
+                idle_since = idle_since if idle_since is not None else time.perf_counter()
+                if time.perf_counter() - idle_since >= self.idle_grace_s:
+                    outcome = "the worker waits for more feedback"
+                    break
+            else:
+                idle_since = None
             if time.perf_counter() >= deadline:
                 break
             if not announced:

@@ -182,8 +182,8 @@ def test_version_summary_and_csv(tmp_path):
 class FakeClient:
     """An in-process stand-in for gradio_client.Client on a FeedbackStore (no model, no HTTP)."""
 
-    def __init__(self, store, texts, version=0, fail_rate_every=0, serving=None):
-        self.store, self.texts, self.version = store, texts, version
+    def __init__(self, store, texts, version=0, fail_rate_every=0, serving=None, worker_state="paused"):
+        self.store, self.texts, self.version, self.worker_state = store, texts, version, worker_state
         self.serving = serving or (lambda counts: self.version)  # the version /status reports
         self.fail_rate_every, self.calls = fail_rate_every, 0
         self.rng = random.Random(0)
@@ -217,7 +217,7 @@ class FakeClient:
         if api_name == "/status":
             c = self.store.counts()
             return {"serving_version": self.serving(c), "latest_version": self.serving(c),
-                    "worker": {"state": "paused", "present": False}, "counts": c, "versions": []}
+                    "worker": {"state": self.worker_state, "present": False}, "counts": c, "versions": []}
         raise AssertionError(api_name)
 
 
@@ -290,6 +290,16 @@ def test_pacing_waits_at_each_block_for_the_worker(store):
     # blocks end at 4 and 8 ratings, and the final wait after 10; the fake worker never publishes
     assert [w["after_ratings"] for w in result.pace_waits] == [4, 8, 10]
     assert all(w["outcome"] == "timeout" for w in result.pace_waits)
+
+
+def test_pacing_stops_waiting_when_the_worker_wants_more_feedback_than_is_left(store):
+    sim = Simulation("fake", "keyword:sun", raters=2, ratings=10, candidates=3, pace=4, pace_timeout=60,
+                     client_factory=lambda url: FakeClient(store, TEXTS, worker_state="waiting for 30 more ratings"),
+                     log=None)
+    sim.idle_grace_s = 0.3
+    result = sim.run()
+    assert len(result.records) == 10 and result.wall_s < 30  # not three 60 s timeouts
+    assert [w["outcome"] for w in result.pace_waits] == ["the worker waits for more feedback"] * 3
 
 
 @pytest.mark.parametrize("lag, waits", [(1, [4, 8, 10]), (2, [8, 10])])
