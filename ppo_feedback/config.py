@@ -35,6 +35,10 @@ def default_cache_dir() -> str:
     return os.path.join(base, "ppo-feedback")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""What `--dtype` accepts: auto or a torch floating dtype's name."""
+
+
 @dataclass
 class ModelConfig:
     model: str = "gpt2"
@@ -54,7 +58,7 @@ class ModelConfig:
         """Raise ValueError on an impossible setting."""
         if self.quantize not in (None, "", "4bit", "8bit"):
             raise ValueError(f"--quantize must be 4bit or 8bit, not {self.quantize!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if not (self.device == "auto" or self.device in ("cpu", "mps") or self.device.startswith("cuda")):
             raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")

@@ -91,7 +91,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if dtype == "float16" and device.type == "cpu":
         raise ModelSpecError("--dtype float16 is very slow on the CPU: use bfloat16 or float32")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return getattr(torch, dtype)  # one of config.DTYPES
 
 
 def hub_reachable(timeout: float) -> bool:

@@ -372,12 +372,17 @@ def _measure_held_out(report: FitReport, predicted: torch.Tensor, z: torch.Tenso
         report.held_out_preference_accuracy = float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean())
 
 
+def _group_hash(group: int) -> float:
+    """Return a group's place in [0, 1): spread evenly (golden ratio), not following prompt ids."""
+    return (group * _GOLDEN) % 1.0
+
+
 def _held_out_rows(groups: torch.Tensor, fraction: float) -> torch.Tensor:
     """Return (N,) bool: rows whose group hashes below `fraction`; none when there are too few groups."""
     distinct = torch.unique(groups)
     if fraction <= 0 or len(distinct) < MIN_GROUPS_FOR_HOLDOUT:
         return torch.zeros(len(groups), dtype=torch.bool)
-    held_groups = {int(g) for g in distinct if (int(g) * _GOLDEN) % 1.0 < fraction}
+    held_groups = {int(g) for g in distinct if _group_hash(int(g)) < fraction}
     return torch.tensor([int(g) in held_groups for g in groups], dtype=torch.bool)
 
 
@@ -393,7 +398,7 @@ def _cross_validated_l2(x: torch.Tensor, z: torch.Tensor, pairs: torch.Tensor, r
     distinct = torch.unique(groups[rows])
     if len(distinct) < MIN_GROUPS_FOR_HOLDOUT:
         return None
-    ranked = sorted((int(g) for g in distinct), key=lambda g: ((g * _GOLDEN) % 1.0, g))
+    ranked = sorted((int(g) for g in distinct), key=lambda g: (_group_hash(g), g))
     fold_of_group = {g: i % CV_FOLDS for i, g in enumerate(ranked)}
     fold = torch.tensor([fold_of_group[int(g)] if r else -1 for g, r in zip(groups, rows)])  # (N,); -1: not in rows
     chosen_fold, rejected_fold = fold[pairs[:, 0]], fold[pairs[:, 1]]  # (P,), (P,)

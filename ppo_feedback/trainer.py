@@ -64,11 +64,15 @@ class PPOTrainer:
     # --------------------------------------------------------------------------- rollout and scoring
 
     def rollout(self, prompts: Sequence[str]) -> Rollout:
-        """Return one sampled response per prompt, with behaviour logprobs and values."""
+        """Return one sampled response per prompt, with behaviour logprobs, and values when `samples_exactly`.
+
+        Otherwise `step` takes logprobs and values from a forward, so the sampler skips the value head.
+        """
         c = self.config
         return sample(self.policy.peft_model, self.policy.tokenizer, list(prompts), max_new_tokens=c.response_length,
                       temperature=c.temperature, top_p=c.top_p, seed=self.rollout_seed(),
-                      stop_at_eos=c.stop_at_eos, value_head=self.policy.value_head)
+                      stop_at_eos=c.stop_at_eos,
+                      value_head=self.policy.value_head if self.policy.samples_exactly else None)
 
     def rollout_seed(self) -> int:
         """Return this iteration's sampling seed, distinct for every process of a data-parallel run."""

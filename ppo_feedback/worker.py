@@ -353,7 +353,6 @@ def report_metrics(report) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------- command line
 
-# (dataclass, title, fields not on the command line)
 def build_parser() -> argparse.ArgumentParser:
     """Return the worker's parser: model, LoRA, sampling, store, PPO, reward-model and worker options."""
     parser = argparse.ArgumentParser(prog="python -m ppo_feedback.worker", description=__doc__.splitlines()[0])
