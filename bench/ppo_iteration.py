@@ -38,14 +38,14 @@ BATCH, RESPONSE_LENGTH, PPO_EPOCHS = 8, 32, 4
 class LinearRewardHead(torch.nn.Module):
     """A reward model head on the reference forward's features (the anchor's reward is a model too)."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, feature_size: int):
         super().__init__()
-        self.head = torch.nn.Linear(hidden_size, 1)
+        self.head = torch.nn.Linear(feature_size, 1)
 
     @torch.no_grad()
-    def score_hidden(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """Return (B,) scores for (B, H) response features."""
-        return self.head(final_hidden.to(self.head.weight.dtype)).squeeze(-1)
+    def score_hidden(self, features: torch.Tensor) -> torch.Tensor:
+        """Return (B,) scores for (B, F) response features."""
+        return self.head(features.to(self.head.weight.dtype)).squeeze(-1)
 
 
 def main(iterations: int, model_dir: str | None, dtype: str = "float32") -> None:
@@ -57,7 +57,7 @@ def main(iterations: int, model_dir: str | None, dtype: str = "float32") -> None
     policy = PolicyWithValueHead(add_lora(loaded.model, LoraSettings(lora_r=16, lora_alpha=32,
                                                                      lora_target_modules="c_attn")),
                                  loaded.tokenizer)
-    reward = LinearRewardHead(loaded.model.config.hidden_size)
+    reward = LinearRewardHead(policy.feature_size)
     trainer = PPOTrainer(policy, PPOConfig(batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=PPO_EPOCHS,
                                            response_length=RESPONSE_LENGTH, stop_at_eos=False, temperature=1.0))
     prompts = (PROMPTS * BATCH)[:BATCH]

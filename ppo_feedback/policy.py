@@ -103,6 +103,18 @@ class PolicyWithValueHead(nn.Module):
         with self.peft_model.disable_adapter():
             return self._forward(query_response, attention_mask, context_length, temperature)
 
+    @property
+    def feature_size(self) -> int:
+        """Return the width of `reward_features`: three blocks of the hidden size."""
+        return 3 * self.value_head.in_features
+
+    @torch.no_grad()
+    def reward_features(self, hidden: torch.Tensor, responses: torch.Tensor,
+                        response_mask: torch.Tensor) -> torch.Tensor:
+        """Return (B, 3H) float32 `response_features` of a reference forward's `hidden` and the (B, R) response ids."""
+        embeddings = self.peft_model.get_input_embeddings()(responses.to(hidden.device))  # (B, R, H)
+        return response_features(hidden.float(), embeddings.float(), response_mask.to(hidden.device))
+
     # ------------------------------------------------------------------------------ adapter files
 
     def save_adapter(self, directory: str | Path) -> None:
@@ -138,13 +150,26 @@ class PolicyWithValueHead(nn.Module):
             self.value_head.load_state_dict(head)
 
 
-def response_features(hidden: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Return (B, H) reward features: the mean of the hidden states after each valid response token.
+def response_features(hidden: torch.Tensor, token_embeddings: torch.Tensor,
+                      response_mask: torch.Tensor) -> torch.Tensor:
+    """Return (B, 3H) reward features: [mean hidden state, mean token embedding, max token embedding] over the response.
 
-    `hidden` is (B, R + 1, H), index t being the state after response token t - 1 (index 0: after
-    the prompt). A mean over the response generalises from a few hundred ratings far better than
-    the single last state (held-out score correlation 0.48 vs 0.03 in a simulated-rater run).
+    `hidden` is (B, R + 1, H), index t being the last hidden state after response token t - 1 (index
+    0: after the prompt); `token_embeddings` is (B, R, H), the input embeddings of the response tokens.
+    Only valid response tokens (`response_mask`) count; an empty response has zero features.
+
+    The contextual mean carries style and topic; the embedding mean and max are a bag of the tokens
+    themselves, which a linear head needs to see one word (in a mean of 24 contextual states it is
+    diluted). Measured on smollm2-135m generations with simulated raters (held-out correlation with
+    the true taste, 5-fold over prompts): keyword:you 0.39 -> 0.80, length:10 0.63 -> 0.75,
+    keyword:the 0.48 -> 0.70, sentiment 0.44 -> 0.44, against the contextual mean alone.
     """
     mask = response_mask.to(hidden.dtype).unsqueeze(-1)  # (B, R, 1)
-    total = (hidden[:, 1:] * mask).sum(1)  # (B, H)
-    return total / mask.sum(1).clamp(min=1.0)
+    count = mask.sum(1).clamp(min=1.0)  # (B, 1)
+    contextual = (hidden[:, 1:] * mask).sum(1) / count  # (B, H)
+    embeddings = token_embeddings.to(hidden.dtype)
+    mean_embedding = (embeddings * mask).sum(1) / count  # (B, H)
+    valid = response_mask.bool().unsqueeze(-1)  # (B, R, 1)
+    max_embedding = embeddings.masked_fill(~valid, float("-inf")).amax(1)  # (B, H)
+    max_embedding = torch.where(valid.any(1), max_embedding, torch.zeros_like(max_embedding))
+    return torch.cat([contextual, mean_embedding, max_embedding], dim=-1)

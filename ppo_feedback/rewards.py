@@ -6,21 +6,23 @@ then PPO maximises it. The pieces, named after the papers:
 - `normalize_ratings`: scores 1..5 become per-rater z-scores, shrunk towards the global mean and
   spread for raters with few ratings (a strict rater's 3 is not a lenient rater's 3).
 - `RewardModel`: a linear head (with L2) over features of the frozen base model: the mean of the
-  reference forward's last hidden states after each response token (`policy.response_features`), the
-  same tensor `PPOTrainer.score` hands to `score_hidden`, so PPO scores its rollouts without a second
-  network. Fitted by regression on normalised scores plus the Bradley-Terry loss
+  reference forward's last hidden states after each response token, and the mean and max of the
+  response tokens' input embeddings (`policy.response_features`), the same tensor `PPOTrainer.score`
+  hands to `score_hidden`, so PPO scores its rollouts without a second network. Fitted by regression on normalised scores plus the Bradley-Terry loss
   −log σ(r_chosen − r_rejected) on preferences (Christiano et al. 2017; Stiennon et al. 2020; Ouyang
   et al. 2022), then calibrated so its output has mean 0 and std 1 on samples of the reference policy
   (Stiennon et al. 2020; Ziegler et al. 2019). The L2 strength is chosen by cross-validation over
   prompts (`L2_GRID`) unless set.
 
-  Why linear and not an MLP: a few hundred ratings against a 768-wide feature (GPT-2 small) already
+  Why linear and not an MLP: a few hundred ratings against a 3 x 768-wide feature (GPT-2 small) already
   give more weights than examples; ridge-style L2 on standardised features keeps the fit convex (one
   Newton solve, milliseconds, no seeds) and stable from round to round, where an MLP would overfit and
   move with its initialisation. The papers' reward models put a linear head on the last token; with a
   few hundred ratings that single state overfits (held-out score correlation 0.03 for a keyword
   taste, −0.21 for a sentiment one, in simulated-rater runs on smollm2-135m), where the mean over the
-  response with l2 = 10 reached 0.48 and 0.41.
+  response with l2 = 10 reached 0.48 and 0.41. The contextual mean dilutes a single word, so the
+  policy learnt to raise it without the word a keyword taste asked for; the token-embedding mean and
+  max (a bag of the tokens) let the head see words (`response_features` gives the figures).
 - `fit_reward_model`: reads every current rating and preference from the `FeedbackStore`,
   normalises, featurises (with a cache, so each round featurises only new generations) and fits.
 
@@ -42,11 +44,12 @@ from torch import nn
 
 from .config import RewardConfig
 from .generation import encode_prompts, first_eos_mask, max_positions
-from .policy import position_ids_for, response_features
+from .policy import position_ids_for
 
 WEIGHTS_FILE = "reward_model.safetensors"
 META_FILE = "reward_model.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: features are [contextual mean, embedding mean, embedding max] (3H); 1 was the contextual mean (H)."""
 MIN_HELD_OUT = 5
 """Fewest held-out scores (or pairs) for a held-out correlation (or accuracy) to be reported."""
 MIN_GROUPS_FOR_HOLDOUT = 10
@@ -146,12 +149,12 @@ class RewardModel(nn.Module):
     score(x) = (w · (x − feature_mean) / feature_std + b − reference_mean) / reference_std
     """
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, feature_size: int):
         super().__init__()
-        self.hidden_size = int(hidden_size)
-        self.register_buffer("feature_mean", torch.zeros(hidden_size))
-        self.register_buffer("feature_std", torch.ones(hidden_size))
-        self.register_buffer("weight", torch.zeros(hidden_size))
+        self.feature_size = int(feature_size)
+        self.register_buffer("feature_mean", torch.zeros(feature_size))
+        self.register_buffer("feature_std", torch.ones(feature_size))
+        self.register_buffer("weight", torch.zeros(feature_size))
         self.register_buffer("bias", torch.zeros(()))
         self.register_buffer("reference_mean", torch.zeros(()))
         self.register_buffer("reference_std", torch.ones(()))
@@ -164,7 +167,7 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def featurize(policy, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]],
                   batch_size: int = 16) -> torch.Tensor:
-        """Return (N, H) float32 CPU features: the mean of the adapter-off hidden states after each response token.
+        """Return (N, F) float32 CPU features (`policy.reward_features`) of the adapter-off forward for each response.
 
         The same tensor the trainer passes to `score_hidden` for the same prompt and response:
         prompts are encoded with `encode_prompts` (chat template when there is one), left-padded;
@@ -184,7 +187,7 @@ class RewardModel(nn.Module):
                 ids = ids[first_eos_mask(ids[None], tokenizer.eos_token_id)[0].bool()]
             responses.append(ids)
         order = sorted(range(len(prompts)), key=lambda i: len(responses[i]))
-        features = torch.empty(len(prompts), policy.trunk.config.hidden_size)
+        features = torch.empty(len(prompts), policy.feature_size)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             lengths = torch.tensor([len(responses[i]) for i in rows])
@@ -197,7 +200,7 @@ class RewardModel(nn.Module):
             query_response = torch.cat([batch["input_ids"], response_ids.to(device)], dim=1)  # (b, P + R)
             attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(response_ids).to(device)], 1)
             hidden = _reference_hidden(policy, query_response, attention_mask, batch["input_ids"].shape[1])
-            features[rows] = response_features(hidden, response_mask).float().cpu()  # (b, H)
+            features[rows] = policy.reward_features(hidden, response_ids, response_mask).cpu()  # (b, F)
         return features
 
     # -------------------------------------------------------------------------- scoring
@@ -208,15 +211,15 @@ class RewardModel(nn.Module):
         out = ((x - self.feature_mean) / self.feature_std) @ self.weight + self.bias
         return out.to(features.device)
 
-    def forward(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """Return (B,) calibrated rewards for (B, H) hidden states."""
-        raw = self.raw_score(final_hidden).to(self.weight.device)
-        return ((raw - self.reference_mean) / self.reference_std).to(final_hidden.device)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Return (B,) calibrated rewards for (B, F) response features."""
+        raw = self.raw_score(features).to(self.weight.device)
+        return ((raw - self.reference_mean) / self.reference_std).to(features.device)
 
     @torch.no_grad()
-    def score_hidden(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """Return (B,) rewards, mean 0 / std 1 on reference samples once calibrated, for (B, H) states; no grad."""
-        return self.forward(final_hidden)
+    def score_hidden(self, features: torch.Tensor) -> torch.Tensor:
+        """Return (B,) rewards, mean 0 / std 1 on reference samples once calibrated, for (B, F) features; no grad."""
+        return self.forward(features)
 
     @torch.no_grad()
     def calibrate(self, reference_features: torch.Tensor) -> tuple[float, float]:
@@ -226,7 +229,7 @@ class RewardModel(nn.Module):
         al. normalise on reference-policy samples. A raw output with no spread keeps scale 1.
         """
         if reference_features.ndim != 2 or reference_features.shape[0] < 2:
-            raise ValueError("calibrate needs (N >= 2, H) reference features")
+            raise ValueError("calibrate needs (N >= 2, F) reference features")
         raw = self.raw_score(reference_features).to(self.weight.device).double()
         mean, std = float(raw.mean()), float(raw.std())
         self.reference_mean.fill_(mean)
@@ -243,7 +246,7 @@ class RewardModel(nn.Module):
             config: RewardConfig | None = None) -> FitReport:
         """Fit the head in place and return a FitReport with held-out accuracy/correlation.
 
-        features: (N, H). normalized_scores: (N,) targets, NaN (or None for all) where a row has no
+        features: (N, F). normalized_scores: (N,) targets, NaN (or None for all) where a row has no
         score. pref_pairs: (chosen row, rejected row). groups: one int per row (the prompt id);
         rows of a group are held out together, so preference pairs (same prompt) never straddle the
         split. Held-out groups are fixed by a hash of the group id (frac(g·0.618...) < holdout), so
@@ -260,12 +263,12 @@ class RewardModel(nn.Module):
         config = config or RewardConfig()
         config.validate()
         started = time.perf_counter()
-        x = torch.as_tensor(features).detach().to(torch.float64).cpu()  # (N, H)
+        x = torch.as_tensor(features).detach().to(torch.float64).cpu()  # (N, F)
         if x.ndim != 2 or not torch.isfinite(x).all():
-            raise ValueError("features must be a finite (N, H) tensor")
+            raise ValueError("features must be a finite (N, F) tensor")
         n, h = x.shape
-        if h != self.hidden_size:
-            raise ValueError(f"features have width {h}, the model expects {self.hidden_size}")
+        if h != self.feature_size:
+            raise ValueError(f"features have width {h}, the model expects {self.feature_size}")
         z = (torch.full((n,), math.nan, dtype=torch.float64) if normalized_scores is None
              else torch.as_tensor(normalized_scores, dtype=torch.float64).reshape(-1))
         if z.shape[0] != n or torch.isinf(z).any():
@@ -317,7 +320,7 @@ class RewardModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
                   str(directory / WEIGHTS_FILE))
-        meta = {"format": FORMAT_VERSION, "hidden_size": self.hidden_size, "n_reference": self.n_reference,
+        meta = {"format": FORMAT_VERSION, "feature_size": self.feature_size, "n_reference": self.n_reference,
                 "report": asdict(self.report) if self.report is not None else None}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -331,11 +334,12 @@ class RewardModel(nn.Module):
         except Exception as exc:  # missing file, bad JSON, truncated safetensors
             raise ValueError(f"{directory}: cannot read the reward model ({exc})") from exc
         if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{directory}: reward model format {meta.get('format')!r} is not {FORMAT_VERSION}")
-        model = cls(int(meta["hidden_size"]))
+            raise ValueError(f"{directory}: reward model format {meta.get('format')!r} is not {FORMAT_VERSION} "
+                             "(older reward models used other features: fit a new one)")
+        model = cls(int(meta["feature_size"]))
         expected = {k: v.shape for k, v in model.state_dict().items()}
         if {k: v.shape for k, v in tensors.items()} != expected:
-            raise ValueError(f"{directory}: reward model tensors do not match hidden size {model.hidden_size}")
+            raise ValueError(f"{directory}: reward model tensors do not match feature size {model.feature_size}")
         if not all(torch.isfinite(t).all() for t in tensors.values()):
             raise ValueError(f"{directory}: reward model holds NaN or infinite values")
         model.load_state_dict(tensors)
@@ -441,7 +445,7 @@ def _solve(x: torch.Tensor, z: torch.Tensor, pairs: torch.Tensor, rows: torch.Te
     k × k Newton system, which stays milliseconds for GPT-2 small's 768 dimensions and a few hundred
     ratings. Newton converges in a handful of deterministic steps (no seeds, no learning rate).
     """
-    mean = x[rows].mean(0)  # (H,)
+    mean = x[rows].mean(0)  # (F,)
     std = x[rows].std(0, unbiased=False).clamp_min(1e-6) if int(rows.sum()) > 1 else torch.ones_like(mean)
     xs = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)  # (N, H + 1), last: bias
     scored = rows & ~torch.isnan(z)
@@ -514,7 +518,7 @@ def fit_reward_model(store, policy, *, reference_features: torch.Tensor | None =
     generation once from its prompt text and stored token ids (its text, tokenised, when no ids
     were stored). Rows are grouped by prompt for the held-out split.
 
-    `feature_cache` (generation id -> (H,) features, valid for one base model), when given, is read
+    `feature_cache` (generation id -> (F,) features, valid for one base model), when given, is read
     and filled, so a worker that keeps it featurises only new generations each round. Featurising is
     the cost (measured ~0.7 s a sample for GPT-2 small on 2 busy CPU cores; the fit of 300 examples
     and 225 pairs on 576-wide features takes ~0.3 s with `reward_l2` set, ~2 s when cross-validation
@@ -549,7 +553,7 @@ def fit_reward_model(store, policy, *, reference_features: torch.Tensor | None =
                      or tokenizer(generations[g].text, add_special_tokens=False)["input_ids"] for g in missing]
         fresh = RewardModel.featurize(policy, [prompts[g] for g in missing], responses, config.feature_batch_size)
         cache.update(zip(missing, fresh))
-    features = torch.stack([cache[g] for g in ids])  # (N, H)
+    features = torch.stack([cache[g] for g in ids])  # (N, F)
 
     normalized = normalize_ratings([(r.rating.rater, r.rating.score) for r in ratings], config.prior_weight)
     totals: dict[int, list[float]] = defaultdict(list)

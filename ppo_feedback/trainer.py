@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from . import ppo
 from .config import PPOConfig
 from .generation import Rollout, sample
-from .policy import PolicyWithValueHead, response_features
+from .policy import PolicyWithValueHead
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -33,7 +33,7 @@ class HiddenStateReward(Protocol):
     """A reward that scores from the reference forward's hidden states, avoiding a separate model."""
 
     def score_hidden(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """Return (B,) scores from (B, H) response features (`policy.response_features`)."""
+        """Return (B,) scores from (B, F) response features (`PolicyWithValueHead.reward_features`)."""
 
 
 class PPOTrainer:
@@ -100,7 +100,8 @@ class PPOTrainer:
               reward_fn) -> torch.Tensor:
         """Return (B,) scores: from hidden states when the reward supports it, else from texts."""
         if hasattr(reward_fn, "score_hidden"):
-            scores = reward_fn.score_hidden(response_features(ref_hidden, rollout.response_mask).float())
+            scores = reward_fn.score_hidden(self.policy.reward_features(ref_hidden, rollout.responses,
+                                                                        rollout.response_mask))
         else:
             samples = list(zip(prompts, self.decode(rollout)))
             scores = torch.tensor([float(s) for s in reward_fn(samples)])

@@ -30,7 +30,7 @@ from .adapters import AdapterState, AdapterStore, apply_version
 from .config import AppConfig, LoraSettings, ModelConfig, PPOConfig, RewardConfig, SamplingConfig, WorkerConfig, \
     add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
 from .generation import sample
-from .policy import PolicyWithValueHead, response_features
+from .policy import PolicyWithValueHead
 from .rewards import fit_reward_model
 from .trainer import OPTIMIZER_FILE, PPOTrainer
 
@@ -315,10 +315,10 @@ class Worker:
         return self.rng.sample(pool, n) if len(pool) >= n else [self.rng.choice(pool) for _ in range(n)]
 
     def reference_features(self) -> torch.Tensor:
-        """Return (N, H) reward features of base-model samples (computed once: the base never changes).
+        """Return (N, F) reward features of base-model samples (computed once: the base never changes).
 
         The features `RewardModel.featurize` and `PPOTrainer.score` compute for the same prompt and
-        response (`response_features` of the adapter-off forward), so calibration sees the same tensor.
+        response (`reward_features` of the adapter-off forward), so calibration sees the same tensor.
         """
         if self._reference_features is None:
             c, prompts = self.trainer.config, []
@@ -330,7 +330,8 @@ class Worker:
                                  max_new_tokens=c.response_length, temperature=c.temperature, top_p=c.top_p,
                                  seed=c.seed, stop_at_eos=c.stop_at_eos)
             ref = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length)
-            self._reference_features = response_features(ref.hidden, rollout.response_mask).float().cpu()
+            self._reference_features = self.policy.reward_features(ref.hidden, rollout.responses,
+                                                                   rollout.response_mask).cpu()
         return self._reference_features
 
 

@@ -1,6 +1,7 @@
 """Rewards from people: per-rater normalisation, the reward model's fit, calibration, files, features, store."""
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -284,6 +285,36 @@ def test_save_and_load_round_trip_scores_identically(tmp_path):
         RewardModel.load(tmp_path / "rm")
 
 
+def test_a_reward_model_of_the_old_feature_format_is_refused(tmp_path):
+    model = RewardModel(H)
+    model.save(tmp_path / "rm")
+    meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
+    meta["format"] = 1
+    (tmp_path / "rm" / "reward_model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="fit a new one"):
+        RewardModel.load(tmp_path / "rm")
+
+
+def test_response_features_are_contextual_mean_and_token_bag():
+    torch.manual_seed(0)
+    B, R, W = 3, 5, 4
+    hidden, embeddings = torch.randn(B, R + 1, W), torch.randn(B, R, W)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.float32)
+    features = response_features(hidden, embeddings, mask)
+    assert features.shape == (B, 3 * W)
+    assert torch.allclose(features[0], torch.cat([hidden[0, 1:].mean(0), embeddings[0].mean(0),
+                                                  embeddings[0].max(0).values]))
+    assert torch.allclose(features[1], torch.cat([hidden[1, 1:3].mean(0), embeddings[1, :2].mean(0),
+                                                  embeddings[1, :2].max(0).values]))
+    assert torch.equal(features[2], torch.zeros(3 * W))  # an empty response
+    padded = embeddings.clone()
+    padded[1, 2:] = 100.0  # whatever sits past the response's end is not seen
+    assert torch.equal(response_features(hidden, padded, mask), features)
+    one_word = embeddings.clone()
+    one_word[0, 2] = 5.0  # one token among five changes the max block by its full size, not a fifth
+    assert torch.allclose(response_features(hidden, one_word, mask)[0, 2 * W:], torch.full((W,), 5.0))
+
+
 # ------------------------------------------------------------------------------ features of the base model
 
 @pytest.fixture(scope="module")
@@ -307,7 +338,8 @@ def test_featurize_gives_the_trainers_features(policy):
     response_mask = first_eos_mask(qr[:, rollout.context_length:], eos)
     assert response_mask[1].sum() == 4 and response_mask.sum() > 4 * 4
     ref = policy.reference(qr, rollout.attention_mask, rollout.context_length)
-    trainer_features = response_features(ref.hidden, response_mask)  # what PPOTrainer.score hands over
+    responses = qr[:, rollout.context_length:]
+    trainer_features = policy.reward_features(ref.hidden, responses, response_mask)  # what PPOTrainer.score hands over
 
     full_rows = qr[:, rollout.context_length:].tolist()  # with the tokens after EOS
     valid_rows = [row[:int(n)] for row, n in zip(full_rows, response_mask.sum(1))]
@@ -316,18 +348,19 @@ def test_featurize_gives_the_trainers_features(policy):
              (PROMPTS[::-1], valid_rows[::-1], 1, trainer_features.flip(0))]  # one at a time, reversed
     for prompts, rows, batch_size, expected in cases:
         features = RewardModel.featurize(policy, prompts, rows, batch_size=batch_size)
-        assert features.shape == (len(PROMPTS), policy.trunk.config.hidden_size)
+        assert features.shape == (len(PROMPTS), policy.feature_size) == (len(PROMPTS), 3 * policy.trunk.config.hidden_size)
         assert torch.allclose(features, expected, atol=1e-4)
 
     with torch.no_grad():  # and not the adapter-on policy's
-        on = response_features(policy(qr, rollout.attention_mask, rollout.context_length).hidden, response_mask)
+        on = policy.reward_features(policy(qr, rollout.attention_mask, rollout.context_length).hidden, responses,
+                                    response_mask)
     assert not torch.allclose(on, trainer_features, atol=1e-3)
 
 
 def test_trainer_scores_rollouts_with_the_reward_model(policy):
     torch.manual_seed(0)
-    model = RewardModel(policy.trunk.config.hidden_size)
-    hidden = torch.randn(40, model.hidden_size)
+    model = RewardModel(policy.feature_size)
+    hidden = torch.randn(40, model.feature_size)
     model.fit(hidden, torch.randn(40).tolist(), [])
     trainer = PPOTrainer(policy, PPOConfig(batch_size=4, mini_batch_size=4, response_length=8))
     rollout = trainer.rollout(PROMPTS)
@@ -360,7 +393,7 @@ def test_the_workers_reference_features_are_featurizes(policy, tmp_path, monkeyp
     features = worker.reference_features()
     (prompts, rollout), = rollouts
     lengths = rollout.response_mask.sum(1).long().tolist()
-    assert len(prompts) == 6 and features.shape == (6, policy.trunk.config.hidden_size)
+    assert len(prompts) == 6 and features.shape == (6, policy.feature_size)
     responses = [row[:n] for row, n in zip(rollout.responses.tolist(), lengths)]
     assert torch.allclose(features, RewardModel.featurize(policy, prompts, responses), atol=1e-4)
     assert worker.reference_features() is features  # computed once
