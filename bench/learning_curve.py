@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bias", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=3, help="held-out samples per prompt and version")
-    parser.add_argument("--eval-threads", type=int, default=1,
-                        help="torch threads for the held-out evaluation (one is fastest on a busy 2-core machine)")
+    parser.add_argument("--eval-threads", type=int, default=2,
+                        help="torch threads for the held-out evaluation, which runs after the app has stopped")
     parser.add_argument("--budget", type=float, default=1200.0, help="seconds the whole run should fit in")
     parser.add_argument("--out", default=None, help="directory for the database, adapters, CSV and PNG")
     args = parser.parse_args(argv)

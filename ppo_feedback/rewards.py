@@ -144,9 +144,15 @@ class FitReport:
 
 
 class RewardModel(nn.Module):
-    """Linear reward head on standardised base-model features, with an output calibration affine.
+    """Linear reward head on standardised base-model features, clamped to its data, with an output calibration affine.
 
-    score(x) = (w · (x − feature_mean) / feature_std + b − reference_mean) / reference_std
+    score(x) = (clamp(w · (x − feature_mean) / feature_std + b, raw_min, raw_max) − reference_mean) / reference_std
+
+    [raw_min, raw_max] is the range of the head's outputs on the generations it was fitted to. A
+    linear head extrapolates without limit and PPO finds where: under a keyword taste the policy
+    repeated the word ("you only get to see, you only get to see how you get"), each repetition
+    raising the embedding mean, and reached scores 8.5 standard deviations above the base model's at
+    a KL of 29 nats. Nobody rated anything that far out, so no reward is given for going there.
     """
 
     def __init__(self, feature_size: int):
@@ -156,6 +162,8 @@ class RewardModel(nn.Module):
         self.register_buffer("feature_std", torch.ones(feature_size))
         self.register_buffer("weight", torch.zeros(feature_size))
         self.register_buffer("bias", torch.zeros(()))
+        self.register_buffer("raw_min", torch.zeros(()))
+        self.register_buffer("raw_max", torch.zeros(()))
         self.register_buffer("reference_mean", torch.zeros(()))
         self.register_buffer("reference_std", torch.ones(()))
         self.n_reference = 0
@@ -212,8 +220,8 @@ class RewardModel(nn.Module):
         return out.to(features.device)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Return (B,) calibrated rewards for (B, F) response features."""
-        raw = self.raw_score(features).to(self.weight.device)
+        """Return (B,) calibrated rewards for (B, F) response features, the head's output clamped to its fitted range."""
+        raw = torch.clamp(self.raw_score(features).to(self.weight.device), self.raw_min, self.raw_max)
         return ((raw - self.reference_mean) / self.reference_std).to(features.device)
 
     @torch.no_grad()
@@ -230,7 +238,8 @@ class RewardModel(nn.Module):
         """
         if reference_features.ndim != 2 or reference_features.shape[0] < 2:
             raise ValueError("calibrate needs (N >= 2, F) reference features")
-        raw = self.raw_score(reference_features).to(self.weight.device).double()
+        raw = torch.clamp(self.raw_score(reference_features).to(self.weight.device), self.raw_min,
+                          self.raw_max).double()  # what `forward` calibrates
         mean, std = float(raw.mean()), float(raw.std())
         self.reference_mean.fill_(mean)
         self.reference_std.fill_(std if std > 1e-8 else 1.0)
@@ -304,6 +313,9 @@ class RewardModel(nn.Module):
             self.feature_std.copy_(std.float().to(device))
             self.weight.copy_(w.float().to(device))
             self.bias.copy_(b.float().to(device))
+            fitted = ((x - mean) / std) @ w + b  # (N,) the head's outputs on every row it was fitted to
+            self.raw_min.fill_(float(fitted.min()))
+            self.raw_max.fill_(float(fitted.max()))
             self.reference_mean.zero_()
             self.reference_std.fill_(1.0)
         self.n_reference = 0

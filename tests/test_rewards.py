@@ -260,7 +260,8 @@ def test_calibration_gives_mean_zero_std_one_on_reference_samples():
     scores = model.score_hidden(reference.float())
     assert float(scores.mean()) == pytest.approx(0.0, abs=1e-4)
     assert float(scores.std()) == pytest.approx(1.0, abs=1e-4)
-    assert pearson(scores, raw) == pytest.approx(1.0, abs=1e-6)  # an increasing affine: same ranking
+    clamped = raw.clamp(model.raw_min, model.raw_max)  # to the range of the fitted outputs
+    assert pearson(scores, clamped) == pytest.approx(1.0, abs=1e-6)  # an increasing affine: same ranking
     assert not scores.requires_grad
 
 
@@ -283,6 +284,23 @@ def test_save_and_load_round_trip_scores_identically(tmp_path):
         (tmp_path / "other" / "reward_model.safetensors").read_bytes())
     with pytest.raises(ValueError):  # tensors of another width than the JSON says
         RewardModel.load(tmp_path / "rm")
+
+
+def test_rewards_do_not_grow_beyond_what_was_rated():
+    """A linear head extrapolates without limit; the reward stops at the best output on fitted data."""
+    taste = Taste(4)
+    x, quality = taste.draw(160)
+    ratings, pairs, groups = taste.feedback(quality)
+    model = RewardModel(H)
+    model.fit(x, normalize_ratings(ratings), pairs, groups=groups)
+    model.calibrate(taste.draw(100)[0].float())
+    fitted = model.score_hidden(x.float())
+    direction = model.weight / model.feature_std  # raises the raw head output fastest
+    far = x[:5].float() + 100 * direction  # (5, H): far past anything rated
+    assert (model.raw_score(far) > 10 * model.raw_max).all()  # the bare head keeps growing
+    assert torch.allclose(model.score_hidden(far), fitted.max().expand(5))
+    assert torch.allclose(model.score_hidden(x[:5].float() - 100 * direction), fitted.min().expand(5))
+    assert torch.equal(model.score_hidden(x.float()), fitted)  # inside the range: untouched
 
 
 def test_a_reward_model_of_the_old_feature_format_is_refused(tmp_path):
