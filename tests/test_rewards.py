@@ -141,6 +141,14 @@ class Taste:
         groups = [i // per_prompt for i in range(len(quality))]
         return ratings, pairs, groups
 
+    def fitted(self, n: int):
+        """Return features (n, H), their quality, and a RewardModel fitted to their feedback with its FitReport."""
+        x, quality = self.draw(n)
+        ratings, pairs, groups = self.feedback(quality)
+        model = RewardModel(H)
+        report = model.fit(x, normalize_ratings(ratings), pairs, groups=groups)
+        return x, quality, model, report
+
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
@@ -150,10 +158,7 @@ def test_fit_recovers_a_hidden_taste_from_ratings_and_preferences():
     # Seed 0, 100 prompts x 4 responses, 64-dim features. Measured: held-out corr 0.91 (ceiling set by
     # 1..5 rounding ~0.92), pref acc 0.94, corr with the true taste on fresh samples 0.985.
     taste = Taste(0)
-    x, quality = taste.draw(400)
-    ratings, pairs, groups = taste.feedback(quality)
-    model = RewardModel(H)
-    report = model.fit(x, normalize_ratings(ratings), pairs, groups=groups)
+    x, quality, model, report = taste.fitted(400)
     assert (report.n_examples, report.n_scores, report.n_preferences) == (400, 400, 300)
     assert report.n_held_out_scores > 50 and report.n_held_out_preferences > 40
     assert report.held_out_score_correlation > 0.8
@@ -249,10 +254,7 @@ def test_with_few_prompts_the_default_l2_is_used():
 
 def test_calibration_gives_mean_zero_std_one_on_reference_samples():
     taste = Taste(2)
-    x, quality = taste.draw(200)
-    ratings, pairs, groups = taste.feedback(quality)
-    model = RewardModel(H)
-    model.fit(x, normalize_ratings(ratings), pairs, groups=groups)
+    x, quality, model, _ = taste.fitted(200)
     reference = taste.draw(300)[0] + 0.5  # a different distribution from the rated one
     raw = model.raw_score(reference.float())
     assert abs(float(raw.mean())) > 0.1  # so calibration has something to do
@@ -267,10 +269,7 @@ def test_calibration_gives_mean_zero_std_one_on_reference_samples():
 
 def test_save_and_load_round_trip_scores_identically(tmp_path):
     taste = Taste(3)
-    x, quality = taste.draw(120)
-    ratings, pairs, groups = taste.feedback(quality)
-    model = RewardModel(H)
-    model.fit(x, normalize_ratings(ratings), pairs, groups=groups)
+    x, quality, model, _ = taste.fitted(120)
     model.calibrate(taste.draw(50)[0].float())
     model.save(tmp_path / "rm")
     loaded = RewardModel.load(tmp_path / "rm")
@@ -289,10 +288,7 @@ def test_save_and_load_round_trip_scores_identically(tmp_path):
 def test_rewards_do_not_grow_beyond_what_was_rated():
     """A linear head extrapolates without limit; the reward stops at the best output on fitted data."""
     taste = Taste(4)
-    x, quality = taste.draw(160)
-    ratings, pairs, groups = taste.feedback(quality)
-    model = RewardModel(H)
-    model.fit(x, normalize_ratings(ratings), pairs, groups=groups)
+    x, quality, model, _ = taste.fitted(160)
     model.calibrate(taste.draw(100)[0].float())
     fitted = model.score_hidden(x.float())
     direction = model.weight / model.feature_std  # raises the raw head output fastest
