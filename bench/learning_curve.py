@@ -67,7 +67,7 @@ HELD_OUT_PROMPTS = [
 
 DEFAULT_TRAINING = ["--dtype", "bfloat16", "--learning-rate", "1e-3", "--min-new-feedback", "56",
                     "--ppo-iterations", "6", "--batch-size", "8", "--mini-batch-size", "8", "--ppo-epochs", "2",
-                    "--reference-samples", "8", "--wait-interval", "1", "--init-kl-coef", "0.1", "--kl-horizon", "100"]
+                    "--reference-samples", "8", "--wait-interval", "1", "--kl-horizon", "100"]
 """App and worker options when none are given after `--` (app.py forwards them to the worker).
 bfloat16 base weights: about twice as fast on a CPU with native bfloat16 (AVX512-BF16 or AMX).
 KL control for a short run: with the default horizon (10000, Ziegler et al.'s for batches of
