@@ -1,7 +1,7 @@
 """The improvement curve: app + worker + simulated raters on the offline SmolLM2-135M, CPU only.
 
     python bench/learning_curve.py --preference keyword:you [--ratings 200] [--pace 40] \\
-        [-- app/worker options, default: --learning-rate 5e-4 --ppo-iterations 6 ...]
+        [-- app/worker options, replacing DEFAULT_TRAINING: --dtype bfloat16 --learning-rate 1e-3 ...]
 
 One command: starts `app.py` (which starts the worker with the same options), runs the simulated
 raters (`ppo_feedback.simulate`, through the public API) with `--pace`, so the room waits after
