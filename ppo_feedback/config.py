@@ -359,6 +359,7 @@ class WorkerConfig:
             raise ValueError("--lease-ttl, --wait-interval and --max-kl must be > 0")
 
 
+# (dataclass, title, fields not on the command line)
 WORKER_SECTIONS = ((PPOConfig, "PPO", ROLLOUT_FIELDS), (RewardConfig, "reward model", ()),
                    (WorkerConfig, "worker", ()))
 

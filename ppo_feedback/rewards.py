@@ -8,8 +8,9 @@ then PPO maximises it. The pieces, named after the papers:
 - `RewardModel`: a linear head (with L2) over features of the frozen base model: the mean of the
   reference forward's last hidden states after each response token, and the mean and max of the
   response tokens' input embeddings (`policy.response_features`), the same tensor `PPOTrainer.score`
-  hands to `score_hidden`, so PPO scores its rollouts without a second network. Fitted by regression on normalised scores plus the Bradley-Terry loss
-  −log σ(r_chosen − r_rejected) on preferences (Christiano et al. 2017; Stiennon et al. 2020; Ouyang
+  hands to `score_hidden`, so PPO scores its rollouts without a second network. Fitted by
+  regression on normalised scores plus the Bradley-Terry loss −log σ(r_chosen − r_rejected) on
+  preferences (Christiano et al. 2017; Stiennon et al. 2020; Ouyang
   et al. 2022), then calibrated so its output has mean 0 and std 1 on samples of the reference policy
   (Stiennon et al. 2020; Ziegler et al. 2019). The L2 strength is chosen by cross-validation over
   prompts (`L2_GRID`) unless set.
@@ -216,12 +217,15 @@ class RewardModel(nn.Module):
     def raw_score(self, features: torch.Tensor) -> torch.Tensor:
         """Return (B,) uncalibrated head outputs w·standardised(x) + b, on the features' device."""
         x = features.to(self.weight.device, torch.float32)
-        out = ((x - self.feature_mean) / self.feature_std) @ self.weight + self.bias
-        return out.to(features.device)
+        return _head(x, self.feature_mean, self.feature_std, self.weight, self.bias).to(features.device)
+
+    def clamped_score(self, features: torch.Tensor) -> torch.Tensor:
+        """Return (B,) uncalibrated head outputs clamped to [raw_min, raw_max], on the model's device."""
+        return torch.clamp(self.raw_score(features).to(self.weight.device), self.raw_min, self.raw_max)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Return (B,) calibrated rewards for (B, F) response features, the head's output clamped to its fitted range."""
-        raw = torch.clamp(self.raw_score(features).to(self.weight.device), self.raw_min, self.raw_max)
+        raw = self.clamped_score(features)
         return ((raw - self.reference_mean) / self.reference_std).to(features.device)
 
     @torch.no_grad()
@@ -238,8 +242,7 @@ class RewardModel(nn.Module):
         """
         if reference_features.ndim != 2 or reference_features.shape[0] < 2:
             raise ValueError("calibrate needs (N >= 2, F) reference features")
-        raw = torch.clamp(self.raw_score(reference_features).to(self.weight.device), self.raw_min,
-                          self.raw_max).double()  # what `forward` calibrates
+        raw = self.clamped_score(reference_features).double()  # what `forward` calibrates
         mean, std = float(raw.mean()), float(raw.std())
         self.reference_mean.fill_(mean)
         self.reference_std.fill_(std if std > 1e-8 else 1.0)
@@ -304,7 +307,7 @@ class RewardModel(nn.Module):
         l2 = report.l2
         if held.any() and ((scored & ~held).any() or train_pairs.any()):
             mean, std, w, b, _ = _solve(x, z, pairs, ~held, train_pairs, config, l2)
-            _measure_held_out(report, ((x - mean) / std) @ w + b, z, pairs, held)
+            _measure_held_out(report, _head(x, mean, std, w, b), z, pairs, held)
         everything = torch.ones(n, dtype=torch.bool)
         mean, std, w, b, loss = _solve(x, z, pairs, everything, torch.ones(len(pairs), dtype=torch.bool), config, l2)
         with torch.no_grad():
@@ -313,7 +316,7 @@ class RewardModel(nn.Module):
             self.feature_std.copy_(std.float().to(device))
             self.weight.copy_(w.float().to(device))
             self.bias.copy_(b.float().to(device))
-            fitted = ((x - mean) / std) @ w + b  # (N,) the head's outputs on every row it was fitted to
+            fitted = _head(x, mean, std, w, b)  # (N,) the head's outputs on every row it was fitted to
             self.raw_min.fill_(float(fitted.min()))
             self.raw_max.fill_(float(fitted.max()))
             self.reference_mean.zero_()
@@ -427,7 +430,7 @@ def _cross_validated_l2(x: torch.Tensor, z: torch.Tensor, pairs: torch.Tensor, r
             continue
         for l2 in L2_GRID:
             mean, std, w, b, _ = _solve(x, z, pairs, train, train_pairs, config, l2)
-            predictions[l2][fold == k] = ((x[fold == k] - mean) / std) @ w + b
+            predictions[l2][fold == k] = _head(x[fold == k], mean, std, w, b)
     predicted = ~torch.isnan(predictions[L2_GRID[0]])  # (N,) rows with an out-of-fold prediction
     evaluable = scored & predicted  # (N,)
     eval_pairs = (chosen_fold == rejected_fold) & predicted[pairs[:, 0]] & predicted[pairs[:, 1]]  # (P,)
@@ -443,6 +446,11 @@ def _cross_validated_l2(x: torch.Tensor, z: torch.Tensor, pairs: torch.Tensor, r
         if loss < best_loss - 1e-12:
             best, best_loss = l2, loss
     return best
+
+
+def _head(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Return (N,) outputs of the linear head (w, b) on (N, F) features standardised by (mean, std)."""
+    return ((x - mean) / std) @ w + b
 
 
 def _solve(x: torch.Tensor, z: torch.Tensor, pairs: torch.Tensor, rows: torch.Tensor, use_pairs: torch.Tensor,

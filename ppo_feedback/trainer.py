@@ -32,7 +32,7 @@ RewardFn = Callable[[Sequence[Sample]], Sequence[float]]
 class HiddenStateReward(Protocol):
     """A reward that scores from the reference forward's hidden states, avoiding a separate model."""
 
-    def score_hidden(self, final_hidden: torch.Tensor) -> torch.Tensor:
+    def score_hidden(self, features: torch.Tensor) -> torch.Tensor:
         """Return (B,) scores from (B, F) response features (`PolicyWithValueHead.reward_features`)."""
 
 
