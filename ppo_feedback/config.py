@@ -346,6 +346,8 @@ class WorkerConfig:
     """Seconds between checks for new feedback or a free lease."""
     reference_samples: int = 16
     """Base-model samples that calibrate the reward model to mean 0, std 1."""
+    replay_samples: int = 0
+    """Rated generations replayed in each PPO iteration beside the fresh samples, scored by their ratings (0: none)."""
     worker_id: str = ""
     """Name of this worker in the lease (default host:pid)."""
     tensorboard: Optional[str] = None
@@ -355,6 +357,8 @@ class WorkerConfig:
         """Raise ValueError on an impossible setting."""
         if self.min_new_feedback < 1 or self.ppo_iterations < 1 or self.reference_samples < 2:
             raise ValueError("--min-new-feedback, --ppo-iterations >= 1 and --reference-samples >= 2 are required")
+        if self.replay_samples < 0:
+            raise ValueError("--replay-samples must be >= 0")
         if self.lease_ttl <= 0 or self.wait_interval <= 0 or self.max_kl <= 0:
             raise ValueError("--lease-ttl, --wait-interval and --max-kl must be > 0")
 

@@ -89,6 +89,38 @@ def first_eos_mask(responses: torch.Tensor, eos_token_id: int | None) -> torch.T
     return (eos_before == 0).float()
 
 
+def rollout_of(tokenizer, prompts: list[str], responses: list[list[int]], *, temperature: float, device,
+               positions: int | None = None, logprobs: list[list[float]] | None = None) -> Rollout:
+    """Return a Rollout of responses sampled earlier (token id lists), laid out as `sample` lays out its own.
+
+    Prompts are encoded with `encode_prompts` (left-padded), responses right-padded; the response
+    mask covers each response up to its first EOS and never its padding (an empty response has an
+    empty mask). `logprobs` (one list per response, one value per token) fill the behaviour
+    log-probabilities, else they are 0. Values are None.
+    """
+    if len(prompts) != len(responses) or (logprobs is not None and len(logprobs) != len(responses)):
+        raise ValueError("prompts, responses and logprobs must have the same length")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    lengths = torch.tensor([len(r) for r in responses])
+    R = max(1, int(lengths.max()) if len(responses) else 1)
+    batch = encode_prompts(tokenizer, prompts, R, device, positions)
+    ids = torch.full((len(responses), R), pad, dtype=torch.long)
+    behaviour = torch.zeros(len(responses), R)
+    for row, response in enumerate(responses):
+        ids[row, :len(response)] = torch.as_tensor(list(response), dtype=torch.long)
+        if logprobs is not None:
+            if len(logprobs[row]) != len(response):
+                raise ValueError(f"response {row} has {len(response)} tokens but {len(logprobs[row])} logprobs")
+            behaviour[row, :len(response)] = torch.as_tensor(list(logprobs[row]), dtype=torch.float32)
+    in_length = (torch.arange(R)[None] < lengths[:, None]).float()  # (B, R)
+    mask = (first_eos_mask(ids, tokenizer.eos_token_id) * in_length).to(device)
+    ids = ids.to(device)
+    return Rollout(query_response=torch.cat([batch["input_ids"], ids], dim=1),
+                   attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(ids)], dim=1),
+                   context_length=batch["input_ids"].shape[1], response_mask=mask,
+                   logprobs=behaviour.to(device) * mask, values=None, temperature=temperature)
+
+
 def _cache_keyword(trunk) -> str:
     """Return the name the trunk's forward uses for the KV cache (`cache` in transformers 5.2x)."""
     params = inspect.signature(trunk.forward).parameters

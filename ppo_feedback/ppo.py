@@ -183,17 +183,33 @@ def gae(
 # ----------------------------------------------------------------------------- losses
 
 
+def truncated_importance_weights(proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                                 mask: torch.Tensor, cap: float = 1.0) -> torch.Tensor:
+    """Per-token ``w = min(cap, exp(logπ_prox − logπ_behaviour))`` on masked positions, 0 elsewhere; (B, T), no grad.
+
+    Truncation at ``cap`` (1, as V-trace's c̄ in Espeholt et al. 2018) bounds the variance that
+    a stale behaviour policy would otherwise add.
+    """
+    m = _bool_mask(mask, proximal_logprobs)
+    logratio = torch.where(m, proximal_logprobs - behaviour_logprobs, 0.0).detach()
+    return torch.where(m, torch.exp(logratio).clamp(max=cap), 0.0)
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cliprange: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate loss, token-level masked mean.
 
     ``ρ = exp(logπ_θ − logπ_old)``, ``pg_loss1 = −A·ρ``, ``pg_loss2 = −A·clip(ρ, 1−ε, 1+ε)``,
-    ``loss = mean_m max(pg_loss1, pg_loss2)``.
+    ``loss = mean_m w·max(pg_loss1, pg_loss2)``, with ``w = 1`` unless per-token ``weights`` are
+    given: for samples drawn by an older behaviour policy, ``π_old`` is the proximal policy (the
+    current one before the update) and ``w = min(1, π_old/π_behaviour)``, the truncated importance
+    weight of decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization").
     Returns ``(loss, clipfrac, approx_kl)``, all 0-dim; ``clipfrac`` (share of tokens where
     the clipped term is larger) and ``approx_kl = ½·mean_m (logπ_θ − logπ_old)²`` are detached.
     """
@@ -204,7 +220,8 @@ def policy_loss(
 
     pg_loss1 = -advantages * ratio  # (B, T)
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
-    loss = masked_mean(torch.max(pg_loss1, pg_loss2), m)
+    surrogate = torch.max(pg_loss1, pg_loss2)  # (B, T)
+    loss = masked_mean(surrogate if weights is None else weights.detach() * surrogate, m)
 
     clipfrac = masked_mean((pg_loss2 > pg_loss1).to(logratio.dtype), m).detach()
     approx_kl = (0.5 * masked_mean(logratio**2, m)).detach()

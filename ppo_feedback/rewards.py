@@ -24,10 +24,9 @@ then PPO maximises it. The pieces, named after the papers:
   response with l2 = 10 reached 0.48 and 0.41. The contextual mean dilutes a single word, so the
   policy learnt to raise it without the word a keyword taste asked for; the token-embedding mean and
   max (a bag of the tokens) let the head see words (`response_features` gives the figures).
-- `fit_reward_model`: reads every current rating and preference from the `FeedbackStore`,
-  normalises, featurises (with a cache, so each round featurises only new generations) and fits.
-
-Not done here: importance weights for rated generations joining the PPO batch (they were optional).
+- `read_feedback`: every current rating and preference from the `FeedbackStore`, normalised, one
+  row per generation; the worker also replays its rated rows in PPO (`trainer.Replay`).
+- `fit_reward_model`: featurises (with a cache, so each round featurises only new generations) and fits.
 """
 from __future__ import annotations
 
@@ -44,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import RewardConfig
-from .generation import encode_prompts, first_eos_mask, max_positions
+from .generation import first_eos_mask, max_positions, rollout_of
 from .policy import position_ids_for
 
 WEIGHTS_FILE = "reward_model.safetensors"
@@ -188,28 +187,20 @@ class RewardModel(nn.Module):
         tokenizer = policy.tokenizer
         device = next(policy.parameters()).device
         positions = max_positions(policy.peft_model)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         responses = []
         for ids in response_token_ids:
             ids = torch.as_tensor(list(ids), dtype=torch.long)
             if ids.numel():
                 ids = ids[first_eos_mask(ids[None], tokenizer.eos_token_id)[0].bool()]
-            responses.append(ids)
+            responses.append(ids.tolist())
         order = sorted(range(len(prompts)), key=lambda i: len(responses[i]))
         features = torch.empty(len(prompts), policy.feature_size)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            lengths = torch.tensor([len(responses[i]) for i in rows])
-            R = max(1, int(lengths.max()))
-            batch = encode_prompts(tokenizer, [prompts[i] for i in rows], R, device, positions)
-            response_ids = torch.full((len(rows), R), pad, dtype=torch.long)
-            for j, i in enumerate(rows):
-                response_ids[j, :len(responses[i])] = responses[i]
-            response_mask = (torch.arange(R)[None] < lengths[:, None]).float().to(device)  # (b, R)
-            query_response = torch.cat([batch["input_ids"], response_ids.to(device)], dim=1)  # (b, P + R)
-            attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(response_ids).to(device)], 1)
-            hidden = _reference_hidden(policy, query_response, attention_mask, batch["input_ids"].shape[1])
-            features[rows] = policy.reward_features(hidden, response_ids, response_mask).cpu()  # (b, F)
+            batch = rollout_of(tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows],
+                               temperature=1.0, device=device, positions=positions)
+            hidden = _reference_hidden(policy, batch.query_response, batch.attention_mask, batch.context_length)
+            features[rows] = policy.reward_features(hidden, batch.responses, batch.response_mask).cpu()  # (b, F)
         return features
 
     # -------------------------------------------------------------------------- scoring
@@ -527,16 +518,67 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
 
 # ------------------------------------------------------------------------------ from the store
 
+@dataclass
+class RatedFeedback:
+    """Every current rating and preference of a store, one row per distinct generation (sorted by id)."""
+
+    generations: list  # db.records.Generation per row
+    prompts: list[str]  # the row's prompt text
+    scores: torch.Tensor  # (N,) float64 mean normalised score of the row's ratings; NaN when only in preferences
+    pairs: list[tuple[int, int]]  # (chosen row, rejected row) per preference
+    n_ratings: int
+    raters: set[str]
+
+    def replayable(self, temperature: float) -> list[int]:
+        """Return the rated rows PPO can replay: stored behaviour logprobs for every token, at `temperature`."""
+        return [row for row, g in enumerate(self.generations)
+                if math.isfinite(float(self.scores[row])) and g.token_ids and len(g.logprobs) == len(g.token_ids)
+                and math.isclose(float(g.sampling.get("temperature", math.nan)), temperature)]
+
+
+def read_feedback(store, prior_weight: float = RewardConfig.prior_weight) -> RatedFeedback:
+    """Return the store's current feedback as RatedFeedback; raise ValueError when there is none.
+
+    Reads `store.iter_feedback()` (current ratings only: a re-rating supersedes the old one),
+    normalises scores per rater over all of them (`normalize_ratings`) and averages the normalised
+    scores of a generation rated by several raters.
+    """
+    ratings, preferences = [], []
+    for page in store.iter_feedback():
+        ratings.extend(page.ratings)
+        preferences.extend(page.preferences)
+    if not ratings and not preferences:
+        raise ValueError("no ratings or preferences to fit a reward model to")
+    generations, prompts = {}, {}  # generation id -> Generation, generation id -> prompt text
+    for rated in ratings:
+        generations[rated.generation.id], prompts[rated.generation.id] = rated.generation, rated.prompt_text
+    for pair in preferences:
+        for g in (pair.chosen, pair.rejected):
+            generations[g.id], prompts[g.id] = g, pair.prompt_text
+    ids = sorted(generations)
+    row_of = {gid: i for i, gid in enumerate(ids)}
+    normalized = normalize_ratings([(r.rating.rater, r.rating.score) for r in ratings], prior_weight)
+    totals: dict[int, list[float]] = defaultdict(list)
+    for rated, z in zip(ratings, normalized):
+        totals[row_of[rated.generation.id]].append(z)
+    scores = torch.full((len(ids),), math.nan, dtype=torch.float64)
+    for row, zs in totals.items():
+        scores[row] = sum(zs) / len(zs)
+    return RatedFeedback(generations=[generations[g] for g in ids], prompts=[prompts[g] for g in ids],
+                         scores=scores, pairs=[(row_of[p.chosen.id], row_of[p.rejected.id]) for p in preferences],
+                         n_ratings=len(ratings),
+                         raters={r.rating.rater for r in ratings} | {p.preference.rater for p in preferences})
+
+
 def fit_reward_model(store, policy, *, reference_features: torch.Tensor | None = None,
                      feature_cache: dict[int, torch.Tensor] | None = None,
-                     config: RewardConfig | None = None) -> tuple[RewardModel, FitReport]:
+                     config: RewardConfig | None = None,
+                     feedback: RatedFeedback | None = None) -> tuple[RewardModel, FitReport]:
     """Return a reward model fitted to every current rating and preference in `store`, and its FitReport.
 
-    Reads feedback with `store.iter_feedback()` (current ratings only: a re-rating supersedes the
-    old one), normalises scores per rater over all of them (`normalize_ratings`), averages the
-    normalised scores of a generation rated by several raters, and featurises each distinct
-    generation once from its prompt text and stored token ids (its text, tokenised, when no ids
-    were stored). Rows are grouped by prompt for the held-out split.
+    The feedback is `read_feedback(store, config.prior_weight)` unless the caller read it already
+    (`feedback`). Each distinct generation is featurised once from its prompt text and stored token
+    ids (its text, tokenised, when no ids were stored); rows are grouped by prompt for the held-out split.
 
     `feature_cache` (generation id -> (F,) features, valid for one base model), when given, is read
     and filled, so a worker that keeps it featurises only new generations each round. Featurising is
@@ -549,48 +591,26 @@ def fit_reward_model(store, policy, *, reference_features: torch.Tensor | None =
     config = config or RewardConfig()
     config.validate()
     started = time.perf_counter()
-    ratings, pairs = [], []
-    for page in store.iter_feedback():
-        ratings.extend(page.ratings)
-        pairs.extend(page.preferences)
-    if not ratings and not pairs:
-        raise ValueError("no ratings or preferences to fit a reward model to")
-
-    generations, prompts = {}, {}  # generation id -> Generation, generation id -> prompt text
-    for rated in ratings:
-        generations[rated.generation.id], prompts[rated.generation.id] = rated.generation, rated.prompt_text
-    for pair in pairs:
-        for g in (pair.chosen, pair.rejected):
-            generations[g.id], prompts[g.id] = g, pair.prompt_text
-    ids = sorted(generations)
-    row_of = {gid: i for i, gid in enumerate(ids)}
-
+    feedback = feedback if feedback is not None else read_feedback(store, config.prior_weight)
+    generations = feedback.generations
     cache = feature_cache if feature_cache is not None else {}
-    missing = [gid for gid in ids if gid not in cache]
+    missing = [row for row, g in enumerate(generations) if g.id not in cache]
     if missing:
         tokenizer = policy.tokenizer
-        responses = [list(generations[g].token_ids)
-                     or tokenizer(generations[g].text, add_special_tokens=False)["input_ids"] for g in missing]
-        fresh = RewardModel.featurize(policy, [prompts[g] for g in missing], responses, config.feature_batch_size)
-        cache.update(zip(missing, fresh))
-    features = torch.stack([cache[g] for g in ids])  # (N, F)
-
-    normalized = normalize_ratings([(r.rating.rater, r.rating.score) for r in ratings], config.prior_weight)
-    totals: dict[int, list[float]] = defaultdict(list)
-    for rated, z in zip(ratings, normalized):
-        totals[row_of[rated.generation.id]].append(z)
-    scores = torch.full((len(ids),), math.nan, dtype=torch.float64)
-    for row, zs in totals.items():
-        scores[row] = sum(zs) / len(zs)
-    pref_pairs = [(row_of[p.chosen.id], row_of[p.rejected.id]) for p in pairs]
-    groups = [generations[g].prompt_id for g in ids]
+        responses = [list(generations[row].token_ids)
+                     or tokenizer(generations[row].text, add_special_tokens=False)["input_ids"] for row in missing]
+        fresh = RewardModel.featurize(policy, [feedback.prompts[row] for row in missing], responses,
+                                      config.feature_batch_size)
+        cache.update(zip((generations[row].id for row in missing), fresh))
+    features = torch.stack([cache[g.id] for g in generations])  # (N, F)
 
     model = RewardModel(features.shape[1])
-    report = model.fit(features, scores, pref_pairs, groups=groups, config=config)
-    report.n_ratings = len(ratings)
-    report.n_raters = len({r.rating.rater for r in ratings} | {p.preference.rater for p in pairs})
+    report = model.fit(features, feedback.scores, feedback.pairs, groups=[g.prompt_id for g in generations],
+                       config=config)
+    report.n_ratings = feedback.n_ratings
+    report.n_raters = len(feedback.raters)
     if reference_features is None:
-        base_rows = [row_of[g] for g in ids if generations[g].adapter_version == 0]
+        base_rows = [row for row, g in enumerate(generations) if g.adapter_version == 0]
         reference_features = features[base_rows] if len(base_rows) >= 2 else features
     if reference_features.shape[0] >= 2:
         model.calibrate(reference_features)

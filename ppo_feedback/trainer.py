@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import ppo
 from .config import PPOConfig
-from .generation import Rollout, sample
+from .generation import Rollout, max_positions, rollout_of, sample
 from .policy import PolicyWithValueHead
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -34,6 +34,60 @@ class HiddenStateReward(Protocol):
 
     def score_hidden(self, features: torch.Tensor) -> torch.Tensor:
         """Return (B,) scores from (B, F) response features (`PolicyWithValueHead.reward_features`)."""
+
+
+@dataclass
+class Replay:
+    """Rated generations to replay in a PPO iteration: what was sampled, by which probabilities, and its score.
+
+    `logprobs` are the behaviour policy's (the version that served them, stored with each
+    generation), at the trainer's temperature; `scores` are on the reward model's scale (the
+    raters' normalised scores).
+    """
+
+    prompts: list[str]
+    responses: list[list[int]]
+    logprobs: list[list[float]]
+    scores: list[float]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, rows: Sequence[int]) -> Replay:
+        """Return the samples at `rows`, in that order."""
+        return Replay([self.prompts[r] for r in rows], [self.responses[r] for r in rows],
+                      [self.logprobs[r] for r in rows], [self.scores[r] for r in rows])
+
+    def rollout(self, policy: PolicyWithValueHead, temperature: float) -> Rollout:
+        """Return the samples as a Rollout on the policy's device, behaviour logprobs included."""
+        device = next(policy.parameters()).device
+        return rollout_of(policy.tokenizer, self.prompts, self.responses, temperature=temperature, device=device,
+                          positions=max_positions(policy.peft_model), logprobs=self.logprobs)
+
+    def score_tensor(self) -> torch.Tensor:
+        """Return the scores as a (B,) float tensor."""
+        return torch.tensor(self.scores, dtype=torch.float32)
+
+
+@dataclass
+class Experience:
+    """One batch ready for PPO epochs; shapes (B, R) unless noted."""
+
+    query_response: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R)
+    context_length: int
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor  # the proximal policy's: the policy's own before this iteration's updates
+    old_values: torch.Tensor
+    advantages: torch.Tensor  # whitened
+    returns: torch.Tensor
+    kl: torch.Tensor  # per-token KL estimate to the reference
+    scores: torch.Tensor  # (B,)
+    non_score_reward: torch.Tensor  # (B,) the KL penalty summed over tokens
+    weights: torch.Tensor | None  # truncated importance weights of off-policy samples, else None
+
+    def __len__(self) -> int:
+        return self.query_response.shape[0]
 
 
 class PPOTrainer:
@@ -114,44 +168,79 @@ class PPOTrainer:
 
     # --------------------------------------------------------------------------- the iteration
 
-    def step(self, prompts: Sequence[str], reward_fn: RewardFn | HiddenStateReward) -> dict[str, float]:
-        """Run one PPO iteration on `prompts`; return its stats under TRL's metric names."""
+    @torch.no_grad()
+    def experience(self, rollout: Rollout, ref_logprobs: torch.Tensor, scores: torch.Tensor, *, exact: bool,
+                   off_policy: bool = False) -> Experience:
+        """Return a rollout's PPO experience: old logprobs and values, KL-penalised rewards, GAE, whitened advantages.
+
+        `exact`: the rollout's own logprobs and values are the policy's now; otherwise one forward
+        takes them (the proximal policy), and with `off_policy` the rollout's logprobs are the
+        behaviour policy's, from which the truncated importance weights are formed.
+        """
+        c = self.config
+        qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
+        old_logprobs, old_values = rollout.logprobs, rollout.values
+        if not exact:  # take them from a forward, so the ratio is 1 before any update
+            fresh = self.policy(qr, attn, P, c.temperature)
+            old_logprobs, old_values = fresh.logprobs * mask, fresh.values * mask
+        kl = ppo.kl_per_token(old_logprobs, ref_logprobs, c.kl_estimator) * mask  # (B, R)
+        rewards = ppo.penalized_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_ctl.value,
+                                        c.kl_estimator)  # (B, R)
+        non_score_reward = rewards.sum(1) - scores  # (B,)
+        if c.whiten_rewards:
+            rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = ppo.gae(rewards, old_values, mask, c.gamma, c.lam)
+        advantages = ppo.masked_whiten(advantages, mask)
+        weights = ppo.truncated_importance_weights(old_logprobs, rollout.logprobs, mask) if off_policy else None
+        return Experience(qr, attn, P, mask, old_logprobs, old_values, advantages, returns, kl, scores,
+                          non_score_reward, weights)
+
+    def step(self, prompts: Sequence[str], reward_fn: RewardFn | HiddenStateReward,
+             replay: Replay | None = None) -> dict[str, float]:
+        """Run one PPO iteration on `prompts` (and `replay`'s rated samples); return its stats under TRL's names.
+
+        Replayed samples join the PPO epochs with their own scores, KL-penalised rewards, GAE and
+        whitened advantages, each token's clipped term weighted by `ppo.truncated_importance_weights`
+        (they were drawn by an older version). The KL controller sees the fresh rollout only.
+        """
         c = self.config
         if len(prompts) != c.batch_size:
             raise ValueError(f"step needs batch_size={c.batch_size} prompts, got {len(prompts)}")
         # 1. rollout: responses, behaviour logprobs (= old logprobs, exact) and old values
         rollout = self.rollout(prompts)
-        qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
-        old_logprobs, old_values = rollout.logprobs, rollout.values
-        if not self.policy.samples_exactly:  # take them from a forward, so the ratio is 1 before any update
-            with torch.no_grad():
-                fresh = self.policy(qr, attn, P, c.temperature)
-            old_logprobs, old_values = fresh.logprobs * mask, fresh.values * mask
         # 2. reference forward (adapter off) gives ref logprobs and the reward model's features
-        ref = self.policy.reference(qr, attn, P, c.temperature)
+        ref = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length,
+                                    c.temperature)
         scores = self.score(prompts, rollout, ref.hidden, reward_fn)  # (B,)
         # 3. rewards and advantages
-        with torch.no_grad():
-            kl = ppo.kl_per_token(old_logprobs, ref.logprobs, c.kl_estimator) * mask  # (B, R)
-            rewards = ppo.penalized_rewards(scores, old_logprobs, ref.logprobs, mask, self.kl_ctl.value,
-                                            c.kl_estimator)  # (B, R)
-            non_score_reward = rewards.sum(1) - scores  # (B,)
-            if c.whiten_rewards:
-                rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = ppo.gae(rewards, old_values, mask, c.gamma, c.lam)
-            advantages = ppo.masked_whiten(advantages, mask)
+        batches = [self.experience(rollout, ref.logprobs, scores, exact=self.policy.samples_exactly)]
+        if replay is not None and len(replay):
+            replayed = replay.rollout(self.policy, c.temperature)
+            replay_ref = self.policy.reference(replayed.query_response, replayed.attention_mask,
+                                               replayed.context_length, c.temperature)
+            batches.append(self.experience(replayed, replay_ref.logprobs, replay.score_tensor(), exact=False,
+                                           off_policy=True))
         # 4. PPO epochs over shuffled minibatches
         epoch_stats: dict[str, list[float]] = {k: [] for k in
                                                ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl", "entropy")}
         for _ in range(c.ppo_epochs):
-            order = torch.randperm(c.batch_size, generator=self.generator)
-            for start in range(0, c.batch_size, c.mini_batch_size):
-                mb = order[start:start + c.mini_batch_size]
-                out = self.policy(qr[mb], attn[mb], P, c.temperature)
-                pg_loss, pg_clipfrac, approx_kl = ppo.policy_loss(out.logprobs, old_logprobs[mb], advantages[mb],
-                                                                  mask[mb], c.cliprange)
-                vf_loss, vf_clipfrac = ppo.value_loss(out.values, old_values[mb], returns[mb], mask[mb],
-                                                      c.cliprange_value)
+            minibatches = []
+            for index, batch in enumerate(batches):
+                order = torch.randperm(len(batch), generator=self.generator)
+                minibatches += [(index, order[s:s + c.mini_batch_size]) for s in range(0, len(batch), c.mini_batch_size)]
+            interleaved = torch.randperm(len(minibatches), generator=self.generator).tolist() \
+                if len(batches) > 1 else range(len(minibatches))
+            for k in interleaved:
+                index, mb = minibatches[k]
+                batch = batches[index]
+                out = self.policy(batch.query_response[mb], batch.attention_mask[mb], batch.context_length,
+                                  c.temperature)
+                weights = batch.weights[mb] if batch.weights is not None else None
+                pg_loss, pg_clipfrac, approx_kl = ppo.policy_loss(out.logprobs, batch.old_logprobs[mb],
+                                                                  batch.advantages[mb], batch.mask[mb], c.cliprange,
+                                                                  weights)
+                vf_loss, vf_clipfrac = ppo.value_loss(out.values, batch.old_values[mb], batch.returns[mb],
+                                                      batch.mask[mb], c.cliprange_value)
                 loss = pg_loss + c.vf_coef * vf_loss
                 # decided together, so no process waits forever on another's all-reduce
                 if self.all_mean(0.0 if torch.isfinite(loss) else 1.0) > 0:
@@ -164,8 +253,10 @@ class PPOTrainer:
                 self.optimizer.step()
                 for name, value in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_clipfrac),
                                     ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl),
-                                    ("entropy", ppo.masked_mean(out.entropy, mask[mb]))):
+                                    ("entropy", ppo.masked_mean(out.entropy, batch.mask[mb]))):
                     epoch_stats[name].append(float(value.detach()))
+        fresh = batches[0]
+        kl, old_logprobs, mask, non_score_reward = fresh.kl, fresh.old_logprobs, fresh.mask, fresh.non_score_reward
         # 5. KL controller, and stats named as TRL names them (sums over tokens, means over the batch)
         mean_kl = self.all_mean(kl.sum(1).mean())
         kl_coef = self.kl_ctl.value
@@ -190,6 +281,11 @@ class PPOTrainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "iteration": self.iteration,
         }
+        if len(batches) > 1:
+            replayed = batches[1]
+            stats["replay/samples"] = float(len(replayed))
+            stats["replay/scores"] = float(replayed.scores.mean())
+            stats["replay/importance_weight"] = float(ppo.masked_mean(replayed.weights, replayed.mask))
         if self.accelerator is not None:  # one all-reduce for every statistic
             names = list(stats)
             means = self.accelerator.reduce(torch.tensor([float(stats[n]) for n in names]), reduction="mean")

@@ -31,8 +31,8 @@ from .config import AppConfig, LoraSettings, ModelConfig, PPOConfig, RewardConfi
     add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
 from .generation import sample
 from .policy import PolicyWithValueHead
-from .rewards import fit_reward_model
-from .trainer import OPTIMIZER_FILE, PPOTrainer
+from .rewards import RatedFeedback, fit_reward_model, read_feedback
+from .trainer import OPTIMIZER_FILE, PPOTrainer, Replay
 
 log = logging.getLogger("ppo_feedback.worker")
 
@@ -207,12 +207,14 @@ class Worker:
             feedback_end = self.feedback_end(cursor)
             total = self.store.count_feedback_since()
             self.heartbeat.set_state("fitting the reward model")
+            feedback = read_feedback(self.store, self.reward_config.prior_weight)
             reward_model, report = fit_reward_model(self.store, self.policy,
                                                     reference_features=self.reference_features(),
-                                                    feature_cache=self.feature_cache, config=self.reward_config)
+                                                    feature_cache=self.feature_cache, config=self.reward_config,
+                                                    feedback=feedback)
             log.info("reward model: %s", report.summary())
-            shared = (reward_model, self.adapters.next_version(self.store))
-        reward_model, version = self.team.share(shared)
+            shared = (reward_model, self.adapters.next_version(self.store), self.replay_pool(feedback))
+        reward_model, version, replay_pool = self.team.share(shared)
         stats: dict[str, float] = {}
         progress = tqdm(range(c.ppo_iterations), desc=f"v{version}", unit="it",
                         disable=not (sys.stderr.isatty() and self.team.is_main))
@@ -220,7 +222,7 @@ class Worker:
             self.check_continue()
             if self.team.is_main:
                 self.heartbeat.set_state(f"training iteration {i + 1} of {c.ppo_iterations}")
-            stats = self.trainer.step(self.pick_prompts(), reward_model)
+            stats = self.trainer.step(self.pick_prompts(), reward_model, self.pick_replay(replay_pool))
             self.check_divergence(stats)
             if self.team.is_main:
                 self.record(version, i + 1, stats)
@@ -313,6 +315,19 @@ class Worker:
             raise RoundAbandoned("no active prompts in the pool")
         n = self.trainer.config.batch_size
         return self.rng.sample(pool, n) if len(pool) >= n else [self.rng.choice(pool) for _ in range(n)]
+
+    def replay_pool(self, feedback: RatedFeedback) -> Replay:
+        """Return every rated generation PPO can replay (`RatedFeedback.replayable`), empty when replay is off."""
+        rows = feedback.replayable(self.trainer.config.temperature) if self.config.replay_samples else []
+        generations = [feedback.generations[r] for r in rows]
+        return Replay([feedback.prompts[r] for r in rows], [list(g.token_ids) for g in generations],
+                      [list(g.logprobs) for g in generations], [float(feedback.scores[r]) for r in rows])
+
+    def pick_replay(self, pool: Replay) -> Replay | None:
+        """Return `--replay-samples` rated generations drawn from the pool without replacement (all when fewer)."""
+        if not len(pool):
+            return None
+        return pool.take(self.rng.sample(range(len(pool)), min(self.config.replay_samples, len(pool))))
 
     def reference_features(self) -> torch.Tensor:
         """Return (N, F) reward features of base-model samples (computed once: the base never changes).

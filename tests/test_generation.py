@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ppo_feedback.config import LoraSettings, ModelConfig
-from ppo_feedback.generation import PromptError, first_eos_mask, format_prompt, generate, sample
+from ppo_feedback.generation import PromptError, first_eos_mask, format_prompt, generate, rollout_of, sample
 from ppo_feedback.modeling import add_lora, load_model
 from ppo_feedback.policy import PolicyWithValueHead
 
@@ -126,3 +126,27 @@ def test_draw_follows_the_probabilities_and_never_picks_a_zero():
     assert shares[1] == 0 and (tokens[1::2] == 3).all()
     again = draw(probs, torch.Generator().manual_seed(0))
     assert torch.equal(tokens, again)  # seeded: the same draw
+
+
+def test_rollout_of_stored_responses_lays_them_out_as_sampled(policy):
+    # A generation stored as token ids and logprobs (what the page records) comes back as the
+    # same rollout: prompt left-padded, response right-padded, mask up to the first EOS.
+    rollout = sample(policy.peft_model, policy.tokenizer, PROMPTS, max_new_tokens=12, seed=5)
+    lengths = rollout.response_mask.sum(1).long().tolist()
+    responses = [row[:n] for row, n in zip(rollout.responses.tolist(), lengths)]
+    logprobs = [row[:n] for row, n in zip(rollout.logprobs.tolist(), lengths)]
+    again = rollout_of(policy.tokenizer, PROMPTS, responses, temperature=1.0, device="cpu", logprobs=logprobs)
+    R = max(lengths)
+    assert again.context_length == rollout.context_length
+    assert torch.equal(again.response_mask, rollout.response_mask[:, :R])
+    assert torch.allclose(again.logprobs, rollout.logprobs[:, :R])
+    mask = again.response_mask.bool()
+    assert torch.equal(again.responses[mask], rollout.responses[:, :R][mask])
+    with torch.no_grad():
+        fresh = policy(again.query_response, again.attention_mask, again.context_length, 1.0)
+    assert torch.allclose(fresh.logprobs * again.response_mask, again.logprobs, atol=1e-4)
+    # an empty response has an empty mask; logprobs must match their response
+    empty = rollout_of(policy.tokenizer, PROMPTS[:2], [[], responses[1]], temperature=1.0, device="cpu")
+    assert empty.response_mask[0].sum() == 0 and empty.response_mask[1].sum() == len(responses[1])
+    with pytest.raises(ValueError, match="logprobs"):
+        rollout_of(policy.tokenizer, PROMPTS[:1], [responses[0]], temperature=1.0, device="cpu", logprobs=[[0.0]])

@@ -18,6 +18,7 @@ from ppo_feedback.ppo import (
     masked_whiten,
     penalized_rewards,
     policy_loss,
+    truncated_importance_weights,
     value_loss,
 )
 
@@ -153,6 +154,26 @@ def test_policy_loss_by_hand():
     # gradient d loss / d logp_t = -A_t * rho_t / 3 where unclipped, 0 where clipped or padded
     loss.backward()
     close(logp.grad, [[0.0, 1 / 3, -0.5 / 3, 0.0]])
+
+
+def test_importance_weighted_policy_loss_by_hand():
+    logp = t([[math.log(2), 0.0, math.log(0.5), 5.0]]).requires_grad_()
+    old = t([[0.0, 0.0, 0.0, -1e4]])
+    adv = t([[1.0, -1.0, 1.0, 100.0]])
+    mask = t([[1, 1, 1, 0]])
+    behaviour = t([[0.0, math.log(0.25), math.log(2.0), 7.0]])
+    # w = min(1, exp(old - behaviour)): t=0 1 (equal), t=1 1 (truncated from 4), t=2 0.5, padding 0
+    weights = truncated_importance_weights(old, behaviour, mask)
+    close(weights, [[1.0, 1.0, 0.5, 0.0]])
+    assert not weights.requires_grad
+    # the clipped terms of test_policy_loss_by_hand, -1.2, 1, -0.5, weighted: (-1.2 + 1 - 0.25) / 3
+    loss, clipfrac, _ = policy_loss(logp, old, adv, mask, cliprange=0.2, weights=weights)
+    close(loss, -0.45 / 3)
+    close(clipfrac, 1 / 3)
+    loss.backward()
+    close(logp.grad, [[0.0, 1 / 3, -0.25 / 3, 0.0]])
+    unweighted, _, _ = policy_loss(logp, old, adv, mask, cliprange=0.2, weights=torch.ones_like(logp))
+    close(unweighted, -0.7 / 3)
 
 
 def test_value_loss_by_hand():

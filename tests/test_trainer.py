@@ -9,7 +9,7 @@ import torch
 from ppo_feedback.config import LoraSettings, ModelConfig
 from ppo_feedback.modeling import add_lora, load_model
 from ppo_feedback.policy import PolicyWithValueHead
-from ppo_feedback.trainer import PPOConfig, PPOTrainer
+from ppo_feedback.trainer import PPOConfig, PPOTrainer, Replay
 
 PROMPTS = ["The weather today is", "I love this pizza", "Once upon a time", "Machine learning"] * 4
 TRL_NAMES = ["objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "policy/approxkl",
@@ -130,3 +130,47 @@ def test_batch_size_must_match(trainer):
         trainer.step(PROMPTS[:3], lambda s: [0.0] * len(s))
     with pytest.raises(ValueError, match="multiple"):
         PPOConfig(batch_size=10, mini_batch_size=4).validate()
+
+
+def replay_of(trainer: PPOTrainer, rollout, scores) -> Replay:
+    """Return a rollout's responses as rated samples (what the page stores: ids and logprobs up to EOS)."""
+    n_rows = len(scores)
+    lengths = rollout.response_mask.sum(1).long().tolist()[:n_rows]
+    return Replay(PROMPTS[:n_rows], [r[:n] for r, n in zip(rollout.responses.tolist(), lengths)],
+                  [r[:n] for r, n in zip(rollout.logprobs.tolist(), lengths)], list(scores))
+
+
+def response_logprob(trainer: PPOTrainer, replay: Replay, row: int) -> float:
+    rollout = replay.rollout(trainer.policy, trainer.config.temperature)
+    with torch.no_grad():
+        out = trainer.policy(rollout.query_response, rollout.attention_mask, rollout.context_length)
+    return float((out.logprobs * rollout.response_mask)[row].sum())
+
+
+def test_replayed_ratings_move_the_policy_towards_the_rated_up_response(trainer):
+    # Two rated samples of the untrained policy, +2 and -2; the fresh rollouts score 0, so only the
+    # replayed ratings say which way to go: the rated-up response becomes likelier than the other.
+    behaviour = trainer.rollout(PROMPTS)
+    replay = replay_of(trainer, behaviour, [2.0, -2.0, 2.0, -2.0])
+    up_before = response_logprob(trainer, replay, 0) + response_logprob(trainer, replay, 2)
+    down_before = response_logprob(trainer, replay, 1) + response_logprob(trainer, replay, 3)
+    stats = [trainer.step(PROMPTS, lambda samples: [0.0] * len(samples), replay) for _ in range(3)]
+    up_gain = response_logprob(trainer, replay, 0) + response_logprob(trainer, replay, 2) - up_before
+    down_gain = response_logprob(trainer, replay, 1) + response_logprob(trainer, replay, 3) - down_before
+    assert up_gain > 0 > down_gain, (up_gain, down_gain)
+    assert stats[0]["replay/samples"] == 4.0 and stats[0]["replay/scores"] == 0.0
+    # sampled by the policy itself at first: the importance weights are exactly 1 (no truncation)
+    assert stats[0]["replay/importance_weight"] == pytest.approx(1.0, abs=1e-4)
+    assert stats[-1]["replay/importance_weight"] < 1.0  # later the policy has moved away from them
+    assert all(math.isfinite(v) for s in stats for v in s.values())
+
+
+def test_no_replay_keeps_the_iteration_unchanged(tiny_model_dir):
+    # An empty Replay is no replay: same statistics and weights as a step without one.
+    a, b = make_trainer(tiny_model_dir), make_trainer(tiny_model_dir)
+    reward_fn = token_share_reward(a)
+    sa = a.step(PROMPTS, reward_fn)
+    sb = b.step(PROMPTS, reward_fn, Replay([], [], [], []))
+    assert sa == sb and "replay/samples" not in sa
+    for pa, pb in zip(a.policy.trainable_parameters(), b.policy.trainable_parameters()):
+        assert torch.equal(pa, pb)

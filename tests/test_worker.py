@@ -245,3 +245,34 @@ def test_data_parallel_under_accelerate_keeps_processes_identical(tmp_path, tiny
     assert len(checksums) == 2 and checksums[0] == checksums[1], text[-3000:]
     assert [v.version for v in rated_store.list_versions()] == [1]
     assert sorted(p.iteration for p in rated_store.metrics(1) if p.name == "objective/kl") == [1, 2]
+
+
+def test_rated_generations_sampled_at_the_training_temperature_are_replayed(tmp_path, tiny_model_dir, tiny_loaded):
+    from ppo_feedback.rewards import read_feedback
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    ids = store.add_prompts(PROMPTS)
+    replayable, other = [], []
+    for pid, text in zip(ids, PROMPTS):
+        temperature = 0.7 if text == PROMPTS[3] else 1.0  # the page's sampling settings, recorded
+        candidates = generate(tiny_loaded.model, tiny_loaded.tokenizer, text, n=3, max_new_tokens=8, seed=pid,
+                              temperature=temperature)
+        gens = store.record_generations(pid, 0, [NewGeneration(c.text, c.token_ids, c.logprobs,
+                                                               {"temperature": temperature, "seed": pid})
+                                                 for c in candidates])
+        store.rate(gens[0].id, "ann", 5)
+        store.rate(gens[1].id, "bob", 2)
+        store.prefer(gens[0].id, gens[2].id, "ann")  # gens[2] only in a preference: no score to replay
+        (other if temperature != 1.0 else replayable).extend(gens[:2])
+        other.append(gens[2])
+    worker = make_worker(tmp_path, tiny_model_dir, store, replay_samples=3)
+    feedback = read_feedback(store)
+    pool = worker.replay_pool(feedback)
+    assert sorted(pool.responses) == sorted(list(g.token_ids) for g in replayable)
+    by_id = {g.id: float(z) for g, z in zip(feedback.generations, feedback.scores)}
+    expected = {tuple(g.token_ids): by_id[g.id] for g in replayable}
+    assert {tuple(r): s for r, s in zip(pool.responses, pool.scores)} == expected
+    assert worker.run_round() == 1
+    replayed = [p.value for p in store.metrics(1) if p.name == "replay/samples"]
+    assert replayed == [3.0, 3.0]  # each of the 2 iterations replayed 3 of the 6
+    store.close()
