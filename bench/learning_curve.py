@@ -170,23 +170,70 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads for the held-out evaluation, which runs after the app has stopped")
     parser.add_argument("--budget", type=float, default=1200.0, help="seconds the whole run should fit in")
     parser.add_argument("--out", default=None, help="directory for the database, adapters, CSV and PNG")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="independent runs, run i with seed --seed + i for the raters and the worker (--seed); "
+                             "prints each run's held-out difference and their mean with a 95%% t interval over runs")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
 
-    from ppo_feedback.simulate import Simulation, format_summary, parse_preference, t_interval, version_summary, \
-        write_csv, write_plot
+    from ppo_feedback.simulate import parse_preference
 
-    t0 = time.perf_counter()
     preference = parse_preference(args.preference)
     prompts = held_out_prompts()
     training = passthrough or DEFAULT_TRAINING
     out = Path(args.out or ROOT / "bench" / "out" / "learning_curve" /
                f"{args.preference.replace(':', '-').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print("command: python bench/learning_curve.py " + shlex.join(given))
+    if args.repeats == 1:
+        run_once(args, preference, prompts, training, out, args.seed)
+        return 0
+    reports = []
+    for i in range(args.repeats):
+        seed = args.seed + i
+        print(f"\n=== run {i + 1} of {args.repeats}: seed {seed} ===")
+        reports.append(run_once(args, preference, prompts, [*training, "--seed", str(seed)], out / f"run-{i + 1}",
+                                seed))
+    summary = summarize_runs(reports)
+    summary.update({"preference": args.preference, "training": training})
+    print(f"\n{args.repeats} runs, held-out difference newest - v0 per run: "
+          + ", ".join(f"{d:+.3f} ± {h:.3f}" for d, h in zip(summary["differences"], summary["differences_ci95"])))
+    print(f"mean difference {summary['difference_mean']:+.3f} ± {summary['difference_ci95']:.3f} (95% t interval "
+          f"over runs); goal met in {sum(summary['goal_met'])} of {args.repeats}; KL per run {summary['kl']}; "
+          f"base-model perplexity per run {summary['base_perplexity']}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return 0
+
+
+def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return what several runs' reports say together: each run's held-out difference, KL, perplexity and
+    goal, and the mean difference with a 95% t interval over runs (a run's own interval is over prompts)."""
+    from ppo_feedback.simulate import t_interval
+
+    differences = [r["held_out"]["difference"]["mean"] for r in reports]
+    mean, half = t_interval(differences)
+    return {"bench": "learning_curve", "repeats": len(reports), "seeds": [r["seed"] for r in reports],
+            "differences": differences, "differences_ci95": [r["held_out"]["difference"]["ci95"] for r in reports],
+            "difference_mean": round(mean, 4), "difference_ci95": None if math.isnan(half) else round(half, 4),
+            "goal_met": [r["goal_met"] for r in reports], "kl": [r["held_out"]["kl_newest"]["mean"] for r in reports],
+            "base_perplexity": [r["held_out"]["base_perplexity"][f"v{r['versions_published'][-1]}"
+                                                                  if r["versions_published"] else "v0"]
+                                for r in reports],
+            "runs": [r["out"] for r in reports]}
+
+
+def run_once(args: argparse.Namespace, preference, prompts: list[str], training: list[str], out: Path,
+             seed: int) -> dict[str, Any]:
+    """Run the app, the worker and the simulated raters once, evaluate v0 and the newest version; return the report."""
+    from ppo_feedback.simulate import Simulation, format_summary, t_interval, version_summary, write_csv, write_plot
+
+    t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     db, adapters, port = out / "feedback.db", out / "adapters", free_port()
     url = f"http://127.0.0.1:{port}/"
     command = app_command(args.model, port, db, adapters, candidates=args.candidates,
                           max_new_tokens=args.max_new_tokens, extra=training, worker=True, log_level="INFO")
-    print("command: python bench/learning_curve.py " + shlex.join(given))
     print("app: " + shlex.join(command[1:]))
     with (out / "app.log").open("w") as app_log:
         app = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=app_log,
@@ -195,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             startup = wait_for_app(url, app, timeout=400)
             print(f"app and worker up in {startup:.0f}s")
             sim = Simulation(url, preference, raters=args.raters, ratings=args.ratings, candidates=args.candidates,
-                             noise=args.noise, bias=args.bias, seed=args.seed, pace=args.pace, pace_lag=args.pace_lag,
+                             noise=args.noise, bias=args.bias, seed=seed, pace=args.pace, pace_lag=args.pace_lag,
                              pace_timeout=args.pace_timeout, log=lambda m: print(m, flush=True))
             result = sim.run()
         finally:
@@ -245,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "bench": "learning_curve", "model": args.model, "preference": args.preference,
-        "ratings": len(result.records), "preferences": result.preferences, "raters": args.raters,
+        "ratings": len(result.records), "preferences": result.preferences, "raters": args.raters, "seed": seed,
         "training": training, "pace": args.pace,
         "curve": [{"version": x["version"], "ratings_so_far": x["ratings_so_far"], "n_ratings": x["n_ratings"],
                    "mean_taste": r(x["mean_taste"]), "ci95": r(x["ci95"])} for x in rows],
@@ -266,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
-    return 0
+    return report
 
 
 if __name__ == "__main__":

@@ -529,6 +529,26 @@ class RatedFeedback:
     n_ratings: int
     raters: set[str]
 
+    def relative_scores(self) -> torch.Tensor:
+        """Return (N,) float64 scores minus the mean score of the row's siblings, NaN where unrated.
+
+        Siblings are the other rated generations of the same prompt by the same adapter version (the
+        candidates shown together): a leave-one-out baseline, as in RLOO (Ahmadian et al. 2024), so
+        what a row says is how much better it was than what the same version wrote for the same
+        prompt, not how easy the prompt was. A row without siblings keeps its score.
+        """
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for row, g in enumerate(self.generations):
+            if math.isfinite(float(self.scores[row])):
+                groups[(g.prompt_id, g.adapter_version)].append(row)
+        relative = self.scores.clone()
+        for rows in groups.values():
+            if len(rows) > 1:
+                total = float(self.scores[rows].sum())
+                for row in rows:
+                    relative[row] = self.scores[row] - (total - float(self.scores[row])) / (len(rows) - 1)
+        return relative
+
     def replayable(self, temperature: float) -> list[int]:
         """Return the rated rows PPO can replay: stored behaviour logprobs for every token, at `temperature`."""
         return [row for row, g in enumerate(self.generations)

@@ -317,11 +317,14 @@ class Worker:
         return self.rng.sample(pool, n) if len(pool) >= n else [self.rng.choice(pool) for _ in range(n)]
 
     def replay_pool(self, feedback: RatedFeedback) -> Replay:
-        """Return every rated generation PPO can replay (`RatedFeedback.replayable`), empty when replay is off."""
+        """Return every rated generation PPO can replay (`RatedFeedback.replayable`), empty when replay is off.
+
+        Each is scored by its rating relative to its siblings' (`RatedFeedback.relative_scores`).
+        """
         rows = feedback.replayable(self.trainer.config.temperature) if self.config.replay_samples else []
-        generations = [feedback.generations[r] for r in rows]
+        generations, scores = [feedback.generations[r] for r in rows], feedback.relative_scores()
         return Replay([feedback.prompts[r] for r in rows], [list(g.token_ids) for g in generations],
-                      [list(g.logprobs) for g in generations], [float(feedback.scores[r]) for r in rows])
+                      [list(g.logprobs) for g in generations], [float(scores[r]) for r in rows])
 
     def pick_replay(self, pool: Replay) -> Replay | None:
         """Return `--replay-samples` rated generations drawn from the pool without replacement (all when fewer)."""

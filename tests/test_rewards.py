@@ -10,13 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from db import FeedbackStore, NewGeneration
+from db import Cursor, FeedbackStore, NewGeneration
 from ppo_feedback.config import LoraSettings, ModelConfig
 from ppo_feedback.generation import first_eos_mask, generate, sample
 from ppo_feedback.modeling import add_lora, load_model
 from ppo_feedback.policy import PolicyWithValueHead, response_features
 from ppo_feedback.rewards import DEFAULT_L2, L2_GRID, FitReport, RewardConfig, RewardModel, fit_reward_model, \
-    normalize_ratings
+    normalize_ratings, read_feedback
 from ppo_feedback.trainer import PPOConfig, PPOTrainer
 
 PROMPTS = ["The weather today is", "I love this pizza", "Once upon a time there was a little robot",
@@ -456,6 +456,41 @@ def test_fit_reward_model_reads_the_store(policy, tmp_path, monkeypatch):
     monkeypatch.setattr(RewardModel, "featurize", staticmethod(no_featurize))
     again, _ = fit_reward_model(store, policy, feature_cache=cache)
     assert torch.equal(again.score_hidden(all_features), scores)
+    store.close()
+
+
+def test_read_feedback_scores_rows_and_siblings(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.db")
+    a, b = store.add_prompt("prompt a", source="builtin"), store.add_prompt("prompt b", source="builtin")
+    store.publish_version(1, "v0001", 0, cursor=Cursor(), n_ratings=0, n_preferences=0)
+
+    def record(prompt_id, version, n):
+        return [g.id for g in store.record_generations(prompt_id, version, [
+            NewGeneration(f"text {i}", [i + 1, 0], [-1.0, -0.5], {"temperature": 1.0}) for i in range(n)])]
+
+    shown, later, other = record(a, 0, 3), record(a, 1, 1), record(b, 0, 2)
+    for g, score in zip(shown, (5, 3, 1)):
+        store.rate(g, "ann", score)
+    store.rate(shown[0], "bob", 4)
+    store.rate(later[0], "ann", 4)
+    store.rate(other[0], "bob", 2)
+    store.prefer(other[0], other[1], "bob")  # other[1] is only in a preference
+    feedback = read_feedback(store)
+    ids = [g.id for g in feedback.generations]
+    assert ids == sorted(shown + later + other) and feedback.n_ratings == 6 and feedback.raters == {"ann", "bob"}
+    z = normalize_ratings([("ann", 5), ("ann", 3), ("ann", 1), ("bob", 4), ("ann", 4), ("bob", 2)])
+    expected = {shown[0]: (z[0] + z[3]) / 2, shown[1]: z[1], shown[2]: z[2], later[0]: z[4], other[0]: z[5]}
+    scores = dict(zip(ids, feedback.scores.tolist()))
+    assert math.isnan(scores.pop(other[1])) and scores == pytest.approx(expected)
+    assert feedback.pairs == [(ids.index(other[0]), ids.index(other[1]))]
+    relative = dict(zip(ids, feedback.relative_scores().tolist()))
+    s0, s1, s2 = (expected[g] for g in shown)
+    # candidates shown together are scored against each other's mean; a lone one keeps its score
+    assert [relative[g] for g in shown] == pytest.approx([s0 - (s1 + s2) / 2, s1 - (s0 + s2) / 2, s2 - (s0 + s1) / 2])
+    assert relative[later[0]] == pytest.approx(expected[later[0]]) and relative[other[0]] == pytest.approx(expected[other[0]])
+    assert math.isnan(relative[other[1]])
+    assert feedback.replayable(1.0) == [ids.index(g) for g in sorted(shown + later + [other[0]])]
+    assert feedback.replayable(0.7) == []  # sampled at another temperature: their logprobs are not comparable
     store.close()
 
 

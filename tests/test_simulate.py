@@ -378,3 +378,24 @@ def test_short_load_run_is_exactly_once_with_a_worker_killed_and_restarted(tiny_
     assert report["client_errors"] == 0 and not report["error_examples"], report["error_examples"]
     assert report["serving_version_monotonic"]
     assert report["worker"]["killed"] and report["worker"]["restarted"]
+
+
+def test_learning_curve_repeats_summarise_over_runs():
+    from bench.learning_curve import summarize_runs
+
+    def report(seed, difference, half, kl, newest):
+        return {"seed": seed, "out": f"run-{seed}", "goal_met": difference - half > 0, "versions_published": newest,
+                "held_out": {"difference": {"mean": difference, "ci95": half}, "kl_newest": {"mean": kl},
+                             "base_perplexity": {f"v{newest[-1] if newest else 0}": 12.0 + seed, "v0": 11.9}}}
+
+    summary = summarize_runs([report(0, 0.30, 0.10, 8.0, [1, 2, 3]), report(1, 0.10, 0.12, 6.0, [1, 2]),
+                              report(2, 0.20, 0.05, 7.0, [])])
+    assert summary["seeds"] == [0, 1, 2] and summary["differences"] == [0.30, 0.10, 0.20]
+    assert summary["difference_mean"] == pytest.approx(0.2)
+    # sd 0.1 over 3 runs: t(0.975, 2) = 4.303, half-width 4.303 * 0.1 / sqrt(3)
+    assert summary["difference_ci95"] == pytest.approx(4.303 * 0.1 / 3 ** 0.5, abs=2e-3)
+    assert summary["goal_met"] == [True, False, True]
+    # the third published nothing: its newest is v0 itself
+    assert summary["kl"] == [8.0, 6.0, 7.0] and summary["base_perplexity"] == [12.0, 13.0, 11.9]
+    single = summarize_runs([report(0, 0.30, 0.10, 8.0, [1])])
+    assert single["difference_mean"] == pytest.approx(0.3) and single["difference_ci95"] is None

@@ -269,7 +269,7 @@ def test_rated_generations_sampled_at_the_training_temperature_are_replayed(tmp_
     feedback = read_feedback(store)
     pool = worker.replay_pool(feedback)
     assert sorted(pool.responses) == sorted(list(g.token_ids) for g in replayable)
-    by_id = {g.id: float(z) for g, z in zip(feedback.generations, feedback.scores)}
+    by_id = {g.id: float(z) for g, z in zip(feedback.generations, feedback.relative_scores())}
     expected = {tuple(g.token_ids): by_id[g.id] for g in replayable}
     assert {tuple(r): s for r, s in zip(pool.responses, pool.scores)} == expected
     assert worker.run_round() == 1
