@@ -41,8 +41,8 @@ class Replay:
     """Rated generations to replay in a PPO iteration: what was sampled, by which probabilities, and its score.
 
     `logprobs` are the behaviour policy's (the version that served them, stored with each
-    generation), at the trainer's temperature; `scores` are on the reward model's scale (the
-    raters' normalised scores).
+    generation), at the trainer's temperature; `scores` are baseline-corrected ratings (the worker
+    gives each its normalised rating minus its siblings' mean), used as the return.
     """
 
     prompts: list[str]
@@ -174,8 +174,9 @@ class PPOTrainer:
         """Return a rollout's PPO experience: old logprobs and values, KL-penalised rewards, GAE, whitened advantages.
 
         `exact`: the rollout's own logprobs and values are the policy's now; otherwise one forward
-        takes them (the proximal policy), and with `off_policy` the rollout's logprobs are the
-        behaviour policy's, from which the truncated importance weights are formed.
+        takes them (the proximal policy). With `off_policy` the rollout's logprobs are the behaviour
+        policy's, from which the truncated importance weights are formed, and the scores are relative
+        ratings: the advantage is the return (score minus the KL penalty to come), unwhitened.
         """
         c = self.config
         qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
@@ -187,11 +188,16 @@ class PPOTrainer:
         rewards = ppo.penalized_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_ctl.value,
                                         c.kl_estimator)  # (B, R)
         non_score_reward = rewards.sum(1) - scores  # (B,)
-        if c.whiten_rewards:
-            rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = ppo.gae(rewards, old_values, mask, c.gamma, c.lam)
-        advantages = ppo.masked_whiten(advantages, mask)
-        weights = ppo.truncated_importance_weights(old_logprobs, rollout.logprobs, mask) if off_policy else None
+        if off_policy:
+            # A rated sample's score is already relative to its siblings' (a leave-one-out baseline), so
+            # its advantage is the return itself: no value baseline, no whitening, the sign kept.
+            advantages, returns = ppo.gae(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
+            weights = ppo.truncated_importance_weights(old_logprobs, rollout.logprobs, mask)
+        else:
+            if c.whiten_rewards:
+                rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = ppo.gae(rewards, old_values, mask, c.gamma, c.lam)
+            advantages, weights = ppo.masked_whiten(advantages, mask), None
         return Experience(qr, attn, P, mask, old_logprobs, old_values, advantages, returns, kl, scores,
                           non_score_reward, weights)
 
@@ -199,9 +205,9 @@ class PPOTrainer:
              replay: Replay | None = None) -> dict[str, float]:
         """Run one PPO iteration on `prompts` (and `replay`'s rated samples); return its stats under TRL's names.
 
-        Replayed samples join the PPO epochs with their own scores, KL-penalised rewards, GAE and
-        whitened advantages, each token's clipped term weighted by `ppo.truncated_importance_weights`
-        (they were drawn by an older version). The KL controller sees the fresh rollout only.
+        Replayed samples join the PPO epochs with their own scores and KL-penalised returns as
+        advantages, each token's clipped term weighted by `ppo.truncated_importance_weights` (they
+        were drawn by an older version). The KL controller and the value head see the fresh rollout only.
         """
         c = self.config
         if len(prompts) != c.batch_size:
@@ -241,7 +247,8 @@ class PPOTrainer:
                                                                   weights)
                 vf_loss, vf_clipfrac = ppo.value_loss(out.values, batch.old_values[mb], batch.returns[mb],
                                                       batch.mask[mb], c.cliprange_value)
-                loss = pg_loss + c.vf_coef * vf_loss
+                # the value head learns the fresh samples' returns only; replayed ones need no baseline
+                loss = pg_loss + c.vf_coef * vf_loss if batch.weights is None else pg_loss
                 # decided together, so no process waits forever on another's all-reduce
                 if self.all_mean(0.0 if torch.isfinite(loss) else 1.0) > 0:
                     raise FloatingPointError(f"non-finite PPO loss {loss.item()} at iteration {self.iteration}")
