@@ -320,11 +320,13 @@ class Worker:
         """Return every rated generation PPO can replay (`RatedFeedback.replayable`), empty when replay is off.
 
         Each is scored by its rating relative to its siblings' (`RatedFeedback.relative_scores`), and
-        only those rated above them are kept: PPO replays them to make them likelier. Pushing down a
-        sequence again and again moves its probability to text nobody rated (likelihood displacement,
-        Razin et al. 2024), which in a first trial raised the base model's perplexity of the
-        policy's text from 12 to 21; rejection-sampling fine-tuning (RAFT, Dong et al. 2023) keeps
-        the good samples only for the same reason.
+        only those rated above them are kept: PPO replays them to make them likelier. Pushing a
+        sampled sequence down again and again moves its probability to text nobody rated
+        (likelihood displacement, Razin et al. 2024); rejection-sampling fine-tuning (RAFT, Dong et
+        al. 2023) keeps only the good samples for the same reason. Measured on smollm2-135m with a
+        simulated sentiment taste (one run each): replaying every rated generation with its plain
+        normalised score ended at a base-model perplexity of 21.2 (the base's own text: 11.9);
+        replaying those above their siblings, with relative scores, at 8.3, and it learnt more.
         """
         scores = feedback.relative_scores()
         rows = [r for r in feedback.replayable(self.trainer.config.temperature) if scores[r] > 0] \
