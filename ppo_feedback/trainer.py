@@ -245,10 +245,14 @@ class PPOTrainer:
                 pg_loss, pg_clipfrac, approx_kl = ppo.policy_loss(out.logprobs, batch.old_logprobs[mb],
                                                                   batch.advantages[mb], batch.mask[mb], c.cliprange,
                                                                   weights)
-                vf_loss, vf_clipfrac = ppo.value_loss(out.values, batch.old_values[mb], batch.returns[mb],
-                                                      batch.mask[mb], c.cliprange_value)
-                # the value head learns the fresh samples' returns only; replayed ones need no baseline
-                loss = pg_loss + c.vf_coef * vf_loss if batch.weights is None else pg_loss
+                loss, stats_now = pg_loss, [("pg_loss", pg_loss), ("pg_clipfrac", pg_clipfrac),
+                                            ("approx_kl", approx_kl),
+                                            ("entropy", ppo.masked_mean(out.entropy, batch.mask[mb]))]
+                if batch.weights is None:  # the value head learns fresh samples only; replayed ones need no baseline
+                    vf_loss, vf_clipfrac = ppo.value_loss(out.values, batch.old_values[mb], batch.returns[mb],
+                                                          batch.mask[mb], c.cliprange_value)
+                    loss = loss + c.vf_coef * vf_loss
+                    stats_now += [("vf_loss", vf_loss), ("vf_clipfrac", vf_clipfrac)]
                 # decided together, so no process waits forever on another's all-reduce
                 if self.all_mean(0.0 if torch.isfinite(loss) else 1.0) > 0:
                     raise FloatingPointError(f"non-finite PPO loss {loss.item()} at iteration {self.iteration}")
@@ -258,9 +262,7 @@ class PPOTrainer:
                     self._average_gradients()
                 torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), c.max_grad_norm)
                 self.optimizer.step()
-                for name, value in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_clipfrac),
-                                    ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl),
-                                    ("entropy", ppo.masked_mean(out.entropy, batch.mask[mb]))):
+                for name, value in stats_now:
                     epoch_stats[name].append(float(value.detach()))
         fresh = batches[0]
         kl, old_logprobs, mask, non_score_reward = fresh.kl, fresh.old_logprobs, fresh.mask, fresh.non_score_reward
