@@ -347,7 +347,7 @@ class WorkerConfig:
     reference_samples: int = 16
     """Base-model samples that calibrate the reward model to mean 0, std 1."""
     replay_samples: int = 0
-    """Rated generations replayed in each PPO iteration beside the fresh samples, scored by their ratings (0: none)."""
+    """Rated generations replayed in each PPO iteration beside the fresh samples (0: none): those rated above the candidates shown with them, scored by that difference."""
     worker_id: str = ""
     """Name of this worker in the lease (default host:pid)."""
     tensorboard: Optional[str] = None

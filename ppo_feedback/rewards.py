@@ -543,10 +543,9 @@ class RatedFeedback:
                 groups[(g.prompt_id, g.adapter_version)].append(row)
         relative = self.scores.clone()
         for rows in groups.values():
-            if len(rows) > 1:
-                total = float(self.scores[rows].sum())
-                for row in rows:
-                    relative[row] = self.scores[row] - (total - float(self.scores[row])) / (len(rows) - 1)
+            n = len(rows)
+            if n > 1:  # s - (total - s) / (n - 1), for every row at once
+                relative[rows] = (n * self.scores[rows] - self.scores[rows].sum()) / (n - 1)
         return relative
 
     def replayable(self, temperature: float) -> list[int]:
