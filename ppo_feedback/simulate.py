@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scipy.stats import t as student_t
+
 from .lexicon import sentiment_counts
 
 SENTIMENT_SATURATION = 3
@@ -256,28 +258,14 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Return (mean, half-width of the two-sided t confidence interval); half-width nan below two values."""
+    """Return (mean, half-width of the two-sided Student t confidence interval); half-width nan below two values."""
     n = len(values)
     if n == 0:
         return float("nan"), float("nan")
     mean = statistics.fmean(values)
     if n < 2:
         return mean, float("nan")
-    return mean, t_quantile(0.5 + confidence / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
-
-
-def t_quantile(p: float, df: int) -> float:
-    """Return Student's t quantile (scipy when installed, else a Cornish-Fisher expansion, ~1e-3 for df >= 3)."""
-    try:
-        from scipy.stats import t as student_t
-
-        return float(student_t.ppf(p, df))
-    except ImportError:
-        z = statistics.NormalDist().inv_cdf(p)
-        g1 = (z ** 3 + z) / 4
-        g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
-        g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
-        return z + g1 / df + g2 / df ** 2 + g3 / df ** 3
+    return mean, float(student_t.ppf(0.5 + confidence / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
 
 
 def version_summary(records: Iterable[RatingRecord]) -> list[dict[str, Any]]:

@@ -159,7 +159,7 @@ def test_statistics_helpers():
     assert percentile(list(range(101)), 95) == pytest.approx(95.0)
     assert percentile([1.0, 2.0], 50) == pytest.approx(1.5)
     mean, half = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert mean == 3.0 and half == pytest.approx(2.776 * (2.5 ** 0.5) / 5 ** 0.5, rel=2e-3)
+    assert mean == 3.0 and half == pytest.approx(2.7764451 * (2.5 ** 0.5) / 5 ** 0.5, rel=1e-6)  # t(0.975, 4)
     assert t_interval([2.0])[0] == 2.0
 
 
