@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from ppo_feedback.auth import AuthFileError, UserDirectory
     from ppo_feedback.modeling import ModelSpecError
     from ppo_feedback.serving import ServingModel
-    from ppo_feedback.ui import FeedbackApp, build_demo, builtin_prompts, launch_options
+    from ppo_feedback.page import FeedbackApp, build_demo, builtin_prompts, launch_options
 
     try:
         users = UserDirectory(app_cfg.auth_file) if app_cfg.auth_file else None

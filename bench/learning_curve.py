@@ -83,7 +83,7 @@ iterations a round instead of 6 keep a run inside the 20 minutes."""
 
 def held_out_prompts() -> list[str]:
     """Return the held-out prompts, after checking that none is in the pool the app loads."""
-    from ppo_feedback.ui import builtin_prompts
+    from ppo_feedback.page import builtin_prompts
 
     pool = set(builtin_prompts())
     overlap = [p for p in HELD_OUT_PROMPTS if p in pool]

@@ -81,7 +81,7 @@ def test_the_worker_child_is_stopped_with_the_app(monkeypatch):
 def test_app_serves_the_page_and_its_api(tiny_model_dir, tmp_path):
     from gradio_client import Client
 
-    from ppo_feedback.ui import builtin_prompts
+    from ppo_feedback.page import builtin_prompts
 
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")

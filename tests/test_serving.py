@@ -56,7 +56,7 @@ def test_a_sampled_nul_character_is_recorded_and_shown_as_a_replacement_characte
     """The tiny model now and then samples byte 0; the store refuses NUL, so /generate used to fail."""
     import ppo_feedback.serving as serving_module
     from ppo_feedback.generation import Candidate
-    from ppo_feedback.ui import FeedbackApp
+    from ppo_feedback.page import FeedbackApp
 
     def sample_nul(model, tokenizer, prompt, n, *args, **kwargs):
         return [Candidate(f"a\x00b{i}\x00", [5, 0, 6, 0], [-1.0] * 4, False) for i in range(n)]

@@ -13,7 +13,7 @@ from db import FeedbackStore, NewGeneration
 from db.testing import migrated_sqlite_template
 from ppo_feedback import auth
 from ppo_feedback.config import AppConfig, SamplingConfig
-from ppo_feedback.ui import (KEYBOARD_HEAD, LOCAL_USER, FeedbackApp, Forbidden, builtin_prompts, build_demo,
+from ppo_feedback.page import (KEYBOARD_HEAD, LOCAL_USER, FeedbackApp, Forbidden, builtin_prompts, build_demo,
                              launch_options, parse_prompt_upload, shown_errors)
 
 import gradio as gr
@@ -246,3 +246,36 @@ def test_the_page_builds_with_keyboard_script_and_login(app, tmp_path):
     assert "keydown" in KEYBOARD_HEAD and "#submit-ratings" in KEYBOARD_HEAD
     app.users = auth.UserDirectory(_users(tmp_path))
     assert launch_options(app)["auth"]("ana", "a") and not launch_options(app)["auth"]("ana", "b")
+
+
+def test_each_endpoint_of_the_table_is_served_with_its_defaults_and_admin_check(app, tmp_path):
+    import inspect
+
+    from ppo_feedback.page.api import ENDPOINTS, Api, endpoint_function
+
+    demo = build_demo(app)
+    served = {dep.get("api_name") for dep in demo.config["dependencies"] if dep.get("api_visibility") == "public"}
+    assert {e.name for e in ENDPOINTS} <= served
+    api = Api(app)
+    generate = endpoint_function(api, next(e for e in ENDPOINTS if e.name == "generate"))
+    assert inspect.signature(generate).parameters["n"].default == app.sampling.num_candidates
+    app.users = auth.UserDirectory(_users(tmp_path))
+    for endpoint in (e for e in ENDPOINTS if e.admin):
+        fn = endpoint_function(api, endpoint)
+        assert list(inspect.signature(fn).parameters)[-1] == "request"
+        with pytest.raises(gr.Error, match=f"Only admins can {endpoint.admin}"):
+            fn(1, request=SimpleNamespace(username="ben"))
+    export_ratings = endpoint_function(api, next(e for e in ENDPOINTS if e.name == "export_ratings"))
+    with pytest.raises(gr.Error, match="Unknown export format"):  # an admin gets past the check
+        export_ratings("bogus", request=SimpleNamespace(username="ana"))
+
+
+def test_readme_api_table_lists_the_endpoints_of_the_table():
+    import re
+    from pathlib import Path
+
+    from ppo_feedback.page.api import ENDPOINTS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `/(\w+)`( \(admin\))? \|", readme, flags=re.MULTILINE)
+    assert [(name, bool(admin)) for name, admin in rows] == [(e.name, e.admin is not None) for e in ENDPOINTS]

@@ -15,7 +15,7 @@ from ppo_feedback.adapters import AdapterStore
 from ppo_feedback.auth import User, UserDirectory, hash_password, write_users_file
 from ppo_feedback.config import LoraSettings, ModelConfig, SamplingConfig
 from ppo_feedback.generation import Candidate
-from ppo_feedback.ui import FeedbackApp, build_demo, launch_options
+from ppo_feedback.page import FeedbackApp, build_demo, launch_options
 
 LORA = LoraSettings(lora_r=4, lora_alpha=8)
 SAMPLING = SamplingConfig(num_candidates=3, max_candidates=4, max_new_tokens=8, max_prompt_chars=200)

@@ -1,0 +1,139 @@
+"""The page's named API: one table (`ENDPOINTS`) of the endpoints scripts and `gradio_client` call.
+
+Each row names a method of `Api`, whose signature is the endpoint's arguments and whose docstring is
+its description; `register_endpoints` serves every row, with bad input turned into readable errors.
+The README's API table lists the same endpoints (a test keeps the two equal).
+
+With a users file the logged-in name is the rater (a `rater` argument is ignored) and only admins
+may call the admin endpoints; without one every action is by the local user, who is the admin.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+
+from .controller import FeedbackApp
+from .inputs import shown_errors
+from .layout import Page
+
+QUEUES: dict[str, dict[str, Any]] = {
+    "free": {"concurrency_limit": None},                         # any number at once
+    "model": {"concurrency_id": "model", "concurrency_limit": 1},  # one at a time with every other model call
+    "one": {},                                                     # Gradio's default: one at a time
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One named endpoint: the `Api` method serving it, whether only admins may call it, its queue (a
+    key of QUEUES), the defaults it takes from the app's settings, and (for file downloads) the
+    Operate button that serves it."""
+
+    name: str
+    admin: str | None = None
+    """For admin-only endpoints, the action named when someone else calls it ("Only admins can roll back.")."""
+    queue: str = "free"
+    defaults: Callable[[FeedbackApp], dict[str, Any]] = field(default=lambda app: {})
+    button: Callable[[Page], tuple] | None = None
+    """For endpoints returning a file: page -> (button, inputs, output), so the page downloads it too."""
+
+
+class Api:
+    """The endpoints' functions, bound to one FeedbackApp; each returns the JSON (or file path) the API returns."""
+
+    def __init__(self, app: FeedbackApp):
+        self.app = app
+
+    def next_prompt(self, rater: str = "", request: gr.Request = None) -> dict:
+        """The least-rated pool prompt this rater has not rated: {"prompt_id", "text"} (both null when none is left)."""
+        return self.app.next_prompt(self.app.rater(request, rater))
+
+    def generate(self, prompt: str, n: int = 4, rater: str = "", request: gr.Request = None) -> list:
+        """Generate n candidates with the serving version and record them: [{"generation_id", "prompt_id", "text", "version"}]."""
+        return self.app.generate(prompt, n, self.app.rater(request, rater))
+
+    def rate(self, generation_id: int, score: int, comment: str = "", rater: str = "",
+             request: gr.Request = None) -> dict:
+        """Rate a generation 1..5 with an optional comment: {"ok": true}."""
+        return self.app.rate(generation_id, score, comment, self.app.rater(request, rater))
+
+    def prefer(self, chosen_id: int, rejected_ids: list[int], rater: str = "", request: gr.Request = None) -> dict:
+        """Record that chosen_id is better than each of rejected_ids (same prompt): {"ok": true}."""
+        return self.app.prefer(chosen_id, rejected_ids, self.app.rater(request, rater))
+
+    def status(self) -> dict:
+        """Serving and latest version, worker state, counts, and per version {"version", "mean_rating", "n_ratings"}."""
+        record = dict(self.app.status())
+        record.pop("adapter_versions")
+        return record
+
+    def export_adapter(self, version: float):
+        """(admin) Download a version's adapter as a zip (a PEFT folder)."""
+        return self.app.export_adapter(version)
+
+    def export_ratings(self, fmt: str):
+        """(admin) Download the ratings as JSONL: preference, unpaired or ratings."""
+        return self.app.export_ratings(fmt)
+
+    def rollback(self, version: int) -> dict:
+        """(admin) Serve an earlier version (0 = base model) from now on: {"ok", "rolled_back", "serving_version"}."""
+        return self.app.rollback(version)
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("next_prompt"),
+    Endpoint("generate", queue="model", defaults=lambda app: {"n": app.sampling.num_candidates}),
+    Endpoint("rate"),
+    Endpoint("prefer"),
+    Endpoint("status"),
+    Endpoint("export_adapter", admin="download adapters", queue="one",
+             button=lambda page: (page.operate.adapter_button, [page.operate.version], [page.operate.adapter_file])),
+    Endpoint("export_ratings", admin="export ratings", queue="one",
+             button=lambda page: (page.operate.export_button, [page.operate.export_format],
+                                  [page.operate.export_file])),
+    Endpoint("rollback", admin="roll back", queue="one"),
+)
+
+
+def endpoint_function(api: Api, endpoint: Endpoint) -> Callable:
+    """Return the function Gradio serves for a row: its `Api` method with the row's defaults in the
+    signature Gradio reads, the admin check first (admin endpoints take the request for it), and bad
+    input shown as a readable error."""
+    method = getattr(api, endpoint.name)
+    defaults = endpoint.defaults(api.app)
+    parameters = [p.replace(default=defaults.get(p.name, p.default)) for p in inspect.signature(method).parameters.values()]
+    if endpoint.admin:
+        parameters.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request,
+                                            default=None))
+    signature = inspect.Signature(parameters, return_annotation=inspect.signature(method).return_annotation)
+
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        if endpoint.admin:
+            api.app.require_admin(arguments.pop("request"), endpoint.admin)
+        return method(**arguments)
+
+    call.__signature__ = signature
+    call.__annotations__ = {**method.__annotations__, **({"request": gr.Request} if endpoint.admin else {})}
+    return shown_errors(call)
+
+
+def register_endpoints(app: FeedbackApp, page: Page) -> None:
+    """Serve every row of ENDPOINTS (inside the page's gr.Blocks); returns nothing."""
+    api = Api(app)
+    for endpoint in ENDPOINTS:
+        options = {"api_name": endpoint.name, **QUEUES[endpoint.queue],
+                   "api_description": inspect.getdoc(getattr(api, endpoint.name)).splitlines()[0]}
+        if endpoint.button is None:
+            gr.api(endpoint_function(api, endpoint), **options)
+        else:
+            button, inputs, outputs = endpoint.button(page)
+            button.click(endpoint_function(api, endpoint), inputs, outputs, **options)

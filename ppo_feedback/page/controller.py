@@ -1,0 +1,306 @@
+"""The page's controller: what the page and its API do, as plain Python, independent of the layout.
+
+`FeedbackApp` knows who acts (the logged-in user, or the local one), checks limits, calls the store
+and the serving model, and returns the JSON records the API returns. It alone owns its caches (the
+/status record, the metric points).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from db.export import FORMATS, export_jsonl
+from db.records import BASE_VERSION
+from ..auth import UserDirectory
+from ..config import SamplingConfig
+from ..export import export_zip
+from .inputs import Forbidden, as_int, parse_prompt_upload
+
+LOCAL_USER = "local"
+"""The rater (and admin) every action is attributed to when the page runs without a users file."""
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+"""Candidates' names on the page, in order."""
+REWARD_METRIC = "objective/scores"
+KL_METRIC = "objective/kl"
+
+
+def version_label(version: int) -> str:
+    """Return how the page names a version: "base model" for 0, else "v3"."""
+    return "base model" if version == BASE_VERSION else f"v{version}"
+
+
+@dataclass
+class _MetricCache:
+    """Reward score and KL points seen so far; metrics are append-only, so only new ids are read."""
+
+    last_id: int = 0
+    steps: dict[tuple[int, int], int] = field(default_factory=dict)  # (version, iteration) -> step
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FeedbackApp:
+    """What the page does, independent of the layout: identities, limits, store and model calls."""
+
+    def __init__(self, serving, store, sampling: SamplingConfig, *, users: UserDirectory | None = None,
+                 adapters_dir: str | os.PathLike[str] | None = None, worker_note: str | None = None,
+                 model_cache_dir: str | None = None, title: str = "ppo-feedback"):
+        self.serving = serving
+        self.store = store
+        self.sampling = sampling
+        self.users = users
+        self.adapters_dir = Path(adapters_dir) if adapters_dir is not None else Path(serving.adapters.root)
+        self.worker_note = worker_note
+        self.model_cache_dir = model_cache_dir
+        self.title = title
+        self._export_dir = Path(tempfile.mkdtemp(prefix="ppo-feedback-exports-"))
+        self._export_lock = threading.Lock()
+        self._metrics = _MetricCache()
+        self._metrics_lock = threading.Lock()
+        self._status_cache: tuple[float, dict[str, Any]] | None = None
+        self._status_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Remove the temporary export files; returns nothing."""
+        shutil.rmtree(self._export_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------- identities
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.users is not None
+
+    def rater(self, request: gr.Request | None, requested: str | None = "") -> str:
+        """Return who acts: the logged-in user under auth (ignoring `requested`), else `requested` or the local user."""
+        if self.users is not None:
+            name = getattr(request, "username", None)
+            if not name:
+                raise Forbidden("Log in first.")
+            return name
+        requested = (requested or "").strip() if isinstance(requested, str) else ""
+        return requested or LOCAL_USER
+
+    def is_admin(self, request: gr.Request | None) -> bool:
+        """Return whether the request may operate (every request when auth is off)."""
+        if self.users is None:
+            return True
+        return self.users.is_admin(getattr(request, "username", None))
+
+    def require_admin(self, request: gr.Request | None, action: str) -> None:
+        """Raise Forbidden unless the request comes from an admin."""
+        if not self.is_admin(request):
+            raise Forbidden(f"Only admins can {action}.")
+
+    # ---------------------------------------------------------------------------- rating
+
+    def check_prompt(self, prompt: Any) -> str:
+        """Return the prompt if it is non-blank text within the length limit; raise ValueError with the reason."""
+        if not isinstance(prompt, str):
+            raise ValueError("The prompt must be text.")
+        if not prompt.strip():
+            raise ValueError("The prompt is empty.")
+        if len(prompt) > self.sampling.max_prompt_chars:
+            raise ValueError(f"The prompt has {len(prompt)} characters; the limit is "
+                             f"{self.sampling.max_prompt_chars}.")
+        return prompt
+
+    def check_n(self, n: Any) -> int:
+        """Return the number of candidates asked for if it is within 1..max_candidates; raise ValueError otherwise."""
+        n = as_int(n, "number of candidates")
+        if not 1 <= n <= self.sampling.max_candidates:
+            raise ValueError(f"Ask for 1 to {self.sampling.max_candidates} candidates, not {n}.")
+        return n
+
+    def next_prompt(self, rater: str) -> dict[str, Any]:
+        """Return {"prompt_id", "text"} of the least-rated pool prompt this rater has not rated (both None when none is left)."""
+        prompt = self.store.next_prompt(rater)
+        if prompt is None:
+            return {"prompt_id": None, "text": None}
+        return {"prompt_id": prompt.id, "text": prompt.text}
+
+    def generate(self, prompt: str, n: int, rater: str, seed: int | None = None) -> list[dict[str, Any]]:
+        """Sample and record n candidates with the serving version; return their API records."""
+        prompt = self.check_prompt(prompt)
+        n = self.check_n(n)
+        generations = self.serving.generate(prompt, n, rater=rater, seed=seed)
+        return [{"generation_id": g.id, "prompt_id": g.prompt_id, "text": g.text, "version": g.adapter_version}
+                for g in generations]
+
+    def rate(self, generation_id: Any, score: Any, comment: str | None, rater: str) -> dict[str, Any]:
+        """Store one rating (1..5, optional comment); return {"ok": True}."""
+        self.store.rate(generation_id, rater, score, comment or None)
+        return {"ok": True}
+
+    def prefer(self, chosen_id: Any, rejected_ids: Any, rater: str) -> dict[str, Any]:
+        """Store "chosen is better than each rejected one"; return {"ok": True}."""
+        if not isinstance(rejected_ids, (list, tuple)):
+            raise ValueError("rejected_ids must be a list of generation ids.")
+        self.store.pick_best(chosen_id, list(rejected_ids), rater)
+        return {"ok": True}
+
+    def submit(self, generation_ids: list[int], scores: list[Any], best: int | None, comment: str,
+               rater: str) -> str:
+        """Store a rater's whole judgement of one set of candidates; return the confirmation to show.
+
+        `scores[i]` rates `generation_ids[i]` (None: not rated); `best` is the index of the best
+        candidate (stored as preferred over every other shown one). The comment goes with each rating.
+        Everything is checked before anything is written.
+        """
+        if not generation_ids:
+            raise ValueError("Generate candidates first.")
+        rated = [(gid, as_int(s, "score")) for gid, s in zip(generation_ids, scores) if s not in (None, "")]
+        for _, score in rated:
+            if not 1 <= score <= 5:
+                raise ValueError(f"Scores go from 1 to 5, not {score}.")
+        if best is not None and not 0 <= best < len(generation_ids):
+            raise ValueError(f"Candidate {LETTERS[best] if 0 <= best < len(LETTERS) else best} "
+                             "is not there (yet).")
+        if best is not None and len(generation_ids) < 2:
+            raise ValueError("Picking the best one needs at least two candidates.")
+        if not rated and best is None:
+            raise ValueError("Rate at least one candidate (1–5) or pick the best one.")
+        if comment and comment.strip() and not rated:
+            raise ValueError("A comment is stored with the ratings: rate at least one candidate.")
+        for gid, score in rated:
+            self.store.rate(gid, rater, score, comment or None)
+        parts = [f"{len(rated)} rating{'s' if len(rated) != 1 else ''}"]
+        if best is not None:
+            rejected = [gid for i, gid in enumerate(generation_ids) if i != best]
+            self.store.pick_best(generation_ids[best], rejected, rater)
+            parts.append(f"{LETTERS[best]} as the best")
+        return "Saved " + " and ".join(parts) + "."
+
+    # ---------------------------------------------------------------------------- status
+
+    def worker_state(self, status) -> str:
+        """Return the worker line of the status panel."""
+        if status.present:
+            return status.state
+        return f"paused: {self.worker_note}" if self.worker_note else "paused: no worker holds the training lease"
+
+    def forget_status(self) -> None:
+        """Drop the cached /status record, so the next `status()` reads the store; returns nothing."""
+        with self._status_lock:
+            self._status_cache = None
+
+    def status(self, max_age_s: float = 1.0) -> dict[str, Any]:
+        """Return the /status record (cached for `max_age_s` so that many open pages cost one query set)."""
+        with self._status_lock:
+            now = time.monotonic()
+            if self._status_cache is not None and now - self._status_cache[0] < max_age_s:
+                return self._status_cache[1]
+            serving_version = self.serving.version  # read once: a swap may land while the record is built
+            counts = self.store.counts(since_version=serving_version)
+            worker = self.store.worker_status()
+            versions = self.store.list_versions()
+            summary = self.store.version_rating_summary()
+            latest = versions[-1] if versions else None
+            record = {
+                "serving_version": serving_version,
+                "latest_version": latest.version if latest else BASE_VERSION,
+                "latest_status": latest.status if latest else None,
+                "worker": {"state": self.worker_state(worker), "present": worker.present, "holder": worker.holder},
+                "counts": {key: counts[key] for key in ("prompts", "generations", "ratings", "preferences", "raters",
+                                                        "ratings_since_serving", "preferences_since_serving")},
+                "versions": [{"version": s.version, "mean_rating": round(s.mean_rating, 4), "n_ratings": s.n_ratings}
+                             for s in summary],
+                "swap_error": self.serving.last_swap_error,
+                "adapter_versions": [{"version": v.version, "status": v.status, "parent": v.parent}
+                                     for v in versions],
+            }
+            self._status_cache = (now, record)
+            return record
+
+    def metric_rows(self) -> list[dict[str, Any]]:
+        """Return every reward-score and KL point as {"step", "version", "iteration", "metric", "value"}, in order.
+
+        `step` counts PPO iterations across all versions (1, 2, ...), in the order they were recorded.
+        """
+        with self._metrics_lock:
+            cache = self._metrics
+            for point in self.store.metrics(since_id=cache.last_id):
+                cache.last_id = point.id
+                if point.name not in (REWARD_METRIC, KL_METRIC):
+                    continue
+                key = (point.version, point.iteration)
+                step = cache.steps.setdefault(key, len(cache.steps) + 1)
+                cache.rows.append({"step": step, "version": point.version, "iteration": point.iteration,
+                                   "metric": point.name, "value": point.value})
+            return list(cache.rows)
+
+    def plots(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """Return the data of the three plots: mean human rating per version, reward score and KL per iteration."""
+        versions = self.status()["versions"]
+        # Categories sort as text in the plot (a `sort` list goes stale in the browser when versions are added):
+        # "base model" < "v01" < ... < "v10" once there are ten versions.
+        width = len(str(max((v["version"] for v in versions), default=0)))
+        ratings = pd.DataFrame(
+            [{"version": "base model" if v["version"] == BASE_VERSION else f"v{v['version']:0{width}d}",
+              "mean rating": v["mean_rating"], "ratings": v["n_ratings"]} for v in versions],
+            columns=["version", "mean rating", "ratings"])
+        rows = pd.DataFrame(self.metric_rows(), columns=["step", "version", "iteration", "metric", "value"])
+        score = rows[rows.metric == REWARD_METRIC].rename(columns={"value": "reward score", "step": "PPO iteration"})
+        kl = rows[rows.metric == KL_METRIC].rename(columns={"value": "KL", "step": "PPO iteration"})
+        return ratings, score.drop(columns="metric"), kl.drop(columns="metric")
+
+    # --------------------------------------------------------------------------- compare
+
+    def compare(self, prompt: str, version: int | None, seed: int) -> dict[str, Any]:
+        """Sample one completion from the base model, the serving version and `version` with the same seed."""
+        prompt = self.check_prompt(prompt)
+        seed = as_int(seed, "seed")
+        serving = self.serving.version
+
+        def one(v: int) -> str:
+            return self.serving.generate_with_version(prompt, v, seed)[0].text
+
+        result = {"seed": seed, "base": one(BASE_VERSION), "serving": {"version": serving, "text": one(serving)}}
+        if version is not None:
+            version = as_int(version, "version")
+            result["chosen"] = {"version": version, "text": one(version)}
+        return result
+
+    # --------------------------------------------------------------------------- operate
+
+    def add_prompts(self, text: str, filename: str = "") -> str:
+        """Add uploaded prompts to the pool (source "uploaded"); return what happened."""
+        prompts = parse_prompt_upload(text, filename)
+        before = {p.id for p in self.store.list_prompts(active_only=False)}
+        ids = self.store.add_prompts(prompts, source="uploaded")
+        new = len(set(ids) - before)
+        return f"Added {new} new prompt{'s' if new != 1 else ''}; {len(set(ids)) - new} were already in the pool."
+
+    def rollback(self, version: Any) -> dict[str, Any]:
+        """Serve an earlier version (0 = base model) from now on; return {"ok", "rolled_back", "serving_version"}."""
+        version = as_int(version, "version")
+        rolled_back = self.serving.rollback(version)
+        self.forget_status()
+        return {"ok": True, "rolled_back": rolled_back, "serving_version": self.serving.version}
+
+    def export_adapter(self, version: Any) -> str:
+        """Zip a version as a standard PEFT adapter folder (with a model card, checksums checked); return the zip's path."""
+        version = as_int(version, "version")
+        if version == BASE_VERSION:
+            raise ValueError("Version 0 is the base model; it has no adapter to download.")
+        with self._export_lock:
+            return str(export_zip(version, self._export_dir, store=self.store, adapters_dir=self.adapters_dir,
+                                  cache_dir=self.model_cache_dir, overwrite=True))
+
+    def export_ratings(self, fmt: str) -> str:
+        """Write the ratings export in one of db.export's formats; return the JSONL file's path."""
+        if fmt not in FORMATS:
+            raise ValueError(f"Unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+        with self._export_lock:
+            target = self._export_dir / f"feedback-{fmt}.jsonl"
+            partial = target.with_suffix(".jsonl.partial")
+            export_jsonl(self.store, fmt, partial)
+            os.replace(partial, target)
+        return str(target)
