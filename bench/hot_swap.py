@@ -29,8 +29,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from db import Cursor, FeedbackStore  # noqa: E402
-from ppo_feedback.adapters import AdapterState, AdapterStore  # noqa: E402
+from db import Cursor, FeedbackStore, VersionRecord  # noqa: E402
+from ppo_feedback.adapters import AdapterState, AdapterStore, VersionLifecycle  # noqa: E402
 from ppo_feedback.config import LoraSettings, ModelConfig, SamplingConfig  # noqa: E402
 from ppo_feedback.local_models import build_gpt2  # noqa: E402
 from ppo_feedback.modeling import add_lora, load_model  # noqa: E402
@@ -81,8 +81,7 @@ def main() -> None:
     adapters = AdapterStore(work / "adapters")
     for seed, parent in ((1, 0), (2, 1)):  # two versions to swap between, published as the worker would
         perturb(policy, seed)
-        adapters.publish(policy, store, base_model=loaded.spec, parent=parent, cursor=Cursor(),
-                         n_ratings=0, n_preferences=0)
+        VersionLifecycle(store, adapters).publish(policy, VersionRecord(parent, loaded.spec, Cursor(), 0, 0))
     initial.restore()
     serving = ServingModel(policy, store, adapters.root, base_model=loaded.spec,
                            sampling=SamplingConfig(num_candidates=1, max_new_tokens=8))

@@ -20,6 +20,7 @@ from db.records import (
     Prompt,
     RatedGeneration,
     Rating,
+    VersionRecord,
     VersionSummary,
     WorkerStatus,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "RatedGeneration",
     "Rating",
     "StoreError",
+    "VersionRecord",
     "VersionSummary",
     "WorkerStatus",
     "sqlite_url_or",

@@ -132,6 +132,25 @@ class AdapterVersion:
 
 
 @dataclass(frozen=True)
+class VersionRecord:
+    """A trained adapter version as its publisher describes it, before it has a number.
+
+    One value for both places a version is recorded: its folder's `metadata.json` and its
+    `adapter_versions` row (`FeedbackStore.publish_version`). `cursor` is the feedback it was
+    trained up to, `n_ratings` and `n_preferences` how much feedback there was then, `metrics` its
+    last PPO iteration's statistics and the reward model's, and `base_model` the model spec it was
+    trained on (kept in `metadata.json` only; the store has no column for it).
+    """
+
+    parent: int
+    base_model: str
+    cursor: Cursor
+    n_ratings: int
+    n_preferences: int
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class MetricPoint:
     id: int
     version: int

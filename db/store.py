@@ -47,6 +47,7 @@ from db.records import (
     Prompt,
     RatedGeneration,
     Rating,
+    VersionRecord,
     VersionSummary,
     WorkerStatus,
 )
@@ -508,31 +509,12 @@ class FeedbackStore:
         )
 
     def publish_version(
-        self,
-        version: int,
-        path: str,
-        parent: int,
-        *,
-        cursor: Cursor,
-        n_ratings: int,
-        n_preferences: int,
-        metrics: Mapping[str, Any] | None = None,
-        holder: str | None = None,
+        self, version: int, record: VersionRecord, path: str, *, holder: str | None = None
     ) -> AdapterVersion:
-        """Publish a trained adapter (served from now on) trained from `parent` on feedback up to
-        `cursor`; return it. With `holder`, refuses unless that worker still holds the lease.
-        Refuses a version number that exists or a parent that is not published (or 0)."""
-        return self._add_version(
-            version,
-            parent,
-            "published",
-            path=_path(path),
-            cursor=_cursor(cursor),
-            n_ratings=check.integer(n_ratings, "number of ratings"),
-            n_preferences=check.integer(n_preferences, "number of preferences"),
-            metrics=check.json_object(metrics, "metrics"),
-            holder=holder,
-        )
+        """Publish a trained adapter (served from now on) as `version`, described by `record`, its
+        files at `path`; return it. With `holder`, refuses unless that worker still holds the
+        lease. Refuses a version number that exists or a parent that is not published (or 0)."""
+        return self._add_version(version, record, "published", path=_path(path), holder=holder)
 
     def record_failed_version(
         self,
@@ -545,16 +527,10 @@ class FeedbackStore:
         holder: str | None = None,
     ) -> AdapterVersion:
         """Record a training run that was not published, with `reason` in its metrics; return it."""
+        metrics = {**check.json_object(metrics, "metrics"), "reason": check.text(reason, "reason")}
+        record = VersionRecord(parent, "", Cursor(), 0, 0, metrics)
         return self._add_version(
-            version,
-            parent,
-            "failed",
-            path=None if path is None else _path(path),
-            cursor=Cursor(),
-            n_ratings=0,
-            n_preferences=0,
-            metrics={**check.json_object(metrics, "metrics"), "reason": check.text(reason, "reason")},
-            holder=holder,
+            version, record, "failed", path=None if path is None else _path(path), holder=holder
         )
 
     def rollback_to(self, version: int) -> list[int]:
@@ -702,20 +678,11 @@ class FeedbackStore:
             s.execute(select(func.pg_advisory_xact_lock(_FEEDBACK_LOCK)))
 
     def _add_version(
-        self,
-        version: int,
-        parent: int,
-        status: str,
-        *,
-        path: str | None,
-        cursor: Cursor,
-        n_ratings: int,
-        n_preferences: int,
-        metrics: dict[str, Any],
-        holder: str | None,
+        self, version: int, record: VersionRecord, status: str, *, path: str | None, holder: str | None
     ) -> AdapterVersion:
         version = check.integer(version, "adapter version", minimum=1)
-        parent = check.integer(parent, "parent version")
+        fields = _version_fields(record)
+        parent = fields["parent"]
         holder = None if holder is None else check.name(holder, "lease holder")
         if parent >= version:
             raise StoreError(f"Version {version} cannot have parent {parent}; parents are older.")
@@ -734,17 +701,7 @@ class FeedbackStore:
                         f"{parent_row.status}; it cannot be published."
                     )
             row = m.AdapterVersion(
-                version=version,
-                path=path,
-                parent=parent,
-                status=status,
-                n_ratings=n_ratings,
-                n_preferences=n_preferences,
-                rating_cursor=cursor.rating_id,
-                preference_cursor=cursor.preference_id,
-                metrics=metrics,
-                created_at=now,
-                status_changed_at=now,
+                version=version, path=path, status=status, created_at=now, status_changed_at=now, **fields
             )
             s.add(row)
             s.flush()
@@ -853,6 +810,20 @@ def _generation_fields(new: NewGeneration) -> dict[str, Any]:
         "token_ids": token_ids,
         "logprobs": logprobs,
         "sampling": check.json_object(new.sampling, "sampling parameters"),
+    }
+
+
+def _version_fields(record: VersionRecord) -> dict[str, Any]:
+    if not isinstance(record, VersionRecord):
+        raise StoreError(f"Expected a VersionRecord, not {type(record).__name__}.")
+    cursor = _cursor(record.cursor)
+    return {
+        "parent": check.integer(record.parent, "parent version"),
+        "n_ratings": check.integer(record.n_ratings, "number of ratings"),
+        "n_preferences": check.integer(record.n_preferences, "number of preferences"),
+        "rating_cursor": cursor.rating_id,
+        "preference_cursor": cursor.preference_id,
+        "metrics": check.json_object(record.metrics, "metrics"),
     }
 
 

@@ -1,9 +1,8 @@
-"""Versioned adapter store: `adapters/v0001/`, `v0002/`, ... published atomically, loaded in place.
+"""Adapter versions: the weights in a live policy, the `adapters/` directory, and one lifecycle over both and the store.
 
-A version directory holds the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`),
-`value_head.safetensors` and `metadata.json` (base model, version, parent, feedback counts and
-cursor, metrics, time, and the sha256 of every other file). Safetensors and JSON only: nothing is
-ever unpickled.
+`VersionLifecycle` is the one way a version is published, checked, loaded and rolled back: it
+writes the folder and the store row from one `VersionRecord`. The folder format and its checks
+are in `versions.py`.
 
 Publishing writes into `.tmp-*` inside the adapters directory, fsyncs every file and the directory,
 renames it to `vNNNN`, fsyncs the adapters directory, then records the version in the store in one
@@ -16,31 +15,34 @@ One publisher at a time (the worker holding the training lease): a publish remov
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from db.records import BASE_VERSION, Cursor
-from .policy import ADAPTER_WEIGHTS, VALUE_HEAD_WEIGHTS, AdapterLoadError, PolicyWithValueHead
+from db.records import BASE_VERSION, VersionRecord
+from .policy import PolicyWithValueHead
+from .versions import (
+    METADATA,
+    WEIGHT_FILES,
+    AdapterLoadError,
+    read_metadata,
+    sha256_file,
+    verify_directory,
+    version_dir,
+    version_metadata,
+)
 
 log = logging.getLogger(__name__)
 
-METADATA = "metadata.json"
-FORMAT = "ppo-feedback-adapter/1"
 TMP_PREFIX = ".tmp-"
-WEIGHT_FILES = (ADAPTER_WEIGHTS, VALUE_HEAD_WEIGHTS)  # what loading reads, so what loading verifies
 VERSION_DIR = re.compile(r"^v(\d{4,})$")
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 class VersionConflict(RuntimeError):
@@ -91,57 +93,6 @@ def reset_to_base(policy: PolicyWithValueHead) -> None:
             p.zero_()
 
 
-# ------------------------------------------------------------------------------- reading
-
-def version_dir_name(version: int) -> str:
-    """Return the directory name of a version: `v0001` (more digits past 9999)."""
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"adapter versions start at 1, not {version!r}")
-    return f"v{version:04d}"
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_metadata(directory: Path, version: int | None = None) -> dict[str, Any]:
-    """Return a version directory's metadata.json; raise AdapterLoadError if missing, corrupt or for another version."""
-    try:
-        meta = json.loads((directory / METADATA).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise AdapterLoadError(f"{directory}: cannot read {METADATA} ({exc})") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
-        raise AdapterLoadError(f"{directory}: {METADATA} is not an adapter version's metadata")
-    if version is not None and meta.get("version") != version:
-        raise AdapterLoadError(f"{directory}: {METADATA} says version {meta.get('version')!r}, not {version}")
-    return meta
-
-
-def verify_directory(directory: Path, version: int | None = None, *, all_files: bool = False) -> dict[str, Any]:
-    """Check a version directory against its metadata checksums; return the metadata.
-
-    Checks the weight files loading reads (every listed file with `all_files`). Raises
-    AdapterLoadError naming the first missing or altered file.
-    """
-    meta = read_metadata(directory, version)
-    files: dict[str, str] = meta["files"]
-    for name in (files if all_files else WEIGHT_FILES):
-        if name not in files:
-            raise AdapterLoadError(f"{directory}: {METADATA} lists no checksum for {name}")
-        try:
-            actual = sha256_file(directory / name)
-        except OSError as exc:
-            raise AdapterLoadError(f"{directory}: cannot read {name} ({exc})") from exc
-        if actual != files[name]:
-            raise AdapterLoadError(f"{directory}: {name} is corrupt (sha256 differs from the published one)")
-    return meta
-
-
 def apply_version(policy: PolicyWithValueHead, root: str | Path, version: int, *,
                   initial: AdapterState | None = None, verify: bool = True) -> Path | None:
     """Load `version` into the policy in place (0 = the base model); return its directory (None for 0).
@@ -158,7 +109,7 @@ def apply_version(policy: PolicyWithValueHead, root: str | Path, version: int, *
         else:
             reset_to_base(policy)
         return None
-    directory = Path(root) / version_dir_name(version)
+    directory = version_dir(root, version)
     if verify:
         verify_directory(directory, version)
     policy.load_adapter(directory)
@@ -199,14 +150,14 @@ def _remove(path: Path) -> None:
 
 
 class AdapterStore:
-    """The adapters directory: publish versions atomically, find and check them, clean up after crashes."""
+    """The adapters directory: write versions atomically, find and check them, clean up after crashes."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
     def path(self, version: int) -> Path:
         """Return the directory of `version` (it may not exist)."""
-        return self.root / version_dir_name(version)
+        return version_dir(self.root, version)
 
     def versions_on_disk(self) -> list[int]:
         """Return the version numbers that have a `vNNNN` directory, ascending (published or not)."""
@@ -250,41 +201,23 @@ class AdapterStore:
             for version in self.versions_on_disk():
                 if version not in known and version < below:
                     log.warning("removing %s: a publish crashed before the store recorded it", self.path(version))
-                    _remove(self.path(version))
+                    self.remove(version)
                     removed.append(self.path(version))
         return removed
 
-    def publish(self, policy: PolicyWithValueHead, store, *, base_model: str, parent: int, cursor: Cursor,
-                n_ratings: int, n_preferences: int, metrics: Mapping[str, Any] | None = None,
-                holder: str | None = None, extra_files: Mapping[str, bytes | str | Path] | None = None,
-                write_extra: Callable[[Path], None] | None = None) -> int:
-        """Write the policy's adapter as the next version and publish it in the store; return its number.
+    def write(self, version: int, metadata: dict[str, Any], save: Callable[[Path], None]) -> Path:
+        """Write `version` as a complete `vNNNN` directory; return it.
 
-        `extra_files` maps file names to bytes or to a file to copy; `write_extra(directory)` may
-        write more (e.g. `trainer.save_state`). The number is `next_version(store)`. If another
-        publisher took it, raises VersionConflict; if the store refuses the version (lease lost,
-        parent rolled back, ...) its error is raised. Either way no `vNNNN` of this call remains.
+        `save(directory)` writes the files; metadata.json (`metadata` with every file's checksum) is
+        added, everything fsynced, and the directory renamed into place. Raises VersionConflict
+        when `vNNNN` exists already; on any error nothing of this call remains.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        self.clean_stale(store)
-        extras = dict(extra_files or {})
-        for name in extras:
-            if not SAFE_NAME.match(name) or name == METADATA or name in WEIGHT_FILES:
-                raise ValueError(f"extra file name {name!r} is not a plain file name or clashes with the adapter's")
-        metadata = {
-            "format": FORMAT, "version": None, "parent": parent, "base_model": base_model,
-            "n_ratings": n_ratings, "n_preferences": n_preferences,
-            "cursor": {"rating_id": cursor.rating_id, "preference_id": cursor.preference_id},
-            "metrics": dict(metrics or {}), "created_at": datetime.now(timezone.utc).isoformat(),
-        }
-        json.dumps(metadata, allow_nan=False)  # fail before writing anything on NaN or non-JSON metrics
-        version = self.next_version(store)
-        metadata["version"] = version
         final = self.path(version)
-
         staging = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.root))
         try:
-            self._write(staging, policy, metadata, extras, write_extra)
+            save(staging)
+            _seal(staging, metadata)
             try:
                 os.rename(staging, final)  # refused when `final` exists: version directories are never empty
             except OSError as exc:
@@ -296,53 +229,98 @@ class AdapterStore:
             raise
         try:
             _fsync_dir(self.root)
-            store.publish_version(version, str(final.resolve()), parent, cursor=cursor, n_ratings=n_ratings,
-                                  n_preferences=n_preferences, metrics=metrics, holder=holder)
         except BaseException:
-            _remove(final)  # the store did not take it: leave no version directory behind
+            self.remove(version)
             raise
-        log.info("published adapter version %d (parent %d) in %s", version, parent, final)
+        return final
+
+    def remove(self, version: int) -> None:
+        """Delete `version`'s directory without any reader seeing half of it; returns nothing, logs failures."""
+        _remove(self.path(version))
+
+
+def _seal(directory: Path, metadata: dict[str, Any]) -> None:
+    """Write metadata.json with the checksum of every other file in `directory`, and fsync them all."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != METADATA)
+    missing = [name for name in WEIGHT_FILES if not (directory / name).is_file()]
+    if missing:
+        raise AdapterLoadError(f"saving the adapter wrote no {', '.join(missing)}")
+    metadata = {**metadata, "files": {p.name: sha256_file(p) for p in files}}
+    (directory / METADATA).write_text(json.dumps(metadata, indent=2, allow_nan=False), encoding="utf-8")
+    for p in [*files, directory / METADATA]:
+        _fsync_file(p)
+    _fsync_dir(directory)
+
+
+# ------------------------------------------------------------------------------ the lifecycle
+
+class VersionLifecycle:
+    """The adapter versions in the adapters directory and in the store's rows: publish, verify, apply, roll back."""
+
+    def __init__(self, store, adapters: AdapterStore):
+        self.store = store
+        self.adapters = adapters
+
+    def publish(self, policy: PolicyWithValueHead, record: VersionRecord, *, holder: str | None = None,
+                write_extra: Callable[[Path], None] | None = None) -> int:
+        """Write the policy's adapter as the next version, described by `record`, and publish it; return its number.
+
+        `write_extra(directory)` may write more files (e.g. `trainer.save_state`). With `holder`,
+        the store refuses unless that worker holds the lease. If another publisher took the
+        number, raises VersionConflict; if the store refuses the version (lease lost, parent rolled
+        back, ...) its error is raised. Either way no `vNNNN` of this call remains.
+        """
+        self.adapters.clean_stale(self.store)
+        version = self.adapters.next_version(self.store)
+        metadata = version_metadata(version, record)  # fails before writing anything on NaN or non-JSON metrics
+
+        def save(directory: Path) -> None:
+            policy.save_adapter(directory)
+            if write_extra is not None:
+                write_extra(directory)
+
+        final = self.adapters.write(version, metadata, save)
+        try:
+            self.store.publish_version(version, record, str(final.resolve()), holder=holder)
+        except BaseException:
+            self.adapters.remove(version)  # the store did not take it: leave no version directory behind
+            raise
+        log.info("published adapter version %d (parent %d) in %s", version, record.parent, final)
         return version
 
-    @staticmethod
-    def _write(directory: Path, policy: PolicyWithValueHead, metadata: dict[str, Any],
-               extras: dict[str, bytes | str | Path], write_extra: Callable[[Path], None] | None) -> None:
-        """Write every file of a version into `directory`, with checksums in metadata.json, and fsync them."""
-        policy.save_adapter(directory)
-        if write_extra is not None:
-            write_extra(directory)
-        for name, content in extras.items():
-            if isinstance(content, (bytes, bytearray)):
-                (directory / name).write_bytes(content)
-            else:
-                shutil.copyfile(content, directory / name)
-        files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != METADATA)
-        missing = [name for name in WEIGHT_FILES if not (directory / name).is_file()]
-        if missing:
-            raise AdapterLoadError(f"saving the adapter wrote no {', '.join(missing)}")
-        metadata["files"] = {p.name: sha256_file(p) for p in files}
-        (directory / METADATA).write_text(json.dumps(metadata, indent=2, allow_nan=False), encoding="utf-8")
-        for p in [*files, directory / METADATA]:
-            _fsync_file(p)
-        _fsync_dir(directory)
+    def verify(self, version: int, *, published: bool = False) -> dict[str, Any]:
+        """Check that `version` can be loaded: the store has its adapter, its weight files match their checksums.
 
+        Raises AdapterLoadError when the store records the version as failed (with `published`,
+        as anything but published) or a file is missing or altered, StoreError when the store does
+        not know it. Returns the version's metadata.
+        """
+        row = self.store.get_version(version)
+        if published and row.status != "published":
+            raise AdapterLoadError(f"version {version} is {row.status}, not published")
+        if row.status == "failed":
+            raise AdapterLoadError(f"version {version} failed in training; it has no adapter")
+        return self.adapters.verify(version)
 
-def rollback(store, root: str | Path, version: int, *, policy: PolicyWithValueHead | None = None) -> list[int]:
-    """Make the store serve `version` again (0 = base) once it is known to load; return the versions rolled back.
+    def apply(self, policy: PolicyWithValueHead, version: int, *, initial: AdapterState | None = None,
+              verify: bool = True) -> Path | None:
+        """Load `version` into the policy in place (0 = the base model); return its directory (see `apply_version`)."""
+        return apply_version(policy, self.adapters.root, version, initial=initial, verify=verify)
 
-    Checks the version's files against their checksums and, given a policy, loads it for real and
-    restores the policy's weights afterwards (the caller holds whatever lock guards the policy).
-    Raises AdapterLoadError before telling the store anything when the version cannot be served.
-    """
-    if version != BASE_VERSION:
-        directory = Path(root) / version_dir_name(version)
-        if not directory.is_dir():
-            raise AdapterLoadError(f"{directory}: version {version} is not on disk")
-        verify_directory(directory, version)
-        if policy is not None:
-            saved = AdapterState.capture(policy)
-            try:
-                policy.load_adapter(directory)
-            finally:
-                saved.restore()
-    return store.rollback_to(version)
+    def roll_back(self, policy: PolicyWithValueHead, version: int, *,
+                  initial: AdapterState | None = None) -> list[int]:
+        """Serve `version` again (0 = base): load it into the policy, then tell the store; return the versions rolled back.
+
+        The store marks every newer published version rolled back. Raises AdapterLoadError when
+        the version's files are missing, corrupt or do not fit, StoreError when the store refuses
+        (not a published version); either way the policy's weights and the store are as before.
+        """
+        if version != BASE_VERSION and not self.adapters.path(version).is_dir():
+            raise AdapterLoadError(f"{self.adapters.path(version)}: version {version} is not on disk")
+        served = AdapterState.capture(policy)
+        try:
+            self.apply(policy, version, initial=initial)
+            return self.store.rollback_to(version)
+        except BaseException:
+            served.restore()
+            raise

@@ -42,9 +42,17 @@ from typing import Any
 
 from db.records import BASE_VERSION
 
-from .adapters import AdapterStore, sha256_file, verify_directory, version_dir_name
 from .config import AppConfig, default_cache_dir
-from .policy import ADAPTER_WEIGHTS, VALUE_HEAD_WEIGHTS, AdapterLoadError
+from .versions import (
+    ADAPTER_WEIGHTS,
+    VALUE_HEAD_WEIGHTS,
+    AdapterLoadError,
+    check_files,
+    sha256_file,
+    verify_directory,
+    version_dir,
+    version_dir_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,22 +190,14 @@ def check_version(store: Any, adapters_dir: str | Path, version: int) -> Version
         reason = row.metrics.get("reason") if isinstance(row.metrics, dict) else None
         raise ExportError(f"version {version} failed in training{f' ({reason})' if reason else ''}; "
                           "it has no adapter to export")
-    directory = AdapterStore(adapters_dir).path(version)
+    directory = version_dir(adapters_dir, version)
     if not directory.is_dir():
         raise ExportError(f"version {version} is not in the adapters directory {Path(adapters_dir).absolute()}")
     try:
         metadata = verify_directory(directory, version)  # the weights: what loading reads
-        for name in (ADAPTER_CONFIG, TRAINER_STATE):  # and the other files an export reads
-            expected = metadata["files"].get(name)
-            if expected is None:
-                if name == ADAPTER_CONFIG:
-                    raise AdapterLoadError(f"{directory}: metadata.json lists no {name}")
-                continue
-            if not (directory / name).is_file() or sha256_file(directory / name) != expected:
-                raise AdapterLoadError(f"{directory}: {name} is missing or corrupt (sha256 differs from the "
-                                       "published one)")
-        state = (json.loads((directory / TRAINER_STATE).read_text(encoding="utf-8"))
-                 if TRAINER_STATE in metadata["files"] else None)
+        has_state = TRAINER_STATE in metadata["files"]
+        check_files(directory, metadata, [ADAPTER_CONFIG, *([TRAINER_STATE] if has_state else [])])  # what export reads
+        state = json.loads((directory / TRAINER_STATE).read_text(encoding="utf-8")) if has_state else None
     except (AdapterLoadError, OSError, ValueError) as exc:
         raise ExportError(f"version {version} cannot be exported: {exc}") from exc
     return VersionToExport(version, row.status, row.parent, directory, metadata,

@@ -13,13 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .ppo import entropy_from_logits
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-VALUE_HEAD_WEIGHTS = "value_head.safetensors"
-
-
-class AdapterLoadError(ValueError):
-    """An adapter directory whose files are missing, unreadable or do not fit this model."""
+from .versions import ADAPTER_WEIGHTS, VALUE_HEAD_WEIGHTS, AdapterLoadError
 
 
 @dataclass

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from db.records import BASE_VERSION, Generation, NewGeneration
-from .adapters import AdapterState, AdapterStore, apply_version, rollback
+from .adapters import AdapterState, AdapterStore, VersionLifecycle
 from .config import LoraSettings, ModelConfig, SamplingConfig
 from .generation import Candidate, generate
-from .policy import AdapterLoadError, PolicyWithValueHead
+from .policy import PolicyWithValueHead
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class SwapEvent:
 
 
 class ServingModel:
-    """The serving policy (base + LoRA), the store it records to and the adapters directory it swaps from."""
+    """The serving policy (base + LoRA), the store it records to, and the adapter versions it swaps between."""
 
     def __init__(self, policy: PolicyWithValueHead, store, adapters_root: str | Path, *, base_model: str = "",
                  sampling: SamplingConfig | None = None, max_events: int = 100):
@@ -55,6 +55,7 @@ class ServingModel:
         self.tokenizer = policy.tokenizer
         self.store = store
         self.adapters = AdapterStore(adapters_root)
+        self.versions = VersionLifecycle(store, self.adapters)
         self.base_model = base_model
         self.sampling = sampling or SamplingConfig()
         self.last_swap_error: str | None = None
@@ -167,10 +168,7 @@ class ServingModel:
         """
         settings = self._sampling(n, max_new_tokens, temperature, top_p)
         if version != BASE_VERSION:
-            row = self.store.get_version(version)
-            if row.status == "failed":
-                raise AdapterLoadError(f"version {version} failed in training; it has no adapter to compare")
-            self.adapters.verify(version)
+            self.versions.verify(version)
         with self._request_turn():
             if version == BASE_VERSION:
                 with self.policy.peft_model.disable_adapter():
@@ -180,7 +178,7 @@ class ServingModel:
             served = AdapterState.capture(self.policy)
             try:
                 with _one_torch_thread():
-                    apply_version(self.policy, self.adapters.root, version, verify=False)
+                    self.versions.apply(self.policy, version, verify=False)
                 return self._sample(prompt, settings, seed)
             finally:
                 served.restore()
@@ -206,7 +204,7 @@ class ServingModel:
                     start = time.perf_counter()
                     served = AdapterState.capture(self.policy)
                     try:
-                        apply_version(self.policy, self.adapters.root, version, initial=self._initial, verify=False)
+                        self.versions.apply(self.policy, version, initial=self._initial, verify=False)
                     except BaseException:
                         served.restore()  # never serve half of a version
                         raise
@@ -217,21 +215,22 @@ class ServingModel:
                 log.error("%s", self.last_swap_error)
                 self._emit(SwapEvent(version, previous, False, self.last_swap_error, locked_s, _now()))
                 return False
-            self.last_swap_error = None
-            log.info("now serving adapter version %d (was %d; weights locked %.1f ms)", version, previous,
-                     locked_s * 1000)
-            self._emit(SwapEvent(version, previous, True, None, locked_s, _now()))
+            self._swapped(previous, locked_s)
             return True
 
     def _check_servable(self, version: int) -> None:
         """Raise unless `version` is published in the store and its files match their checksums."""
-        row = self.store.get_version(version)
-        if row.status != "published":
-            raise AdapterLoadError(f"version {version} is {row.status}, not published")
-        meta = self.adapters.verify(version)
+        meta = self.versions.verify(version, published=True)
         if self.base_model and meta.get("base_model") not in (None, self.base_model):
             log.warning("version %d was trained on %r; serving %r", version, meta.get("base_model"),
                         self.base_model)
+
+    def _swapped(self, previous: int, locked_s: float) -> None:
+        """Tell the log and the listeners that the served version changed from `previous`; returns nothing."""
+        self.last_swap_error = None
+        log.info("now serving adapter version %d (was %d; weights locked %.1f ms)", self._version, previous,
+                 locked_s * 1000)
+        self._emit(SwapEvent(self._version, previous, True, None, locked_s, _now()))
 
     def poll_once(self) -> int:
         """Swap to the store's serving version unless it is served or already refused; return the version served."""
@@ -247,11 +246,19 @@ class ServingModel:
     def rollback(self, version: int) -> list[int]:
         """Serve an earlier published version (0 = base) from now on; return the versions rolled back.
 
-        Raises AdapterLoadError (telling the store nothing) when that version cannot be loaded.
+        The version is loaded in place first and the store told only once it loaded. Raises
+        AdapterLoadError (files missing, corrupt or not fitting) or StoreError (not a published
+        version), serving and the store unchanged, when it cannot be served.
         """
         with self._swap_lock:
-            with self._swap_turn():
-                rolled_back = rollback(self.store, self.adapters.root, version, policy=self.policy)
+            previous = self._version
+            with self._swap_turn(), _one_torch_thread():
+                start = time.perf_counter()
+                rolled_back = self.versions.roll_back(self.policy, version, initial=self._initial)
+                self._version = version
+                locked_s = time.perf_counter() - start
+            if version != previous:
+                self._swapped(previous, locked_s)
             self.poll_once()
             return rolled_back
 

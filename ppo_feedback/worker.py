@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .adapters import AdapterState, AdapterStore, apply_version
+from db.records import VersionRecord
+from .adapters import AdapterState, AdapterStore, VersionLifecycle, apply_version
 from .config import AppConfig, LoraSettings, ModelConfig, PPOConfig, RewardConfig, SamplingConfig, WorkerConfig, \
     add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
 from .generation import sample
@@ -235,9 +236,10 @@ class Worker:
         if self.team.is_main:
             metrics = {**{k: v for k, v in stats.items() if math.isfinite(v)}, **report_metrics(report)}
             try:
-                outcome = (self.adapters.publish(
-                    self.policy, self.store, base_model=self.base_model, parent=parent, cursor=feedback_end,
-                    n_ratings=total.ratings, n_preferences=total.preferences, metrics=metrics, holder=self.holder,
+                record = VersionRecord(parent=parent, base_model=self.base_model, cursor=feedback_end,
+                                       n_ratings=total.ratings, n_preferences=total.preferences, metrics=metrics)
+                outcome = (VersionLifecycle(self.store, self.adapters).publish(
+                    self.policy, record, holder=self.holder,
                     write_extra=lambda d: self.trainer.save_state(d, include_adapter=False)), None)
             except Exception as exc:  # the lease was lost, the parent rolled back, ...: tell every process
                 outcome = (None, f"publishing failed: {exc}")

@@ -1,4 +1,4 @@
-"""Adapter versions on the tiny GPT-2: atomic publish, crash leftovers, in-place loading, rollback."""
+"""Adapter versions on the tiny GPT-2: atomic publish, crash leftovers, in-place loading, verify, rollback."""
 from __future__ import annotations
 
 import json
@@ -7,13 +7,14 @@ import shutil
 import pytest
 import torch
 
-from db import Cursor, FeedbackStore, StoreError
+from db import Cursor, FeedbackStore, StoreError, VersionRecord
 from db.testing import migrated_sqlite_template
 from ppo_feedback import adapters
-from ppo_feedback.adapters import AdapterState, AdapterStore, VersionConflict, apply_version, rollback
+from ppo_feedback.adapters import AdapterState, AdapterStore, VersionConflict, VersionLifecycle, apply_version
 from ppo_feedback.config import LoraSettings, ModelConfig
 from ppo_feedback.modeling import add_lora, load_model
-from ppo_feedback.policy import AdapterLoadError, PolicyWithValueHead
+from ppo_feedback.policy import PolicyWithValueHead
+from ppo_feedback.versions import AdapterLoadError
 
 PROBE = "The weather today is"
 
@@ -43,12 +44,12 @@ def logits(policy: PolicyWithValueHead) -> torch.Tensor:
     return policy.peft_model(input_ids=ids).logits
 
 
-def publish(store_dir: AdapterStore, policy, store, parent: int = 0, **overrides) -> int:
+def publish(store_dir: AdapterStore, policy, store, parent: int = 0, *, write_extra=None, **overrides) -> int:
     """Publish the policy's current weights with small made-up feedback numbers; return the version."""
     settings = dict(base_model="tiny", parent=parent, cursor=Cursor(0, 0), n_ratings=3, n_preferences=1,
                     metrics={"objective/kl": 0.5})
     settings.update(overrides)
-    return store_dir.publish(policy, store, **settings)
+    return VersionLifecycle(store, store_dir).publish(policy, VersionRecord(**settings), write_extra=write_extra)
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def store_dir(tmp_path):
 
 def test_publish_writes_files_metadata_and_store_row(policy, store, store_dir):
     perturb(policy, 1)
-    version = publish(store_dir, policy, store, extra_files={"notes.txt": b"hello"})
+    version = publish(store_dir, policy, store, write_extra=lambda d: (d / "notes.txt").write_bytes(b"hello"))
 
     assert version == 1
     directory = store_dir.path(1)
@@ -89,8 +90,10 @@ def test_publish_writes_files_metadata_and_store_row(policy, store, store_dir):
     assert (meta["n_ratings"], meta["n_preferences"], meta["metrics"]) == (3, 1, {"objective/kl": 0.5})
     assert set(meta["files"]) == names - {"metadata.json"}
     assert json.loads((directory / "adapter_config.json").read_text())["r"] == 4
-    row = store.get_version(1)
+    assert meta["cursor"] == {"rating_id": 0, "preference_id": 0}
+    row = store.get_version(1)  # the same record as the metadata
     assert (row.status, row.parent, row.n_ratings, row.path) == ("published", 0, 3, str(directory.resolve()))
+    assert (row.n_preferences, row.cursor, row.metrics) == (1, Cursor(0, 0), meta["metrics"])
     assert store.serving_version() == 1
     assert store_dir.verify(1, all_files=True) == meta
 
@@ -224,8 +227,31 @@ def test_damaged_version_is_refused_and_weights_stay(policy, store, store_dir, d
     assert torch.equal(logits(policy), before)
 
 
-def test_rollback_checks_the_version_before_telling_the_store(policy, store, store_dir):
+def test_verify_asks_the_store_and_the_checksums(policy, store, store_dir):
+    versions = VersionLifecycle(store, store_dir)
+    publish(store_dir, policy, store)
+    publish(store_dir, policy, store, parent=1)
+    assert versions.verify(2, published=True) == store_dir.read_metadata(2)
+    assert store.rollback_to(1) == [2]
+    assert versions.verify(2)["version"] == 2  # a rolled-back version still loads (the compare view)
+    with pytest.raises(AdapterLoadError, match="rolled_back, not published"):
+        versions.verify(2, published=True)
+    store.record_failed_version(3, 1, "diverged")
+    with pytest.raises(AdapterLoadError, match="failed in training"):
+        versions.verify(3)
+    (store_dir.path(1) / "adapter_model.safetensors").write_bytes(b"altered")
+    with pytest.raises(AdapterLoadError, match="adapter_model.safetensors is corrupt"):
+        versions.verify(1, published=True)
+    with pytest.raises(StoreError):
+        versions.verify(9)
+
+
+def test_rollback_loads_the_version_before_telling_the_store(policy, store, store_dir):
+    versions = VersionLifecycle(store, store_dir)
+    initial = AdapterState.initial(policy)
+    base = logits(policy)
     perturb(policy, 1)
+    first = logits(policy)
     publish(store_dir, policy, store)
     perturb(policy, 2)
     publish(store_dir, policy, store, parent=1)
@@ -234,10 +260,14 @@ def test_rollback_checks_the_version_before_telling_the_store(policy, store, sto
     before = logits(policy)
 
     with pytest.raises(AdapterLoadError, match="value_head"):
-        rollback(store, store_dir.root, 2, policy=policy)
-    assert store.serving_version() == 3
-    assert rollback(store, store_dir.root, 1, policy=policy) == [2, 3]
-    assert store.serving_version() == 1
-    assert torch.equal(logits(policy), before)  # the trial load was undone
-    assert rollback(store, store_dir.root, 0) == [1]
-    assert store.serving_version() == 0
+        versions.roll_back(policy, 2)
+    assert store.serving_version() == 3 and torch.equal(logits(policy), before)  # refused: nothing changed
+    with pytest.raises(AdapterLoadError, match="not on disk"):
+        versions.roll_back(policy, 9)
+    assert versions.roll_back(policy, 1) == [2, 3]
+    assert store.serving_version() == 1 and torch.equal(logits(policy), first)
+    with pytest.raises(StoreError, match="rolled_back"):
+        versions.roll_back(policy, 3)  # its files load, but the store serves no rolled-back version
+    assert store.serving_version() == 1 and torch.equal(logits(policy), first)  # the load was undone
+    assert versions.roll_back(policy, 0, initial=initial) == [1]
+    assert store.serving_version() == 0 and torch.equal(logits(policy), base)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from db import Cursor, FeedbackStore, NewGeneration
+from db import Cursor, FeedbackStore, NewGeneration, VersionRecord
 from ppo_feedback import export as export_module
 from ppo_feedback.__main__ import main as dispatch
-from ppo_feedback.adapters import AdapterStore
+from ppo_feedback.adapters import AdapterStore, VersionLifecycle
 from ppo_feedback.config import LoraSettings, ModelConfig
 from ppo_feedback.export import ExportError, export_adapter, export_zip, main
 from ppo_feedback.modeling import add_lora, load_model
@@ -75,10 +75,10 @@ def published(tiny_model_dir, tmp_path_factory):
     def publish(seed: int, parent: int, **overrides) -> int:
         perturb(policy, seed)
         settings = dict(base_model=str(tiny_model_dir), parent=parent, cursor=Cursor(0, 0), n_ratings=5,
-                        n_preferences=2, metrics=METRICS,
-                        write_extra=lambda d: trainer.save_state(d, include_adapter=False))
+                        n_preferences=2, metrics=METRICS)
         settings.update(overrides)
-        return adapters.publish(policy, store, **settings)
+        return VersionLifecycle(store, adapters).publish(
+            policy, VersionRecord(**settings), write_extra=lambda d: trainer.save_state(d, include_adapter=False))
 
     assert publish(1, 0) == 1
     assert publish(2, 1, n_ratings=6, metrics={"objective/kl": 1.0}) == 2

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from db import Cursor, FeedbackStore, NewGeneration
+from db import Cursor, FeedbackStore, NewGeneration, VersionRecord
 from ppo_feedback.config import LoraSettings, ModelConfig
 from ppo_feedback.generation import first_eos_mask, generate, sample
 from ppo_feedback.modeling import add_lora, load_model
@@ -462,7 +462,7 @@ def test_fit_reward_model_reads_the_store(policy, tmp_path, monkeypatch):
 def test_read_feedback_scores_rows_and_siblings(tmp_path):
     store = FeedbackStore(tmp_path / "feedback.db")
     a, b = store.add_prompt("prompt a", source="builtin"), store.add_prompt("prompt b", source="builtin")
-    store.publish_version(1, "v0001", 0, cursor=Cursor(), n_ratings=0, n_preferences=0)
+    store.publish_version(1, VersionRecord(0, "tiny", Cursor(), 0, 0), "v0001")
 
     def record(prompt_id, version, n):
         return [g.id for g in store.record_generations(prompt_id, version, [

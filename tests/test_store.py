@@ -6,13 +6,13 @@ import time
 from collections.abc import Iterator
 from datetime import timezone
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from db import Cursor, FeedbackStore, NewGeneration, StoreError, sqlite_url_or
+from db import Cursor, FeedbackStore, NewGeneration, StoreError, VersionRecord, sqlite_url_or
 from db.testing import BACKENDS, fresh_store_url, migrated_sqlite_template, store, store_url  # noqa: F401  (fixtures)
 
 VERBATIM = [
@@ -31,6 +31,12 @@ def _prompt_with_generations(store: FeedbackStore, text: str = "Tell me a story.
     prompt_id = store.add_prompt(text, source="builtin")
     generations = store.record_generations(prompt_id, 0, [NewGeneration(f"{text} #{i}") for i in range(n)])
     return [g.id for g in generations]
+
+
+def _record(parent: int, cursor: Cursor = Cursor(), **counts_and_metrics: Any) -> VersionRecord:
+    """Return a version record trained from `parent` (no ratings, preferences or metrics unless given)."""
+    fields = {"n_ratings": 0, "n_preferences": 0, **counts_and_metrics}
+    return VersionRecord(parent, "tiny", cursor, **fields)
 
 
 class Seeded(NamedTuple):
@@ -163,18 +169,14 @@ BAD_INPUT = {
     "prefer unknown": lambda s, g, o, p: s.prefer(g[0], 999_999, "alice"),
     "best of one": lambda s, g, o, p: s.pick_best(g[0], [], "alice"),
     "best across prompts": lambda s, g, o, p: s.pick_best(g[0], [g[1], o[0]], "alice"),
-    "publish over existing": lambda s, g, o, p: s.publish_version(
-        1, "a2", 0, cursor=Cursor(), n_ratings=0, n_preferences=0
-    ),
-    "publish from unknown parent": lambda s, g, o, p: s.publish_version(
-        5, "a5", 4, cursor=Cursor(), n_ratings=0, n_preferences=0
-    ),
-    "publish without lease": lambda s, g, o, p: s.publish_version(
-        2, "a2", 1, cursor=Cursor(), n_ratings=0, n_preferences=0, holder="worker"
-    ),
+    "publish over existing": lambda s, g, o, p: s.publish_version(1, _record(0), "a2"),
+    "publish from unknown parent": lambda s, g, o, p: s.publish_version(5, _record(4), "a5"),
+    "publish without lease": lambda s, g, o, p: s.publish_version(2, _record(1), "a2", holder="worker"),
     "metrics with nan": lambda s, g, o, p: s.publish_version(
-        2, "a2", 1, cursor=Cursor(), n_ratings=0, n_preferences=0, metrics={"loss": float("inf")}
+        2, _record(1, metrics={"loss": float("inf")}), "a2"
     ),
+    "publish a bare dict": lambda s, g, o, p: s.publish_version(2, {"parent": 1}, "a2"),
+    "negative rating count": lambda s, g, o, p: s.publish_version(2, _record(1, n_ratings=-1), "a2"),
     "rollback to unknown": lambda s, g, o, p: s.rollback_to(9),
     "negative lease ttl": lambda s, g, o, p: s.acquire_lease("worker", -1),
     "metric not a number": lambda s, g, o, p: s.record_metrics(1, 0, {"reward": "high"}),
@@ -190,9 +192,7 @@ def seeded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             generations = _prompt_with_generations(feedback_store, "one", n=2)
             other = _prompt_with_generations(feedback_store, "two", n=1)
             feedback_store.rate(generations[0], "alice", 4, "keep me")
-            feedback_store.publish_version(
-                1, "adapters/v1", 0, cursor=Cursor(1, 0), n_ratings=1, n_preferences=0
-            )
+            feedback_store.publish_version(1, _record(0, Cursor(1, 0), n_ratings=1), "adapters/v1")
             prompt_id = feedback_store.get_generation(generations[0]).prompt_id
             yield Seeded(feedback_store, generations, other, prompt_id)
 
@@ -268,27 +268,21 @@ def test_versions_publish_rollback_and_fencing(store: FeedbackStore) -> None:
     assert store.acquire_lease("worker", 60)
 
     v1 = store.publish_version(
-        1,
-        "adapters/v1",
-        0,
-        cursor=Cursor(rating.id, 0),
-        n_ratings=1,
-        n_preferences=0,
-        metrics={"reward": 0.5},
-        holder="worker",
+        1, _record(0, Cursor(rating.id, 0), n_ratings=1, metrics={"reward": 0.5}), "adapters/v1", holder="worker"
     )
     assert (v1.status, v1.cursor, v1.metrics) == ("published", Cursor(rating.id, 0), {"reward": 0.5})
-    store.publish_version(2, "adapters/v2", 1, cursor=Cursor(rating.id, 0), n_ratings=0, n_preferences=0)
+    assert (v1.parent, v1.n_ratings, v1.n_preferences, v1.path) == (0, 1, 0, "adapters/v1")
+    store.publish_version(2, _record(1, Cursor(rating.id, 0)), "adapters/v2")
     assert store.serving_version() == 2
     assert store.rollback_to(1) == [2]
     assert store.serving_version() == 1
     assert store.get_version(2).status == "rolled_back"
     with pytest.raises(StoreError, match="rolled_back"):
-        store.publish_version(3, "adapters/v3", 2, cursor=Cursor(), n_ratings=0, n_preferences=0)
+        store.publish_version(3, _record(2), "adapters/v3")
     failed = store.record_failed_version(3, 2, "parent was rolled back", path="adapters/v3")
     assert (failed.status, failed.metrics["reason"]) == ("failed", "parent was rolled back")
     assert store.next_version_number() == 4
-    store.publish_version(4, "adapters/v4", 1, cursor=Cursor(), n_ratings=0, n_preferences=0)
+    store.publish_version(4, _record(1), "adapters/v4")
     assert store.latest_published_version().version == store.serving_version() == 4
     assert store.rollback_to(0) == [1, 4]
     assert store.serving_version() == 0
@@ -300,9 +294,7 @@ def test_versions_publish_rollback_and_fencing(store: FeedbackStore) -> None:
     ]
     store.release_lease("worker")
     with pytest.raises(StoreError, match="lease"):
-        store.publish_version(
-            5, "adapters/v5", 0, cursor=Cursor(), n_ratings=0, n_preferences=0, holder="worker"
-        )
+        store.publish_version(5, _record(0), "adapters/v5", holder="worker")
 
 
 def test_feedback_cursor_counts_new_feedback_exactly(store: FeedbackStore) -> None:
@@ -318,7 +310,7 @@ def test_feedback_cursor_counts_new_feedback_exactly(store: FeedbackStore) -> No
     assert ([r.rating.score for r in rest.ratings], rest.preferences) == ([5], ())
     assert rest.cursor.preference_id == first.preferences[0].preference.id
 
-    store.publish_version(1, "adapters/v1", 0, cursor=rest.cursor, n_ratings=3, n_preferences=1)
+    store.publish_version(1, _record(0, rest.cursor, n_ratings=3, n_preferences=1), "adapters/v1")
     assert store.cursor_of(1) == rest.cursor
     counts = store.count_feedback_since(store.cursor_of(1))
     assert (counts.ratings, counts.preferences) == (0, 0)
@@ -337,7 +329,7 @@ def test_feedback_cursor_counts_new_feedback_exactly(store: FeedbackStore) -> No
 def test_metrics_and_version_summary(store: FeedbackStore) -> None:
     prompt_id = store.add_prompt("p")
     base = store.record_generation(prompt_id, 0, "base answer")
-    store.publish_version(1, "adapters/v1", 0, cursor=Cursor(), n_ratings=0, n_preferences=0)
+    store.publish_version(1, _record(0), "adapters/v1")
     tuned = store.record_generations(prompt_id, 1, [NewGeneration("tuned 1"), NewGeneration("tuned 2")])
     store.rate(base.id, "alice", 2)
     store.rate(base.id, "bob", 3)

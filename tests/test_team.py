@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from db import Cursor, FeedbackStore
+from db import Cursor, FeedbackStore, VersionRecord
 from db.testing import PG_URL_ENV, fresh_postgres_url
-from ppo_feedback.adapters import AdapterStore
+from ppo_feedback.adapters import AdapterStore, VersionLifecycle
 from ppo_feedback.config import LoraSettings, ModelConfig
 from ppo_feedback.modeling import add_lora, load_model
 from ppo_feedback.policy import PolicyWithValueHead
@@ -78,8 +78,9 @@ def test_two_pages_one_postgres_share_ratings_and_versions(tmp_path, tiny_model_
                     if "lora_B" in name:
                         p.normal_(0, 0.5)
             store = FeedbackStore(url)
-            assert AdapterStore(adapters).publish(policy, store, base_model=str(tiny_model_dir), parent=0,
-                                                  cursor=Cursor(), n_ratings=2, n_preferences=0) == 1
+            record = VersionRecord(parent=0, base_model=str(tiny_model_dir), cursor=Cursor(), n_ratings=2,
+                                   n_preferences=0)
+            assert VersionLifecycle(store, AdapterStore(adapters)).publish(policy, record) == 1
             store.close()
             for client in (a, b):
                 wait_until(lambda: client.predict(api_name="/status")["serving_version"] == 1, 60, "swap to v1")

@@ -68,6 +68,8 @@ def launch(serving, store: FeedbackStore, sampling: SamplingConfig = SAMPLING, *
 @torch.no_grad()
 def publish_version(model_dir, store: FeedbackStore, adapters: Path, seed: int, *, metrics_points: int = 3) -> int:
     """Publish an adapter version with random LoRA weights (as the worker would) and a few PPO metrics; return it."""
+    from db import VersionRecord
+    from ppo_feedback.adapters import VersionLifecycle
     from ppo_feedback.modeling import add_lora, load_model
     from ppo_feedback.policy import PolicyWithValueHead
 
@@ -82,9 +84,9 @@ def publish_version(model_dir, store: FeedbackStore, adapters: Path, seed: int, 
     for iteration in range(metrics_points):
         store.record_metrics(version, iteration, {"objective/scores": 0.1 * seed + 0.05 * iteration,
                                                   "objective/kl": 0.2 * iteration, "loss/policy": 0.0})
-    return AdapterStore(adapters).publish(policy, store, base_model=loaded.spec, parent=store.serving_version(),
-                                          cursor=Cursor(), n_ratings=0, n_preferences=0,
-                                          metrics={"objective/kl": 0.1})
+    record = VersionRecord(parent=store.serving_version(), base_model=loaded.spec, cursor=Cursor(), n_ratings=0,
+                           n_preferences=0, metrics={"objective/kl": 0.1})
+    return VersionLifecycle(store, AdapterStore(adapters)).publish(policy, record)
 
 
 class ScriptedServing:
