@@ -80,6 +80,6 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
 
 # 0.0.0.0 so the published port reaches the page; app.py refuses a non-loopback host without a login,
 # so the users file is required (create it first, see above). The worker is started by app.py and
-# gets the same options.
+# gets the options it shares with the app.
 CMD ["python", "app.py", "--host", "0.0.0.0", "--port", "7860", "--auth-file", "/data/users.json", \
      "--db", "/data/feedback.db", "--adapters-dir", "/data/adapters", "--cache-dir", "/data/cache/ppo-feedback"]

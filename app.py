@@ -15,7 +15,7 @@ from ppo_feedback.config import WORKER_SECTIONS, AppConfig, LoraSettings, ModelC
 
 SECTIONS = ((ModelConfig, "model"), (LoraSettings, "LoRA"), (SamplingConfig, "sampling"), (AppConfig, "app"))
 # every option of app.py, for the README's configuration reference (`python app.py --options-reference`)
-ALL_SECTIONS = tuple((cls, title, ()) for cls, title in SECTIONS) + WORKER_SECTIONS
+ALL_SECTIONS = SECTIONS + WORKER_SECTIONS
 WORKER_MODULE = "ppo_feedback.worker"
 
 log = logging.getLogger("app")
@@ -37,8 +37,25 @@ def _terminate_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
+def worker_argv(args: argparse.Namespace, worker_parser: argparse.ArgumentParser) -> list[str]:
+    """Return the worker's command line for the parsed app options: every option of `worker_parser` whose
+    value in `args` differs from its default (the worker reads the same environment), and no other."""
+    argv = []
+    for action in worker_parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):  # --flag / --no-flag
+            argv.append(action.option_strings[0 if value else 1])
+        else:
+            argv.append(f"{action.option_strings[0]}={value}")
+    return argv
+
+
 def start_worker(argv: list[str]) -> tuple[subprocess.Popen | None, str | None]:
-    """Start the training worker as a child process with our own arguments; return it, or None and why not."""
+    """Start the training worker as a child process with the command line `argv`; return it, or None and why not."""
     preexec = _terminate_with_parent if sys.platform.startswith("linux") else None
     proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, *argv], preexec_fn=preexec)
     log.info("started the training worker (pid %d)", proc.pid)
@@ -89,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     serving.start_polling(app_cfg.poll_interval)
-    worker, worker_note = (start_worker(argv) if app_cfg.worker
-                           else (None, "no worker started here (--no-worker)"))
+    worker, worker_note = None, "no worker started here (--no-worker)"
+    if app_cfg.worker:
+        from ppo_feedback.worker import build_parser as worker_parser
+
+        worker, worker_note = start_worker(worker_argv(args, worker_parser()))
     feedback_app = FeedbackApp(serving, store, sampling, users=users, adapters_dir=app_cfg.adapters_dir,
                                worker_note=worker_note, model_cache_dir=model_cfg.cache_dir)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the clean-up below on `kill` too

@@ -4,7 +4,7 @@
         [-- app/worker options, replacing DEFAULT_TRAINING: --dtype bfloat16 --learning-rate 1e-3 ...]
 
 One command: starts `app.py` (which starts the worker with the same options), runs the simulated
-raters (`ppo_feedback.simulate`, through the public API) with `--pace`, so the room waits after
+raters (`simulator`, through the public API) with `--pace`, so the room waits after
 every block of ratings until the worker published a version trained on it, then stops the app and
 measures version 0 (the base model) against the newest version offline, on held-out prompts that
 were never in the prompt pool:
@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.load import app_command, child_env, free_port, stop_process, wait_for_app  # noqa: E402
+from ppo_feedback.config import LoraSettings, from_namespace  # noqa: E402
 
 HELD_OUT_PROMPTS = [
     "Write a short poem about a mountain lake.",
@@ -92,29 +93,16 @@ def held_out_prompts() -> list[str]:
     return list(HELD_OUT_PROMPTS)
 
 
-def _option(args: list[str], name: str, default: str) -> str:
-    """Return the value of `--name VALUE` (or `--name=VALUE`) in an argument list, else `default`."""
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return default
-
-
 def evaluate(model: str, adapters_dir: Path, versions: list[int], prompts: list[str], preference, *,
-             samples: int, max_new_tokens: int, temperature: float, top_p: float, lora_args: list[str],
+             samples: int, max_new_tokens: int, temperature: float, top_p: float, lora: LoraSettings,
              seed: int = 1234, batch: int = 16, log=print) -> dict[int, dict[str, Any]]:
     """Sample every version on the held-out prompts; return per version its per-prompt tastes, KL and perplexity."""
     from ppo_feedback.adapters import AdapterState, apply_version
-    from ppo_feedback.config import LoraSettings, ModelConfig, add_dataclass_arguments, from_namespace
+    from ppo_feedback.config import ModelConfig
     from ppo_feedback.generation import sample
     from ppo_feedback.modeling import add_lora, load_model
     from ppo_feedback.policy import PolicyWithValueHead
 
-    lora_parser = argparse.ArgumentParser(add_help=False)
-    add_dataclass_arguments(lora_parser, LoraSettings)
-    lora = from_namespace(LoraSettings, lora_parser.parse_known_args(lora_args)[0])
     loaded = load_model(ModelConfig(model=model, device="cpu"))
     policy = PolicyWithValueHead(add_lora(loaded.model, lora), loaded.tokenizer)
     initial = AdapterState.initial(policy)
@@ -166,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--pace", type=int, default=40, help="ratings per block; the room waits for a version after each")
     parser.add_argument("--pace-timeout", type=float, default=400.0)
-    parser.add_argument("--pace-lag", type=int, default=2, help="see python -m ppo_feedback.simulate --help")
+    parser.add_argument("--pace-lag", type=int, default=2, help="see python -m simulator --help")
     parser.add_argument("--noise", type=float, default=0.5)
     parser.add_argument("--bias", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
@@ -182,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
 
-    from ppo_feedback.simulate import parse_preference
+    from simulator.raters import parse_preference
 
     preference = parse_preference(args.preference)
     prompts = held_out_prompts()
@@ -214,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Return what several runs' reports say together: each run's held-out difference, KL, perplexity and
     goal, and the mean difference with a 95% t interval over runs (a run's own interval is over prompts)."""
-    from ppo_feedback.simulate import t_interval
+    from simulator.report import t_interval
 
     differences = [r["held_out"]["difference"]["mean"] for r in reports]
     mean, half = t_interval(differences)
@@ -231,8 +219,11 @@ def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
 def run_once(args: argparse.Namespace, preference, prompts: list[str], training: list[str], out: Path,
              seed: int) -> dict[str, Any]:
     """Run the app, the worker and the simulated raters once, evaluate v0 and the newest version; return the report."""
-    from ppo_feedback.simulate import Simulation, format_summary, t_interval, version_summary, write_csv, write_plot
+    from app import build_parser as app_parser
+    from simulator.report import format_summary, t_interval, version_summary, write_csv, write_plot
+    from simulator.room import Simulation
 
+    settings = app_parser().parse_args(training)  # the options app.py and its worker run with
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     db, adapters, port = out / "feedback.db", out / "adapters", free_port()
@@ -273,10 +264,9 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
     import torch
 
     torch.set_num_threads(args.eval_threads)
-    temperature = float(_option(training, "--temperature", "1.0"))
-    top_p = float(_option(training, "--top-p", "1.0"))
     evals = evaluate(args.model, adapters, sorted({0, newest}), prompts, preference, samples=args.samples,
-                     max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=top_p, lora_args=training)
+                     max_new_tokens=args.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                     lora=from_namespace(LoraSettings, settings))
     base, new = evals[0], evals[newest]
     m0, h0 = t_interval(base["per_prompt"])
     m1, h1 = t_interval(new["per_prompt"])

@@ -4,7 +4,7 @@
                          [-- extra worker/app options, e.g. --min-new-feedback 16]
 
 Starts the app with `--no-worker` and runs `python -m ppo_feedback.worker` itself (so it owns the
-worker's pid), runs `--raters` simulated raters (`ppo_feedback.simulate`, through `gradio_client`
+worker's pid), runs `--raters` simulated raters (`simulator`, through `gradio_client`
 only) for `--duration` seconds while a status poller watches `/status`, then stops everything and
 checks the store (read with `db.FeedbackStore`, as a checker) against what the clients saw:
 
@@ -204,7 +204,8 @@ def run_load(*, model: str = "tiny", workdir: str | Path | None = None, raters: 
              log=print) -> dict[str, Any]:
     """Run the load (and, with `kill_worker`, fault) benchmark; return its report."""
     from db import FeedbackStore
-    from ppo_feedback.simulate import Simulation, check_exactly_once, latency_report
+    from simulator.report import check_exactly_once, latency_report
+    from simulator.room import Simulation
 
     say = log or (lambda *_: None)
     own_dir = workdir is None

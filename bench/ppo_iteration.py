@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ppo_feedback.config import LoraSettings, ModelConfig  # noqa: E402
+from ppo_feedback.config import LoraSettings, ModelConfig, RolloutSampling  # noqa: E402
 from ppo_feedback.local_models import build_gpt2  # noqa: E402
 from ppo_feedback.modeling import add_lora, load_model  # noqa: E402
 from ppo_feedback.policy import PolicyWithValueHead  # noqa: E402
@@ -58,8 +58,9 @@ def main(iterations: int, model_dir: str | None, dtype: str = "float32") -> None
                                                                      lora_target_modules="c_attn")),
                                  loaded.tokenizer)
     reward = LinearRewardHead(policy.feature_size)
+    fixed_length = RolloutSampling(max_new_tokens=RESPONSE_LENGTH, stop_at_eos=False, temperature=1.0)
     trainer = PPOTrainer(policy, PPOConfig(batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=PPO_EPOCHS,
-                                           response_length=RESPONSE_LENGTH, stop_at_eos=False, temperature=1.0))
+                                           sampling=fixed_length))
     prompts = (PROMPTS * BATCH)[:BATCH]
     start = time.perf_counter()
     for _ in range(iterations):

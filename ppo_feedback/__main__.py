@@ -9,7 +9,6 @@ Each command is a module with `main(argv: list[str] | None) -> int`, imported on
 These run as their own modules, not through this dispatcher:
     python -m ppo_feedback.worker     the training worker (app.py starts it unless --no-worker)
     python -m ppo_feedback.auth       manage the users file of the page (--auth-file)
-    python -m ppo_feedback.simulate   simulated raters
 """
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ def usage() -> str:
     lines = ["usage: python -m ppo_feedback COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {description}" for name, (_module, description) in COMMANDS.items()]
     lines += ["", "`python -m ppo_feedback COMMAND --help` lists a command's options.",
-              ("Separate modules: python -m ppo_feedback.worker, python -m ppo_feedback.auth, "
-              "python -m ppo_feedback.simulate")]
+              "Separate modules: python -m ppo_feedback.worker, python -m ppo_feedback.auth"]
     return "\n".join(lines)
 
 

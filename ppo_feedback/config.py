@@ -187,16 +187,22 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None,
-                            exclude: tuple[str, ...] = ()) -> None:
-    """Add one --option per field of `cls` (but `exclude`); defaults come from PPO_FEEDBACK_<FIELD> when set."""
-    group = parser.add_argument_group(title or cls.__name__)
+def option_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
+    """Return (field, scalar type) for every field of dataclass `cls` that is a command-line option.
+
+    A field holding another dataclass (`PPOConfig.sampling`) is no option: whoever builds the
+    config composes it from other options.
+    """
     hints = get_type_hints(cls)
+    fields = ((f, _type_of(hints[f.name])) for f in dataclasses.fields(cls))
+    return [(f, kind) for f, kind in fields if not dataclasses.is_dataclass(kind)]
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
+    """Add one --option per option field of `cls`; defaults come from PPO_FEEDBACK_<FIELD> when set."""
+    group = parser.add_argument_group(title or cls.__name__)
     docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
-        kind = _type_of(hints[f.name])
+    for f, kind in option_fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         env = os.environ.get(env_name(f.name))
         if env is not None:
@@ -210,15 +216,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: s
 
 
 def options_markdown(sections) -> str:
-    """Return a Markdown table of every option of `sections` ((dataclass, title, excluded fields) triples)."""
+    """Return a Markdown table of every option of `sections` ((dataclass, title) pairs)."""
     rows = ["| option | environment variable | default | what it sets |", "| --- | --- | --- | --- |"]
-    for cls, title, exclude in sections:
-        docs, hints = field_docs(cls), get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in exclude:
-                continue
+    for cls, title in sections:
+        docs = field_docs(cls)
+        for f, kind in option_fields(cls):
             option = f"`--{f.name.replace('_', '-')}`"
-            if _type_of(hints[f.name]) is bool:
+            if kind is bool:
                 option += f" / `--no-{f.name.replace('_', '-')}`"
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             if f.name == "cache_dir":
@@ -240,8 +244,28 @@ def from_namespace(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
 
 # ------------------------------------------------------------------ training: PPO, reward model, worker
 
-KL_ESTIMATORS = ("k1", "k3")
-"""Per-token KL estimators `ppo.kl_per_token` knows (Schulman's k1 and k3)."""
+@dataclass
+class RolloutSampling:
+    """How PPO samples its responses; the worker takes them from the page's `SamplingConfig`."""
+
+    max_new_tokens: int = 32
+    """Most tokens sampled per response."""
+    temperature: float = 1.0
+    """Sampling temperature, also used for every PPO log-probability."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    stop_at_eos: bool = True
+    """Stop responses at EOS; off gives fixed-length responses (the benchmark's work)."""
+
+    @classmethod
+    def from_page(cls, sampling: SamplingConfig) -> RolloutSampling:
+        """Return rollout settings that sample as the page does: its length, temperature and top-p; stop at EOS."""
+        return cls(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p)
+
+    def validate(self) -> None:
+        """Raise ValueError on an impossible setting."""
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+            raise ValueError("temperature > 0, 0 < top_p <= 1 and max_new_tokens >= 1 are required")
 
 
 @dataclass
@@ -280,14 +304,8 @@ class PPOConfig:
     """Whiten per-token rewards (without shifting the mean) before GAE."""
     missing_eos_penalty: Optional[float] = None
     """Subtracted from the score of responses that hit the length limit without EOS."""
-    response_length: int = 32
-    """Most tokens sampled per response."""
-    temperature: float = 1.0
-    """Sampling temperature, also used for every PPO log-probability."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold for rollouts."""
-    stop_at_eos: bool = True
-    """Stop responses at EOS; off gives fixed-length responses (the benchmark's work)."""
+    sampling: RolloutSampling = field(default_factory=RolloutSampling)
+    """How rollouts are sampled (composed by the worker from the page's sampling options)."""
     seed: int = 0
     """Seed for sampling and minibatch shuffling."""
 
@@ -295,10 +313,11 @@ class PPOConfig:
         """Raise ValueError on an inconsistent setting."""
         if self.batch_size < 1 or self.mini_batch_size < 1 or self.batch_size % self.mini_batch_size:
             raise ValueError("batch_size must be a positive multiple of mini_batch_size")
+        from .ppo import KL_ESTIMATORS  # the maths owns the estimators; imported here, config stays torch-free
+
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.response_length < 1:
-            raise ValueError("temperature > 0, 0 < top_p <= 1 and response_length >= 1 are required")
+        self.sampling.validate()
         if self.learning_rate <= 0 or self.ppo_epochs < 1:
             raise ValueError("learning_rate > 0 and ppo_epochs >= 1 are required")
 
@@ -326,10 +345,6 @@ class RewardConfig:
             raise ValueError("--reward-holdout must be in [0, 1)")
         if self.reward_max_iter < 1 or self.feature_batch_size < 1:
             raise ValueError("--reward-max-iter and --feature-batch-size must be >= 1")
-
-
-# Rollouts sample exactly as the page does, so these PPO fields come from the sampling options.
-ROLLOUT_FIELDS = ("temperature", "top_p", "response_length", "stop_at_eos")
 
 
 @dataclass
@@ -363,12 +378,11 @@ class WorkerConfig:
             raise ValueError("--lease-ttl, --wait-interval and --max-kl must be > 0")
 
 
-# (dataclass, title, fields not on the command line)
-WORKER_SECTIONS = ((PPOConfig, "PPO", ROLLOUT_FIELDS), (RewardConfig, "reward model", ()),
-                   (WorkerConfig, "worker", ()))
+# (dataclass, title) of the worker's own options
+WORKER_SECTIONS = ((PPOConfig, "PPO"), (RewardConfig, "reward model"), (WorkerConfig, "worker"))
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the worker's own options (PPO, reward model and round settings) to a parser; app.py shares them."""
-    for cls, title, exclude in WORKER_SECTIONS:
-        add_dataclass_arguments(parser, cls, title, exclude=exclude)
+    for cls, title in WORKER_SECTIONS:
+        add_dataclass_arguments(parser, cls, title)

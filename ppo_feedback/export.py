@@ -473,6 +473,17 @@ def _base_section(base: BaseModel, merged: bool) -> list[str]:
     return lines
 
 
+def _settings(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Return (name, value) for every recorded PPO setting; a nested one (`sampling`) as `sampling.temperature`."""
+    items = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            items += _settings(value, f"{prefix}{key}.")
+        else:
+            items.append((prefix + key, value))
+    return items
+
+
 def _ppo_section(chosen: VersionToExport, metrics: dict[str, Any]) -> list[str]:
     lines = ["## PPO", ""]
     state = chosen.trainer_state or {}
@@ -487,7 +498,7 @@ def _ppo_section(chosen: VersionToExport, metrics: dict[str, Any]) -> list[str]:
             sentence = "; ".join(extra)
             lines += [sentence[0].upper() + sentence[1:] + ".", ""]
         lines += ["| setting | value |", "| --- | --- |"]
-        lines += [f"| {key} | {_number(value)} |" for key, value in config.items()]
+        lines += [f"| {key} | {_number(value)} |" for key, value in _settings(config)]
     else:
         lines.append("The PPO settings were not recorded with this version.")
     final = {k: v for k, v in metrics.items() if not k.startswith("reward_model/") and k != "reason"}

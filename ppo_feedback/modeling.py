@@ -85,7 +85,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Return the base weights' torch dtype for `dtype` on `device`; auto is bfloat16 on a CUDA GPU that has it.
 
-    Raises ModelSpecError for float16 on the CPU, where its matrix products run ~30x slower than float32.
+    Raises ModelSpecError for float16 on the CPU, where its matrix products run far slower than float32's.
     """
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -232,7 +232,7 @@ def _quantization_config(quantize: str | None, device: torch.device):
 
 
 # Same function, fused kernel: GPT-2's "gelu_new" is the tanh GELU written as five Python tensor ops,
-# each of whose outputs autograd keeps (~300 MB of activations for a PPO minibatch of GPT-2 small).
+# each of whose outputs autograd keeps for the backward pass.
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
 
 

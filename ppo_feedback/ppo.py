@@ -6,15 +6,23 @@ on padding. ``mask`` may be float or bool. Padding never leaks: every function
 selects with ``torch.where`` (so even NaN/inf garbage on padding is ignored) and
 per-token outputs are exactly 0 on padded positions.
 
-References (formulas as stated in ``shared/DESIGN.md``, "PPO, stated correctly"):
+References:
 
-- Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (clipped
-  surrogate objective, GAE from Schulman et al. 2016).
-- Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"
-  (per-token KL penalty in the reward, adaptive KL controller).
-- Huang et al. 2024, "The N Implementation Details of RLHF with PPO"
-  (masked whitening, value clipping, score at the last valid token, k1/k3 KL).
-- John Schulman, "Approximating KL Divergence" (2020) for the k1/k3 estimators.
+- Schulman, Wolski, Dhariwal, Radford, Klimov 2017, "Proximal Policy Optimization
+  Algorithms", arXiv:1707.06347 (clipped surrogate objective).
+- Schulman, Moritz, Levine, Jordan, Abbeel 2016, "High-Dimensional Continuous Control
+  Using Generalized Advantage Estimation", arXiv:1506.02438 (GAE).
+- Ziegler, Stiennon, Wu, Brown, Radford, Amodei, Christiano, Irving 2019, "Fine-Tuning
+  Language Models from Human Preferences", arXiv:1909.08593 (per-token KL penalty in
+  the reward, adaptive KL controller).
+- Huang, Liu, von Werra 2024, "The N Implementation Details of RLHF with PPO", ICLR 2024
+  Blogposts Track (masked whitening, value clipping, score at the last valid token, k1/k3 KL).
+- Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+  (the k1 and k3 estimators).
+- Espeholt et al. 2018, "IMPALA: Scalable Distributed Deep-RL with Importance Weighted
+  Actor-Learner Architectures", arXiv:1802.01561 (V-trace's truncated importance weights).
+- Hilton, Cobbe, Schulman 2021, "Batch size-invariance for policy optimization",
+  arXiv:2110.00641 (decoupled PPO: proximal and behaviour policies apart).
 
 Names follow the papers and CleanRL's ``ppo.py``: ``pg_loss1``, ``pg_loss2``,
 ``v_loss_clipped``, ``approx_kl``, ``clipfrac``.
@@ -26,9 +34,11 @@ import math
 
 import torch
 
-from .config import KL_ESTIMATORS
+KL_ESTIMATORS = ("k1", "k3")
+"""Per-token KL estimators `kl_per_token` knows (Schulman 2020's k1 and k3)."""
 
 __all__ = [
+    "KL_ESTIMATORS",
     "masked_mean",
     "masked_var",
     "masked_whiten",

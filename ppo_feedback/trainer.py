@@ -122,8 +122,8 @@ class PPOTrainer:
 
         Otherwise `step` takes logprobs and values from a forward, so the sampler skips the value head.
         """
-        c = self.config
-        return sample(self.policy.peft_model, self.policy.tokenizer, list(prompts), max_new_tokens=c.response_length,
+        c = self.config.sampling
+        return sample(self.policy.peft_model, self.policy.tokenizer, list(prompts), max_new_tokens=c.max_new_tokens,
                       temperature=c.temperature, top_p=c.top_p, seed=self.rollout_seed(),
                       stop_at_eos=c.stop_at_eos,
                       value_head=self.policy.value_head if self.policy.samples_exactly else None)
@@ -160,7 +160,7 @@ class PPOTrainer:
             samples = list(zip(prompts, self.decode(rollout)))
             scores = torch.tensor([float(s) for s in reward_fn(samples)])
         scores = scores.detach().float().to(rollout.logprobs.device)
-        if self.config.missing_eos_penalty is not None and self.config.stop_at_eos:
+        if self.config.missing_eos_penalty is not None and self.config.sampling.stop_at_eos:
             eos = self.policy.tokenizer.eos_token_id
             missing_eos = ~(rollout.responses == eos).any(1)
             scores = scores - self.config.missing_eos_penalty * missing_eos.float()
@@ -182,7 +182,7 @@ class PPOTrainer:
         qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
         old_logprobs, old_values = rollout.logprobs, rollout.values
         if not exact:  # take them from a forward, so the ratio is 1 before any update
-            fresh = self.policy(qr, attn, P, c.temperature)
+            fresh = self.policy(qr, attn, P, c.sampling.temperature)
             old_logprobs, old_values = fresh.logprobs * mask, fresh.values * mask
         kl = ppo.kl_per_token(old_logprobs, ref_logprobs, c.kl_estimator) * mask  # (B, R)
         rewards = ppo.penalized_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_ctl.value,
@@ -216,14 +216,14 @@ class PPOTrainer:
         rollout = self.rollout(prompts)
         # 2. reference forward (adapter off) gives ref logprobs and the reward model's features
         ref = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length,
-                                    c.temperature)
+                                    c.sampling.temperature)
         scores = self.score(prompts, rollout, ref.hidden, reward_fn)  # (B,)
         # 3. rewards and advantages
         batches = [self.experience(rollout, ref.logprobs, scores, exact=self.policy.samples_exactly)]
         if replay is not None and len(replay):
-            replayed = replay.rollout(self.policy, c.temperature)
+            replayed = replay.rollout(self.policy, c.sampling.temperature)
             replay_ref = self.policy.reference(replayed.query_response, replayed.attention_mask,
-                                               replayed.context_length, c.temperature)
+                                               replayed.context_length, c.sampling.temperature)
             batches.append(self.experience(replayed, replay_ref.logprobs, replay.score_tensor(), exact=False,
                                            off_policy=True))
         # 4. PPO epochs over shuffled minibatches
@@ -240,7 +240,7 @@ class PPOTrainer:
                 index, mb = minibatches[k]
                 batch = batches[index]
                 out = self.policy(batch.query_response[mb], batch.attention_mask[mb], batch.context_length,
-                                  c.temperature)
+                                  c.sampling.temperature)
                 weights = batch.weights[mb] if batch.weights is not None else None
                 pg_loss, pg_clipfrac, approx_kl = ppo.policy_loss(out.logprobs, batch.old_logprobs[mb],
                                                                   batch.advantages[mb], batch.mask[mb], c.cliprange,

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from db.records import VersionRecord
 from .adapters import AdapterState, AdapterStore, VersionLifecycle, apply_version
-from .config import AppConfig, LoraSettings, ModelConfig, PPOConfig, RewardConfig, SamplingConfig, WorkerConfig, \
-    add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
+from .config import AppConfig, LoraSettings, ModelConfig, PPOConfig, RewardConfig, RolloutSampling, SamplingConfig, \
+    WorkerConfig, add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
 from .generation import sample
 from .policy import PolicyWithValueHead
 from .rewards import RatedFeedback, fit_reward_model, read_feedback
@@ -331,7 +331,7 @@ class Worker:
         replaying those above their siblings, with relative scores, at 8.3, and it learnt more.
         """
         scores = feedback.relative_scores()
-        rows = [r for r in feedback.replayable(self.trainer.config.temperature) if scores[r] > 0] \
+        rows = [r for r in feedback.replayable(self.trainer.config.sampling.temperature) if scores[r] > 0] \
             if self.config.replay_samples else []
         generations = [feedback.generations[r] for r in rows]
         return Replay([feedback.prompts[r] for r in rows], [list(g.token_ids) for g in generations],
@@ -350,14 +350,14 @@ class Worker:
         response (`reward_features` of the adapter-off forward), so calibration sees the same tensor.
         """
         if self._reference_features is None:
-            c, prompts = self.trainer.config, []
+            c, prompts = self.trainer.config.sampling, []
             while len(prompts) < self.config.reference_samples:
                 prompts.extend(self.pick_prompts())
             prompts = prompts[:self.config.reference_samples]
             with self.policy.peft_model.disable_adapter():
                 rollout = sample(self.policy.peft_model, self.policy.tokenizer, prompts,
-                                 max_new_tokens=c.response_length, temperature=c.temperature, top_p=c.top_p,
-                                 seed=c.seed, stop_at_eos=c.stop_at_eos)
+                                 max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                                 seed=self.trainer.config.seed, stop_at_eos=c.stop_at_eos)
             ref = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length)
             self._reference_features = self.policy.reward_features(ref.hidden, rollout.responses,
                                                                    rollout.response_mask).cpu()
@@ -400,13 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def ppo_config_from(args: argparse.Namespace, sampling: SamplingConfig) -> PPOConfig:
     """Return the PPOConfig of parsed arguments, with rollouts sampled as the page samples."""
-    return from_namespace(PPOConfig, args, temperature=sampling.temperature, top_p=sampling.top_p,
-                          response_length=sampling.max_new_tokens, stop_at_eos=True)
+    return from_namespace(PPOConfig, args, sampling=RolloutSampling.from_page(sampling))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the worker until SIGTERM/SIGINT; return the exit code."""
-    args, _unknown = build_parser().parse_known_args(argv)  # app.py forwards its whole command line
+    args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     from db import FeedbackStore
 

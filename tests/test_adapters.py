@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from db import Cursor, FeedbackStore, StoreError, VersionRecord
-from db.testing import migrated_sqlite_template
+from store_fixtures import migrated_sqlite_template
 from ppo_feedback import adapters
 from ppo_feedback.adapters import AdapterState, AdapterStore, VersionConflict, VersionLifecycle, apply_version
 from ppo_feedback.config import LoraSettings, ModelConfig

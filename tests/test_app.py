@@ -117,7 +117,7 @@ def test_app_serves_the_page_and_its_api(tiny_model_dir, tmp_path):
 
 
 def test_app_accepts_and_lists_the_worker_options():
-    """app.py forwards its command line to the worker, so it must accept the worker's own options."""
+    """app.py passes the worker's options on to the worker it starts, so it must accept them all."""
     import argparse
 
     worker = pytest.importorskip("ppo_feedback.worker")
@@ -129,6 +129,30 @@ def test_app_accepts_and_lists_the_worker_options():
     assert worker_options and worker_options <= app_options
     help_text = parser.format_help()
     assert all(o in help_text for o in worker_options if o.startswith("--"))
+
+
+def test_the_worker_refuses_an_option_it_does_not_know(capsys):
+    worker = pytest.importorskip("ppo_feedback.worker")
+    with pytest.raises(SystemExit) as exited:
+        worker.main(["--db", "unused.db", "--port", "7860"])
+    assert exited.value.code == 2 and "unrecognized arguments: --port 7860" in capsys.readouterr().err
+
+
+def test_app_passes_the_worker_exactly_the_options_it_knows():
+    """The worker refuses unknown options, so app.py gives it its own options only, with the app's values."""
+    worker = pytest.importorskip("ppo_feedback.worker")
+    argv = ["--port", "9000", "--host", "localhost", "--poll-interval", "5", "--insecure-no-auth",
+            "--model", "smollm2-135m", "--temperature", "0.7", "--max-new-tokens", "12", "--num-candidates", "2",
+            "--lora-r", "4", "--batch-size", "4", "--mini-batch-size", "2", "--no-adaptive-kl", "--learning-rate",
+            "1e-4", "--reward-l2", "3", "--worker-id", "w1", "--db", "x.db", "--log-level", "DEBUG"]
+    args = app.build_parser().parse_args(argv)
+    forwarded = app.worker_argv(args, worker.build_parser())
+    assert not any(a.startswith(("--port", "--host", "--poll-interval", "--insecure")) for a in forwarded)
+    parsed = worker.build_parser().parse_args(forwarded)  # exits 2 on an option the worker does not know
+    dests = [a.dest for a in worker.build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert {d: getattr(parsed, d) for d in dests} == {d: getattr(args, d) for d in dests}
+    assert parsed.adaptive_kl is False and parsed.learning_rate == 1e-4 and parsed.temperature == 0.7
+    assert app.worker_argv(app.build_parser().parse_args([]), worker.build_parser()) == []
 
 
 def test_readme_option_table_is_the_generated_one_and_every_option_exists():

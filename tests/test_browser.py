@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from db import FeedbackStore
-from db.testing import migrated_sqlite_template
+from store_fixtures import migrated_sqlite_template
 from test_ui_support import PASSWORDS, SAMPLING, ScriptedServing, launch, load_serving, publish_version, write_users
 
 pytestmark = pytest.mark.browser

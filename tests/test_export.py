@@ -150,6 +150,7 @@ def test_model_card_has_the_counts_metrics_settings_and_ratings(published, tmp_p
     assert "| raters | 3 | 3 |" in card
     assert "held-out preference accuracy: 0.750" in card and "held-out score correlation (Pearson r): 0.500" in card
     assert "| learning_rate | 0.0001 |" in card and "| target_kl | 3 |" in card and "| ppo_epochs | 4 |" in card
+    assert "| sampling.max_new_tokens | 32 |" in card and "| sampling.stop_at_eos | True |" in card
     assert "| base model (version 0) | 2.33 | 3 |" in card and "| this version (1) | 4.33 | 3 |" in card
     assert "| objective/kl | 0.42 |" in card
     assert "convert_lora_to_gguf.py" in card

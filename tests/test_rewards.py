@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from db import Cursor, FeedbackStore, NewGeneration, VersionRecord
-from ppo_feedback.config import LoraSettings, ModelConfig
+from ppo_feedback.config import LoraSettings, ModelConfig, RolloutSampling
 from ppo_feedback.generation import first_eos_mask, generate, sample
 from ppo_feedback.modeling import add_lora, load_model
 from ppo_feedback.policy import PolicyWithValueHead, response_features
@@ -376,7 +376,8 @@ def test_trainer_scores_rollouts_with_the_reward_model(policy):
     model = RewardModel(policy.feature_size)
     hidden = torch.randn(40, model.feature_size)
     model.fit(hidden, torch.randn(40).tolist(), [])
-    trainer = PPOTrainer(policy, PPOConfig(batch_size=4, mini_batch_size=4, response_length=8))
+    trainer = PPOTrainer(policy, PPOConfig(batch_size=4, mini_batch_size=4,
+                                           sampling=RolloutSampling(max_new_tokens=8)))
     rollout = trainer.rollout(PROMPTS)
     ref = policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length)
     scores = trainer.score(PROMPTS, rollout, ref.hidden, model)
@@ -402,7 +403,8 @@ def test_the_workers_reference_features_are_featurizes(policy, tmp_path, monkeyp
 
     monkeypatch.setattr(worker_module, "sample", recording_sample)
     worker = worker_module.Worker(store, AdapterStore(tmp_path / "adapters"), policy,
-                                  PPOConfig(batch_size=4, mini_batch_size=4, response_length=10),
+                                  PPOConfig(batch_size=4, mini_batch_size=4,
+                                            sampling=RolloutSampling(max_new_tokens=10)),
                                   worker_module.WorkerConfig(reference_samples=6), "tiny")
     features = worker.reference_features()
     (prompts, rollout), = rollouts

@@ -15,26 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from ppo_feedback import lexicon
-from ppo_feedback.simulate import (
-    CSV_COLUMNS,
+from simulator import lexicon
+from simulator.raters import (
     Preference,
-    RatingRecord,
     ScriptedRater,
-    Simulation,
-    check_exactly_once,
     keyword_taste,
     length_taste,
     parse_preference,
-    percentile,
     rater_biases,
     regex_taste,
     score_from_taste,
     sentiment_taste,
-    t_interval,
-    version_summary,
-    write_csv,
 )
+from simulator.report import CSV_COLUMNS, check_exactly_once, percentile, t_interval, version_summary, write_csv
+from simulator.room import RatingRecord, Simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,7 +218,7 @@ class FakeClient:
 @pytest.fixture()
 def store(tmp_path):
     from db import FeedbackStore
-    from db.testing import migrated_sqlite_template
+    from store_fixtures import migrated_sqlite_template
 
     shutil.copyfile(migrated_sqlite_template(), tmp_path / "feedback.db")
     s = FeedbackStore(tmp_path / "feedback.db")
@@ -319,7 +313,7 @@ def test_pacing_goes_on_once_the_worker_published_enough_versions(store, lag, wa
 # --------------------------------------------------------------------- a launched app (tiny model)
 
 def _launch_app(model_dir, tmp_path, port, *extra):
-    from db.testing import migrated_sqlite_template
+    from store_fixtures import migrated_sqlite_template
 
     db = tmp_path / "feedback.db"
     shutil.copyfile(migrated_sqlite_template(), db)
@@ -339,7 +333,7 @@ def test_simulate_command_against_a_launched_app(tiny_model_dir, tmp_path):
     try:
         wait_for_app(f"http://127.0.0.1:{port}/", app, timeout=120)
         out = subprocess.run(
-            [sys.executable, "-m", "ppo_feedback.simulate", "--url", f"http://127.0.0.1:{port}/", "--raters", "2",
+            [sys.executable, "-m", "simulator", "--url", f"http://127.0.0.1:{port}/", "--raters", "2",
              "--ratings", "8", "--candidates", "3", "--preference", "regex:[aeiou]", "--seed", "3",
              "--csv", str(tmp_path / "sim.csv"), "--plot", str(tmp_path / "sim.png")],
             cwd=ROOT, capture_output=True, text=True, timeout=240)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from db import Cursor, FeedbackStore, NewGeneration, StoreError, VersionRecord, sqlite_url_or
-from db.testing import BACKENDS, fresh_store_url, migrated_sqlite_template, store, store_url  # noqa: F401  (fixtures)
+from store_fixtures import BACKENDS, fresh_store_url, migrated_sqlite_template, store, store_url  # noqa: F401  (fixtures)
 
 VERBATIM = [
     "'; DROP TABLE ratings; --",

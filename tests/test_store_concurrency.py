@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from db import FeedbackStore, NewGeneration
-from db.testing import sqlite_path, store, store_url  # noqa: F401  (fixtures)
+from store_fixtures import sqlite_path, store, store_url  # noqa: F401  (fixtures)
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]

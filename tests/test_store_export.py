@@ -12,7 +12,7 @@ import pytest
 
 from db import FeedbackStore, NewGeneration
 from db.export import export_jsonl
-from db.testing import store, store_url  # noqa: F401  (fixtures)
+from store_fixtures import store, store_url  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 EMOJI_PROMPT = "Say hi 👋 <b>politely</b>"

@@ -16,7 +16,7 @@ from db import Cursor, FeedbackStore
 from db.engine import make_engine
 from db.migrate import current_revision, head_revision, upgrade_schema
 from db.models import Base
-from db.testing import BACKENDS, fresh_store_url
+from store_fixtures import BACKENDS, fresh_store_url
 
 CREATED = datetime(2025, 1, 2, 3, 4, 5)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from db import Cursor, FeedbackStore, VersionRecord
-from db.testing import PG_URL_ENV, fresh_postgres_url
+from store_fixtures import PG_URL_ENV, fresh_postgres_url
 from ppo_feedback.adapters import AdapterStore, VersionLifecycle
 from ppo_feedback.config import LoraSettings, ModelConfig
 from ppo_feedback.modeling import add_lora, load_model

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ppo_feedback.config import LoraSettings, ModelConfig
+from ppo_feedback.config import LoraSettings, ModelConfig, RolloutSampling
 from ppo_feedback.modeling import add_lora, load_model
 from ppo_feedback.policy import PolicyWithValueHead
 from ppo_feedback.trainer import PPOConfig, PPOTrainer, Replay
@@ -20,7 +20,7 @@ def make_trainer(model_dir, **overrides) -> PPOTrainer:
     loaded = load_model(ModelConfig(model=str(model_dir), device="cpu"))
     torch.manual_seed(0)
     policy = PolicyWithValueHead(add_lora(loaded.model, LoraSettings(lora_r=8, lora_alpha=16)), loaded.tokenizer)
-    settings = dict(batch_size=16, mini_batch_size=8, learning_rate=3e-3, response_length=12, seed=0,
+    settings = dict(batch_size=16, mini_batch_size=8, learning_rate=3e-3, sampling=RolloutSampling(max_new_tokens=12), seed=0,
                     init_kl_coef=0.03, target_kl=3.0, kl_horizon=64)
     settings.update(overrides)
     return PPOTrainer(policy, PPOConfig(**settings))
@@ -83,7 +83,8 @@ def test_bfloat16_base_starts_at_the_reference_too(tiny_model_dir):
     # trainer then takes old logprobs from a forward, so policy == reference still gives KL 0 exactly.
     loaded = load_model(ModelConfig(model=str(tiny_model_dir), device="cpu", dtype="bfloat16"))
     policy = PolicyWithValueHead(add_lora(loaded.model, LoraSettings(lora_r=8, lora_alpha=16)), loaded.tokenizer)
-    trainer = PPOTrainer(policy, PPOConfig(batch_size=16, mini_batch_size=8, response_length=12, ppo_epochs=1))
+    config = PPOConfig(batch_size=16, mini_batch_size=8, ppo_epochs=1, sampling=RolloutSampling(max_new_tokens=12))
+    trainer = PPOTrainer(policy, config)
     stats = trainer.step(PROMPTS, lambda samples: [float(len(text)) for _, text in samples])
     assert stats["objective/kl"] == 0.0
     assert stats["policy/approxkl"] < 1e-3  # the first minibatch's ratio is exactly 1
@@ -141,7 +142,7 @@ def replay_of(trainer: PPOTrainer, rollout, scores) -> Replay:
 
 
 def response_logprob(trainer: PPOTrainer, replay: Replay, row: int) -> float:
-    rollout = replay.rollout(trainer.policy, trainer.config.temperature)
+    rollout = replay.rollout(trainer.policy, trainer.config.sampling.temperature)
     with torch.no_grad():
         out = trainer.policy(rollout.query_response, rollout.attention_mask, rollout.context_length)
     return float((out.logprobs * rollout.response_mask)[row].sum())

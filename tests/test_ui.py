@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from db import FeedbackStore, NewGeneration
-from db.testing import migrated_sqlite_template
+from store_fixtures import migrated_sqlite_template
 from ppo_feedback import auth
 from ppo_feedback.config import AppConfig, SamplingConfig
 from ppo_feedback.page import (KEYBOARD_HEAD, LOCAL_USER, FeedbackApp, Forbidden, builtin_prompts, build_demo,

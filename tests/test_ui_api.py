@@ -10,7 +10,7 @@ import pytest
 from gradio_client import Client
 
 from db import FeedbackStore
-from db.testing import migrated_sqlite_template
+from store_fixtures import migrated_sqlite_template
 from test_ui_support import PASSWORDS, SAMPLING, launch, load_serving, publish_version, write_users
 
 ITEM_KEYS = {"generation_id", "prompt_id", "text", "version"}

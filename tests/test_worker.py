@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from db import FeedbackStore, NewGeneration
-from ppo_feedback.config import LoraSettings, ModelConfig, SamplingConfig
+from ppo_feedback.config import LoraSettings, ModelConfig, RolloutSampling, SamplingConfig
 from ppo_feedback.generation import generate
 from ppo_feedback.serving import ServingModel
 
@@ -139,7 +139,8 @@ def make_worker(tmp_path, tiny_model_dir, store, **worker_overrides):
     config = WorkerConfig(**{"min_new_feedback": 4, "ppo_iterations": 2, "reference_samples": 4,
                              "wait_interval": 0.1, **worker_overrides})
     worker = Worker(store, AdapterStore(tmp_path / "adapters"), policy,
-                    PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, response_length=8), config, "tiny")
+                    PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1,
+                              sampling=RolloutSampling(max_new_tokens=8)), config, "tiny")
     assert store.acquire_lease(worker.holder, 30)
     worker.heartbeat = Heartbeat(store, worker.holder, 30)
     return worker

@@ -5,7 +5,7 @@ tmp_path (copied from a migrated template, which is faster than migrating every 
 when PPO_FEEDBACK_TEST_PG_URL is set (see .ci/start_postgres.sh), a new schema of that
 PostgreSQL database, dropped afterwards. Without the variable the PostgreSQL case is skipped.
 
-    from db.testing import store, store_url  # noqa: F401  (pytest finds fixtures by name)
+    from store_fixtures import store, store_url  # noqa: F401  (pytest finds fixtures by name)
 """
 
 from __future__ import annotations
