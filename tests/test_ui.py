@@ -260,10 +260,10 @@ def test_each_endpoint_of_the_table_is_served_with_its_defaults_and_admin_check(
     generate = endpoint_function(api, next(e for e in ENDPOINTS if e.name == "generate"))
     assert inspect.signature(generate).parameters["n"].default == app.sampling.num_candidates
     app.users = auth.UserDirectory(_users(tmp_path))
-    for endpoint in (e for e in ENDPOINTS if e.admin):
+    for endpoint in (e for e in ENDPOINTS if e.admin_action):
         fn = endpoint_function(api, endpoint)
         assert list(inspect.signature(fn).parameters)[-1] == "request"
-        with pytest.raises(gr.Error, match=f"Only admins can {endpoint.admin}"):
+        with pytest.raises(gr.Error, match=f"Only admins can {endpoint.admin_action}"):
             fn(1, request=SimpleNamespace(username="ben"))
     export_ratings = endpoint_function(api, next(e for e in ENDPOINTS if e.name == "export_ratings"))
     with pytest.raises(gr.Error, match="Unknown export format"):  # an admin gets past the check
@@ -278,4 +278,4 @@ def test_readme_api_table_lists_the_endpoints_of_the_table():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     rows = re.findall(r"^\| `/(\w+)`( \(admin\))? \|", readme, flags=re.MULTILINE)
-    assert [(name, bool(admin)) for name, admin in rows] == [(e.name, e.admin is not None) for e in ENDPOINTS]
+    assert [(name, bool(admin)) for name, admin in rows] == [(e.name, e.admin_action is not None) for e in ENDPOINTS]

@@ -17,6 +17,7 @@ from typing import Any
 
 import gradio as gr
 
+from ..config import SamplingConfig
 from .controller import FeedbackApp
 from .inputs import shown_errors
 from .layout import Page
@@ -24,7 +25,7 @@ from .layout import Page
 QUEUES: dict[str, dict[str, Any]] = {
     "free": {"concurrency_limit": None},                         # any number at once
     "model": {"concurrency_id": "model", "concurrency_limit": 1},  # one at a time with every other model call
-    "one": {},                                                     # Gradio's default: one at a time
+    "default": {},                                                 # Gradio's default: one at a time per endpoint
 }
 
 
@@ -35,7 +36,7 @@ class Endpoint:
     Operate button that serves it."""
 
     name: str
-    admin: str | None = None
+    admin_action: str | None = None
     """For admin-only endpoints, the action named when someone else calls it ("Only admins can roll back.")."""
     queue: str = "free"
     defaults: Callable[[FeedbackApp], dict[str, Any]] = field(default=lambda app: {})
@@ -53,7 +54,8 @@ class Api:
         """The least-rated pool prompt this rater has not rated: {"prompt_id", "text"} (both null when none is left)."""
         return self.app.next_prompt(self.app.rater(request, rater))
 
-    def generate(self, prompt: str, n: int = 4, rater: str = "", request: gr.Request = None) -> list:
+    def generate(self, prompt: str, n: int = SamplingConfig.num_candidates, rater: str = "",
+                 request: gr.Request = None) -> list:
         """Generate n candidates with the serving version and record them: [{"generation_id", "prompt_id", "text", "version"}]."""
         return self.app.generate(prompt, n, self.app.rater(request, rater))
 
@@ -91,12 +93,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("rate"),
     Endpoint("prefer"),
     Endpoint("status"),
-    Endpoint("export_adapter", admin="download adapters", queue="one",
+    Endpoint("export_adapter", admin_action="download adapters", queue="default",
              button=lambda page: (page.operate.adapter_button, [page.operate.version], [page.operate.adapter_file])),
-    Endpoint("export_ratings", admin="export ratings", queue="one",
+    Endpoint("export_ratings", admin_action="export ratings", queue="default",
              button=lambda page: (page.operate.export_button, [page.operate.export_format],
                                   [page.operate.export_file])),
-    Endpoint("rollback", admin="roll back", queue="one"),
+    Endpoint("rollback", admin_action="roll back", queue="default"),
 )
 
 
@@ -106,23 +108,27 @@ def endpoint_function(api: Api, endpoint: Endpoint) -> Callable:
     input shown as a readable error."""
     method = getattr(api, endpoint.name)
     defaults = endpoint.defaults(api.app)
+    declared = inspect.signature(method).parameters
+    if not set(defaults) <= set(declared) or (endpoint.admin_action and "request" in declared):
+        raise TypeError(f"ENDPOINTS row {endpoint.name!r} does not fit Api.{endpoint.name}: defaults for "
+                        f"{sorted(set(defaults) - set(declared))}, or an admin method declaring its own request")
     parameters = [p.replace(default=defaults.get(p.name, p.default)) for p in inspect.signature(method).parameters.values()]
-    if endpoint.admin:
+    if endpoint.admin_action:
         parameters.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request,
                                             default=None))
     signature = inspect.Signature(parameters, return_annotation=inspect.signature(method).return_annotation)
 
     @functools.wraps(method)
     def call(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)  # bound against the served signature: the row's defaults apply
         bound.apply_defaults()
         arguments = dict(bound.arguments)
-        if endpoint.admin:
-            api.app.require_admin(arguments.pop("request"), endpoint.admin)
+        if endpoint.admin_action:
+            api.app.require_admin(arguments.pop("request"), endpoint.admin_action)
         return method(**arguments)
 
     call.__signature__ = signature
-    call.__annotations__ = {**method.__annotations__, **({"request": gr.Request} if endpoint.admin else {})}
+    call.__annotations__ = {**method.__annotations__, **({"request": gr.Request} if endpoint.admin_action else {})}
     return shown_errors(call)
 
 

@@ -142,7 +142,7 @@ def wire_rating(app: FeedbackApp, page: Page) -> None:
     rate.next_button.click(on_next, None, [rate.prompt, rate.message, *rate.card_outputs], api_visibility="private")
 
     generate_event = rate.generate_button.click(
-        shown_errors(generate_handler(app)), [rate.prompt, rate.n_slider], [rate.message, *rate.card_outputs],
+        generate_handler(app), [rate.prompt, rate.n_slider], [rate.message, *rate.card_outputs],
         api_visibility="private", concurrency_id="model", concurrency_limit=1)
     generate_event.then(None, None, None, js="() => { if (window.ppoFeedbackFocusCandidate) "
                                               "window.ppoFeedbackFocusCandidate(0); }")
@@ -173,6 +173,7 @@ def generate_handler(app: FeedbackApp):
     one at a time when one candidate takes longer than STREAM_AFTER_S, else all together."""
     max_n = app.sampling.max_candidates
 
+    @shown_errors
     def on_generate(prompt_text: str, n: float, request: gr.Request) -> Iterator[tuple]:
         rater = app.rater(request)
         prompt_text = app.check_prompt(prompt_text)
