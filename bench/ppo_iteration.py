@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ppo_feedback.config import LoraSettings, ModelConfig, RolloutSampling  # noqa: E402
+from ppo_feedback.features import Responses  # noqa: E402
 from ppo_feedback.local_models import build_gpt2  # noqa: E402
 from ppo_feedback.modeling import add_lora, load_model  # noqa: E402
 from ppo_feedback.policy import PolicyWithValueHead  # noqa: E402
@@ -43,9 +44,9 @@ class LinearRewardHead(torch.nn.Module):
         self.head = torch.nn.Linear(feature_size, 1)
 
     @torch.no_grad()
-    def score_hidden(self, features: torch.Tensor) -> torch.Tensor:
-        """Return (B,) scores for (B, F) response features."""
-        return self.head(features.to(self.head.weight.dtype)).squeeze(-1)
+    def score(self, responses: Responses) -> torch.Tensor:
+        """Return (B,) scores from the responses' (B, F) reward features."""
+        return self.head(responses.features.to(self.head.weight.dtype)).squeeze(-1)
 
 
 def main(iterations: int, model_dir: str | None, dtype: str = "float32") -> None:
@@ -57,10 +58,10 @@ def main(iterations: int, model_dir: str | None, dtype: str = "float32") -> None
     policy = PolicyWithValueHead(add_lora(loaded.model, LoraSettings(lora_r=16, lora_alpha=32,
                                                                      lora_target_modules="c_attn")),
                                  loaded.tokenizer)
-    reward = LinearRewardHead(policy.feature_size)
     fixed_length = RolloutSampling(max_new_tokens=RESPONSE_LENGTH, stop_at_eos=False, temperature=1.0)
     trainer = PPOTrainer(policy, PPOConfig(batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=PPO_EPOCHS,
                                            sampling=fixed_length))
+    reward = LinearRewardHead(trainer.features.size)
     prompts = (PROMPTS * BATCH)[:BATCH]
     start = time.perf_counter()
     for _ in range(iterations):

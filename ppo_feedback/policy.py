@@ -58,7 +58,7 @@ class PolicyWithValueHead(nn.Module):
         """Return True when sampled log-probabilities equal a forward pass's: a float32, unquantised base.
 
         In bfloat16 (or 4/8-bit) the sampler's one-token kernels round differently from a full
-        forward's (measured on SmolLM2 in bfloat16: 0.04 nats per token on average, 1.3 per response).
+        forward's.
         """
         return all(p.dtype == torch.float32 for p in self.trunk.parameters())
 
@@ -66,11 +66,16 @@ class PolicyWithValueHead(nn.Module):
         """Return the parameters PPO updates: the LoRA weights and the value head."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def _forward(self, query_response: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-                 temperature: float) -> ForwardOutput:
+    def _hidden(self, query_response: torch.Tensor, attention_mask: torch.Tensor,
+                context_length: int) -> torch.Tensor:
+        """Return (B, R + 1, H) last hidden states, from the one predicting response token 0 to the last."""
         hidden = self.trunk(input_ids=query_response, attention_mask=attention_mask,
                             position_ids=position_ids_for(attention_mask), use_cache=False).last_hidden_state
-        hidden = hidden[:, context_length - 1:]  # (B, R + 1, H)
+        return hidden[:, context_length - 1:]
+
+    def _forward(self, query_response: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                 temperature: float) -> ForwardOutput:
+        hidden = self._hidden(query_response, attention_mask, context_length)  # (B, R + 1, H)
         batch, slots, width = hidden.shape
         # a 2-D contiguous input: on a strided 3-D slice the LM head runs as a bmm that first copies
         # its (V, H) weight once per row
@@ -97,17 +102,12 @@ class PolicyWithValueHead(nn.Module):
         with self.peft_model.disable_adapter():
             return self._forward(query_response, attention_mask, context_length, temperature)
 
-    @property
-    def feature_size(self) -> int:
-        """Return the width of `reward_features`: three blocks of the hidden size."""
-        return 3 * self.value_head.in_features
-
     @torch.no_grad()
-    def reward_features(self, hidden: torch.Tensor, responses: torch.Tensor,
-                        response_mask: torch.Tensor) -> torch.Tensor:
-        """Return (B, 3H) float32 `response_features` of a reference forward's `hidden` and the (B, R) response ids."""
-        embeddings = self.peft_model.get_input_embeddings()(responses.to(hidden.device))  # (B, R, H)
-        return response_features(hidden.float(), embeddings.float(), response_mask.to(hidden.device))
+    def reference_hidden(self, query_response: torch.Tensor, attention_mask: torch.Tensor,
+                         context_length: int) -> torch.Tensor:
+        """Return the reference forward's (B, R + 1, H) last hidden states: `reference(...).hidden`, no LM head."""
+        with self.peft_model.disable_adapter():
+            return self._hidden(query_response, attention_mask, context_length)
 
     # ------------------------------------------------------------------------------ adapter files
 
@@ -142,28 +142,3 @@ class PolicyWithValueHead(nn.Module):
         with torch.no_grad():
             set_peft_model_state_dict(self.peft_model, lora)
             self.value_head.load_state_dict(head)
-
-
-def response_features(hidden: torch.Tensor, token_embeddings: torch.Tensor,
-                      response_mask: torch.Tensor) -> torch.Tensor:
-    """Return (B, 3H) reward features: [mean hidden state, mean token embedding, max token embedding] over the response.
-
-    `hidden` is (B, R + 1, H), index t being the last hidden state after response token t - 1 (index
-    0: after the prompt); `token_embeddings` is (B, R, H), the input embeddings of the response tokens.
-    Only valid response tokens (`response_mask`) count; an empty response has zero features.
-
-    The contextual mean carries style and topic; the embedding mean and max are a bag of the tokens
-    themselves, which a linear head needs to see one word (in a mean of 24 contextual states it is
-    diluted). Measured on smollm2-135m generations with simulated raters (held-out correlation with
-    the true taste, 5-fold over prompts): keyword:you 0.39 -> 0.80, length:10 0.63 -> 0.75,
-    keyword:the 0.48 -> 0.70, sentiment 0.44 -> 0.44, against the contextual mean alone.
-    """
-    mask = response_mask.to(hidden.dtype).unsqueeze(-1)  # (B, R, 1)
-    count = mask.sum(1).clamp(min=1.0)  # (B, 1)
-    contextual = (hidden[:, 1:] * mask).sum(1) / count  # (B, H)
-    embeddings = token_embeddings.to(hidden.dtype)
-    mean_embedding = (embeddings * mask).sum(1) / count  # (B, H)
-    valid = response_mask.bool().unsqueeze(-1)  # (B, R, 1)
-    max_embedding = embeddings.masked_fill(~valid, float("-inf")).amax(1)  # (B, H)
-    max_embedding = torch.where(valid.any(1), max_embedding, torch.zeros_like(max_embedding))
-    return torch.cat([contextual, mean_embedding, max_embedding], dim=-1)

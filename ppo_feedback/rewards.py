@@ -1,39 +1,33 @@
-"""Rewards from people: per-rater normalised scores and a reward model fitted to ratings and preferences.
+"""The reward model: a linear head fitted to people's ratings and preferences, calibrated on base-model samples.
 
-Two stages, as in lm-human-preferences: first a reward model r(x, y) is fitted to what people said,
-then PPO maximises it. The pieces, named after the papers:
+Two stages, as in lm-human-preferences: first a reward model r(x, y) is fitted to what people said
+(`feedback.read_feedback`: per-rater normalised ratings and preferences), then PPO maximises it.
 
-- `normalize_ratings`: scores 1..5 become per-rater z-scores, shrunk towards the global mean and
-  spread for raters with few ratings (a strict rater's 3 is not a lenient rater's 3).
-- `RewardModel`: a linear head (with L2) over features of the frozen base model: the mean of the
-  reference forward's last hidden states after each response token, and the mean and max of the
-  response tokens' input embeddings (`policy.response_features`), the same tensor `PPOTrainer.score`
-  hands to `score_hidden`, so PPO scores its rollouts without a second network. Fitted by
+- `RewardModel`: a linear head (with L2) over the frozen base model's reward features
+  (`features.RewardFeatures`: the mean of the reference forward's last hidden states after each
+  response token, and the mean and max of the response tokens' input embeddings), the same tensor
+  PPO's rollouts are scored from, so PPO scores them without a second network. Fitted by
   regression on normalised scores plus the Bradley-Terry loss −log σ(r_chosen − r_rejected) on
-  preferences (Christiano et al. 2017; Stiennon et al. 2020; Ouyang
-  et al. 2022), then calibrated so its output has mean 0 and std 1 on samples of the reference policy
-  (Stiennon et al. 2020; Ziegler et al. 2019). The L2 strength is chosen by cross-validation over
-  prompts (`L2_GRID`) unless set.
+  preferences (Christiano et al. 2017; Stiennon et al. 2020; Ouyang et al. 2022), then calibrated
+  so its output has mean 0 and std 1 on samples of the reference policy (Stiennon et al. 2020;
+  Ziegler et al. 2019). The L2 strength is chosen by cross-validation over prompts (`L2_GRID`)
+  unless set.
 
   Why linear and not an MLP: a few hundred ratings against a 3 x 768-wide feature (GPT-2 small) already
   give more weights than examples; ridge-style L2 on standardised features keeps the fit convex (one
   Newton solve, milliseconds, no seeds) and stable from round to round, where an MLP would overfit and
   move with its initialisation. The papers' reward models put a linear head on the last token; with a
-  few hundred ratings that single state overfits (held-out score correlation 0.03 for a keyword
-  taste, −0.21 for a sentiment one, in simulated-rater runs on smollm2-135m), where the mean over the
-  response with l2 = 10 reached 0.48 and 0.41. The contextual mean dilutes a single word, so the
-  policy learnt to raise it without the word a keyword taste asked for; the token-embedding mean and
-  max (a bag of the tokens) let the head see words (`response_features` gives the figures).
-- `read_feedback`: every current rating and preference from the `FeedbackStore`, normalised, one
-  row per generation; the worker also replays its rated rows in PPO (`trainer.Replay`).
-- `fit_reward_model`: featurises (with a cache, so each round featurises only new generations) and fits.
+  few hundred ratings that single state overfits, where the mean over the response generalised. The
+  contextual mean dilutes a single word, so the policy learnt to raise it without the word a keyword
+  taste asked for; the token-embedding mean and max (a bag of the tokens) let the head see words.
+- `fit_reward_model`: featurises the rated generations (each once: `RewardFeatures` caches them),
+  fits and calibrates.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -43,8 +37,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import RewardConfig
-from .generation import first_eos_mask, max_positions, rollout_of
-from .policy import position_ids_for
+from .features import Responses, RewardFeatures
+from .feedback import RatedFeedback
 
 WEIGHTS_FILE = "reward_model.safetensors"
 META_FILE = "reward_model.json"
@@ -58,58 +52,10 @@ L2_GRID = (0.1, 1.0, 10.0, 100.0)
 """The L2 strengths cross-validation chooses from when `RewardConfig.reward_l2` is not set."""
 DEFAULT_L2 = 10.0
 """The L2 strength used when it is not set and there are too few prompts to cross-validate: the best
-of the grid on simulated-rater runs (smollm2-135m, mean response features, keyword and sentiment
-tastes: held-out score correlation 0.48 / 0.41 at 10, where 0.01 overfitted)."""
+of the grid on simulated-rater runs with keyword and sentiment tastes."""
 CV_FOLDS = 5
 """Folds (of prompts) of the cross-validation that chooses the L2 strength."""
 _GOLDEN = 0.6180339887498949
-
-
-# ------------------------------------------------------------------------------ per-rater normalisation
-
-def normalize_ratings(ratings: Sequence[tuple[str, float]], prior_weight: float = 5.0) -> list[float]:
-    """Return one normalised score per (rater, score), in input order: a shrunk per-rater z-score.
-
-    The rule. Over all ratings given, the global mean μ_g and std σ_g (population, ddof 0). For a
-    rater with n ratings of mean m and population variance v, and prior weight k (`prior_weight`,
-    k pseudo-ratings at the global mean and spread):
-
-        μ_r = (n·m + k·μ_g) / (n + k)        σ_r² = (n·v + k·σ_g²) / (n + k)
-        z   = (score − μ_r) / σ_r
-
-    So a rater with many ratings is judged against their own mean and spread (adding a constant to
-    all their scores changes their z by at most |c|·k/(n+k)/σ_r, exactly 0 when k = 0), while a new
-    rater with one rating gets almost the global z-score, not a wild one. Where σ_r is 0 (a rater
-    whose ratings are all identical with k = 0, or everybody giving one score) the global σ_g is used,
-    and where that is 0 too every z is 0: identical ratings carry no ordering. Order of the input
-    does not matter (each output follows its input).
-    """
-    if prior_weight < 0:
-        raise ValueError("prior_weight must be >= 0")
-    if not ratings:
-        return []
-    scores = [float(s) for _, s in ratings]
-    if not all(math.isfinite(s) for s in scores):
-        raise ValueError("scores must be finite")
-    global_mean = math.fsum(scores) / len(scores)
-    global_var = math.fsum((s - global_mean) ** 2 for s in scores) / len(scores)
-    by_rater: dict[str, list[float]] = defaultdict(list)
-    for (rater, _), score in zip(ratings, scores):
-        by_rater[rater].append(score)
-    centre: dict[str, tuple[float, float]] = {}
-    for rater, own in by_rater.items():
-        n, k = len(own), prior_weight
-        mean = math.fsum(own) / n
-        var = math.fsum((s - mean) ** 2 for s in own) / n
-        mu = (n * mean + k * global_mean) / (n + k)
-        var_r = (n * var + k * global_var) / (n + k)
-        sigma = math.sqrt(var_r) if var_r > 1e-12 else math.sqrt(global_var)
-        centre[rater] = (mu, sigma)
-    out = []
-    for (rater, _), score in zip(ratings, scores):
-        mu, sigma = centre[rater]
-        out.append(0.0 if sigma <= 1e-12 else (score - mu) / sigma)
-    return out
 
 
 # ------------------------------------------------------------------------------ the reward model
@@ -151,8 +97,8 @@ class RewardModel(nn.Module):
     [raw_min, raw_max] is the range of the head's outputs on the generations it was fitted to. A
     linear head extrapolates without limit and PPO finds where: under a keyword taste the policy
     repeated the word ("you only get to see, you only get to see how you get"), each repetition
-    raising the embedding mean, and reached scores 8.5 standard deviations above the base model's at
-    a KL of 29 nats. Nobody rated anything that far out, so no reward is given for going there.
+    raising the embedding mean, far beyond any score of the base model's. Nobody rated anything that
+    far out, so no reward is given for going there.
     """
 
     def __init__(self, feature_size: int):
@@ -168,40 +114,6 @@ class RewardModel(nn.Module):
         self.register_buffer("reference_std", torch.ones(()))
         self.n_reference = 0
         self.report: FitReport | None = None
-
-    # -------------------------------------------------------------------------- features
-
-    @staticmethod
-    @torch.no_grad()
-    def featurize(policy, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]],
-                  batch_size: int = 16) -> torch.Tensor:
-        """Return (N, F) float32 CPU features (`policy.reward_features`) of the adapter-off forward for each response.
-
-        The same tensor the trainer passes to `score_hidden` for the same prompt and response:
-        prompts are encoded with `encode_prompts` (chat template when there is one), left-padded;
-        responses are cut after their first EOS (the trainer's response mask) and right-padded.
-        Batches are formed by response length, so padding does not depend on the caller's order.
-        """
-        if len(prompts) != len(response_token_ids):
-            raise ValueError("prompts and response_token_ids must have the same length")
-        tokenizer = policy.tokenizer
-        device = next(policy.parameters()).device
-        positions = max_positions(policy.peft_model)
-        responses = []
-        for ids in response_token_ids:
-            ids = torch.as_tensor(list(ids), dtype=torch.long)
-            if ids.numel():
-                ids = ids[first_eos_mask(ids[None], tokenizer.eos_token_id)[0].bool()]
-            responses.append(ids.tolist())
-        order = sorted(range(len(prompts)), key=lambda i: len(responses[i]))
-        features = torch.empty(len(prompts), policy.feature_size)
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = rollout_of(tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows],
-                               temperature=1.0, device=device, positions=positions)
-            hidden = _reference_hidden(policy, batch.query_response, batch.attention_mask, batch.context_length)
-            features[rows] = policy.reward_features(hidden, batch.responses, batch.response_mask).cpu()  # (b, F)
-        return features
 
     # -------------------------------------------------------------------------- scoring
 
@@ -223,6 +135,10 @@ class RewardModel(nn.Module):
     def score_hidden(self, features: torch.Tensor) -> torch.Tensor:
         """Return (B,) rewards, mean 0 / std 1 on reference samples once calibrated, for (B, F) features; no grad."""
         return self.forward(features)
+
+    def score(self, responses: Responses) -> torch.Tensor:
+        """Return (B,) rewards of sampled responses from their reward features (`score_hidden`): a `Reward`."""
+        return self.score_hidden(responses.features)
 
     @torch.no_grad()
     def calibrate(self, reference_features: torch.Tensor) -> tuple[float, float]:
@@ -353,19 +269,6 @@ class RewardModel(nn.Module):
         if meta.get("report"):
             model.report = FitReport(**meta["report"])
         return model.to(device)
-
-
-def _reference_hidden(policy, query_response: torch.Tensor, attention_mask: torch.Tensor,
-                      context_length: int) -> torch.Tensor:
-    """Return (B, R + 1, H) last hidden states of the adapter-off trunk, as `policy.reference` gives them.
-
-    The same forward as `PolicyWithValueHead._forward` without the LM head: features need no
-    (B, R, vocab) logits (a test holds it equal to `policy.reference(...).hidden`).
-    """
-    with policy.peft_model.disable_adapter():
-        hidden = policy.trunk(input_ids=query_response, attention_mask=attention_mask,
-                              position_ids=position_ids_for(attention_mask), use_cache=False).last_hidden_state
-    return hidden[:, context_length - 1:]
 
 
 def _measure_held_out(report: FitReport, predicted: torch.Tensor, z: torch.Tensor, pairs: torch.Tensor,
@@ -516,121 +419,32 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return None if denom < 1e-12 else float((a * b).sum()) / denom
 
 
-# ------------------------------------------------------------------------------ from the store
+# ------------------------------------------------------------------------------ from feedback
 
-@dataclass
-class RatedFeedback:
-    """Every current rating and preference of a store, one row per distinct generation (sorted by id)."""
+def fit_reward_model(feedback: RatedFeedback, features: RewardFeatures, *,
+                     reference_features: torch.Tensor | None = None,
+                     config: RewardConfig | None = None) -> tuple[RewardModel, FitReport]:
+    """Return a reward model fitted to every rating and preference of `feedback`, and its FitReport.
 
-    generations: list  # db.records.Generation per row
-    prompts: list[str]  # the row's prompt text
-    scores: torch.Tensor  # (N,) float64 mean normalised score of the row's ratings; NaN when only in preferences
-    pairs: list[tuple[int, int]]  # (chosen row, rejected row) per preference
-    n_ratings: int
-    raters: set[str]
-
-    def relative_scores(self) -> torch.Tensor:
-        """Return (N,) float64 scores minus the mean score of the row's siblings, NaN where unrated.
-
-        Siblings are the other rated generations of the same prompt by the same adapter version (the
-        candidates shown together): a leave-one-out baseline, as in RLOO (Ahmadian et al. 2024), so
-        what a row says is how much better it was than what the same version wrote for the same
-        prompt, not how easy the prompt was. A row without siblings keeps its score.
-        """
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for row, g in enumerate(self.generations):
-            if math.isfinite(float(self.scores[row])):
-                groups[(g.prompt_id, g.adapter_version)].append(row)
-        relative = self.scores.clone()
-        for rows in groups.values():
-            n = len(rows)
-            if n > 1:  # s - (total - s) / (n - 1), for every row at once
-                relative[rows] = (n * self.scores[rows] - self.scores[rows].sum()) / (n - 1)
-        return relative
-
-    def replayable(self, temperature: float) -> list[int]:
-        """Return the rated rows PPO can replay: stored behaviour logprobs for every token, at `temperature`."""
-        return [row for row, g in enumerate(self.generations)
-                if math.isfinite(float(self.scores[row])) and g.token_ids and len(g.logprobs) == len(g.token_ids)
-                and math.isclose(float(g.sampling.get("temperature", math.nan)), temperature)]
-
-
-def read_feedback(store, prior_weight: float = RewardConfig.prior_weight) -> RatedFeedback:
-    """Return the store's current feedback as RatedFeedback; raise ValueError when there is none.
-
-    Reads `store.iter_feedback()` (current ratings only: a re-rating supersedes the old one),
-    normalises scores per rater over all of them (`normalize_ratings`) and averages the normalised
-    scores of a generation rated by several raters.
-    """
-    ratings, preferences = [], []
-    for page in store.iter_feedback():
-        ratings.extend(page.ratings)
-        preferences.extend(page.preferences)
-    if not ratings and not preferences:
-        raise ValueError("no ratings or preferences to fit a reward model to")
-    generations, prompts = {}, {}  # generation id -> Generation, generation id -> prompt text
-    for rated in ratings:
-        generations[rated.generation.id], prompts[rated.generation.id] = rated.generation, rated.prompt_text
-    for pair in preferences:
-        for g in (pair.chosen, pair.rejected):
-            generations[g.id], prompts[g.id] = g, pair.prompt_text
-    ids = sorted(generations)
-    row_of = {gid: i for i, gid in enumerate(ids)}
-    normalized = normalize_ratings([(r.rating.rater, r.rating.score) for r in ratings], prior_weight)
-    totals: dict[int, list[float]] = defaultdict(list)
-    for rated, z in zip(ratings, normalized):
-        totals[row_of[rated.generation.id]].append(z)
-    scores = torch.full((len(ids),), math.nan, dtype=torch.float64)
-    for row, zs in totals.items():
-        scores[row] = sum(zs) / len(zs)
-    return RatedFeedback(generations=[generations[g] for g in ids], prompts=[prompts[g] for g in ids],
-                         scores=scores, pairs=[(row_of[p.chosen.id], row_of[p.rejected.id]) for p in preferences],
-                         n_ratings=len(ratings),
-                         raters={r.rating.rater for r in ratings} | {p.preference.rater for p in preferences})
-
-
-def fit_reward_model(store, policy, *, reference_features: torch.Tensor | None = None,
-                     feature_cache: dict[int, torch.Tensor] | None = None,
-                     config: RewardConfig | None = None,
-                     feedback: RatedFeedback | None = None) -> tuple[RewardModel, FitReport]:
-    """Return a reward model fitted to every current rating and preference in `store`, and its FitReport.
-
-    The feedback is `read_feedback(store, config.prior_weight)` unless the caller read it already
-    (`feedback`). Each distinct generation is featurised once from its prompt text and stored token
-    ids (its text, tokenised, when no ids were stored); rows are grouped by prompt for the held-out split.
-
-    `feature_cache` (generation id -> (F,) features, valid for one base model), when given, is read
-    and filled, so a worker that keeps it featurises only new generations each round. Featurising is
-    the cost (measured ~0.7 s a sample for GPT-2 small on 2 busy CPU cores; the fit of 300 examples
-    and 225 pairs on 576-wide features takes ~0.3 s with `reward_l2` set, ~2 s when cross-validation
-    chooses it), so without the cache a refit grows with all feedback ever given. The output is
-    calibrated on `reference_features` (features of base-model samples) when given, otherwise on the fetched
-    generations sampled from the base model (adapter version 0), or on all of them when fewer than 2.
+    Each distinct generation is featurised once (`RewardFeatures.of_generations`, which caches by
+    generation id, so a worker that keeps `features` featurises only new generations each round);
+    rows are grouped by prompt for the held-out split. Featurising is the cost, the fit itself is
+    quick. The output is calibrated on `reference_features` (features of base-model samples) when
+    given, otherwise on the generations sampled from the base model (adapter version 0), or on all
+    of them when fewer than 2.
     """
     config = config or RewardConfig()
     config.validate()
     started = time.perf_counter()
-    feedback = feedback if feedback is not None else read_feedback(store, config.prior_weight)
     generations = feedback.generations
-    cache = feature_cache if feature_cache is not None else {}
-    missing = [row for row, g in enumerate(generations) if g.id not in cache]
-    if missing:
-        tokenizer = policy.tokenizer
-        responses = [list(generations[row].token_ids)
-                     or tokenizer(generations[row].text, add_special_tokens=False)["input_ids"] for row in missing]
-        fresh = RewardModel.featurize(policy, [feedback.prompts[row] for row in missing], responses,
-                                      config.feature_batch_size)
-        cache.update(zip((generations[row].id for row in missing), fresh))
-    features = torch.stack([cache[g.id] for g in generations])  # (N, F)
-
-    model = RewardModel(features.shape[1])
-    report = model.fit(features, feedback.scores, feedback.pairs, groups=[g.prompt_id for g in generations],
-                       config=config)
+    x = features.of_generations(generations, feedback.prompts, config.feature_batch_size)  # (N, F)
+    model = RewardModel(x.shape[1])
+    report = model.fit(x, feedback.scores, feedback.pairs, groups=[g.prompt_id for g in generations], config=config)
     report.n_ratings = feedback.n_ratings
     report.n_raters = len(feedback.raters)
     if reference_features is None:
         base_rows = [row for row, g in enumerate(generations) if g.adapter_version == 0]
-        reference_features = features[base_rows] if len(base_rows) >= 2 else features
+        reference_features = x[base_rows] if len(base_rows) >= 2 else x
     if reference_features.shape[0] >= 2:
         model.calibrate(reference_features)
     report.seconds = time.perf_counter() - started

@@ -13,60 +13,20 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from . import ppo
 from .config import PPOConfig
-from .generation import Rollout, max_positions, rollout_of, sample
+from .features import Responses, Reward, RewardFeatures
+from .feedback import Replay
+from .generation import Rollout, sample
 from .policy import PolicyWithValueHead
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
-Sample = tuple[str, str]  # (prompt, response text)
-RewardFn = Callable[[Sequence[Sample]], Sequence[float]]
-
-
-class HiddenStateReward(Protocol):
-    """A reward that scores from the reference forward's hidden states, avoiding a separate model."""
-
-    def score_hidden(self, features: torch.Tensor) -> torch.Tensor:
-        """Return (B,) scores from (B, F) response features (`PolicyWithValueHead.reward_features`)."""
-
-
-@dataclass
-class Replay:
-    """Rated generations to replay in a PPO iteration: what was sampled, by which probabilities, and its score.
-
-    `logprobs` are the behaviour policy's (the version that served them, stored with each
-    generation), at the trainer's temperature; `scores` are baseline-corrected ratings (the worker
-    gives each its normalised rating minus its siblings' mean), used as the return.
-    """
-
-    prompts: list[str]
-    responses: list[list[int]]
-    logprobs: list[list[float]]
-    scores: list[float]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def take(self, rows: Sequence[int]) -> Replay:
-        """Return the samples at `rows`, in that order."""
-        return Replay([self.prompts[r] for r in rows], [self.responses[r] for r in rows],
-                      [self.logprobs[r] for r in rows], [self.scores[r] for r in rows])
-
-    def rollout(self, policy: PolicyWithValueHead, temperature: float) -> Rollout:
-        """Return the samples as a Rollout on the policy's device, behaviour logprobs included."""
-        device = next(policy.parameters()).device
-        return rollout_of(policy.tokenizer, self.prompts, self.responses, temperature=temperature, device=device,
-                          positions=max_positions(policy.peft_model), logprobs=self.logprobs)
-
-    def score_tensor(self) -> torch.Tensor:
-        """Return the scores as a (B,) float tensor."""
-        return torch.tensor(self.scores, dtype=torch.float32)
 
 
 @dataclass
@@ -114,6 +74,7 @@ class PPOTrainer:
                        if config.adaptive_kl else ppo.FixedKLController(config.init_kl_coef))
         self.iteration = 0
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.features = RewardFeatures(policy)
 
     # --------------------------------------------------------------------------- rollout and scoring
 
@@ -122,11 +83,22 @@ class PPOTrainer:
 
         Otherwise `step` takes logprobs and values from a forward, so the sampler skips the value head.
         """
+        return self._sample(prompts, self.rollout_seed(),
+                            self.policy.value_head if self.policy.samples_exactly else None)
+
+    def reference_rollout(self, prompts: Sequence[str]) -> Rollout:
+        """Return one response per prompt sampled as PPO samples, by the reference policy (adapter off), no values.
+
+        Drawn from the configured seed: the same samples every time, the reward model's calibration set.
+        """
+        with self.policy.peft_model.disable_adapter():
+            return self._sample(prompts, self.config.seed, None)
+
+    def _sample(self, prompts: Sequence[str], seed: int, value_head) -> Rollout:
         c = self.config.sampling
         return sample(self.policy.peft_model, self.policy.tokenizer, list(prompts), max_new_tokens=c.max_new_tokens,
-                      temperature=c.temperature, top_p=c.top_p, seed=self.rollout_seed(),
-                      stop_at_eos=c.stop_at_eos,
-                      value_head=self.policy.value_head if self.policy.samples_exactly else None)
+                      temperature=c.temperature, top_p=c.top_p, seed=seed, stop_at_eos=c.stop_at_eos,
+                      value_head=value_head)
 
     def rollout_seed(self) -> int:
         """Return this iteration's sampling seed, distinct for every process of a data-parallel run."""
@@ -144,21 +116,10 @@ class PPOTrainer:
             if p.grad is not None:
                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
 
-    def decode(self, rollout: Rollout) -> list[str]:
-        """Return the response texts of a rollout (valid tokens only, special tokens dropped)."""
-        lengths = rollout.response_mask.sum(1).long().tolist()
-        return [self.policy.tokenizer.decode(row[:n], skip_special_tokens=True)
-                for row, n in zip(rollout.responses.tolist(), lengths)]
-
     def score(self, prompts: Sequence[str], rollout: Rollout, ref_hidden: torch.Tensor,
-              reward_fn) -> torch.Tensor:
-        """Return (B,) scores: from hidden states when the reward supports it, else from texts."""
-        if hasattr(reward_fn, "score_hidden"):
-            scores = reward_fn.score_hidden(self.policy.reward_features(ref_hidden, rollout.responses,
-                                                                        rollout.response_mask))
-        else:
-            samples = list(zip(prompts, self.decode(rollout)))
-            scores = torch.tensor([float(s) for s in reward_fn(samples)])
+              reward: Reward) -> torch.Tensor:
+        """Return (B,) scores of `reward` on the rollout (its reference forward gave `ref_hidden`), less any EOS penalty."""
+        scores = reward.score(Responses(list(prompts), rollout, ref_hidden, self.features))
         scores = scores.detach().float().to(rollout.logprobs.device)
         if self.config.missing_eos_penalty is not None and self.config.sampling.stop_at_eos:
             eos = self.policy.tokenizer.eos_token_id
@@ -201,8 +162,7 @@ class PPOTrainer:
         return Experience(qr, attn, P, mask, old_logprobs, old_values, advantages, returns, kl, scores,
                           non_score_reward, weights)
 
-    def step(self, prompts: Sequence[str], reward_fn: RewardFn | HiddenStateReward,
-             replay: Replay | None = None) -> dict[str, float]:
+    def step(self, prompts: Sequence[str], reward: Reward, replay: Replay | None = None) -> dict[str, float]:
         """Run one PPO iteration on `prompts` (and `replay`'s rated samples); return its stats under TRL's names.
 
         Replayed samples join the PPO epochs with their own scores and KL-penalised returns as
@@ -217,7 +177,7 @@ class PPOTrainer:
         # 2. reference forward (adapter off) gives ref logprobs and the reward model's features
         ref = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length,
                                     c.sampling.temperature)
-        scores = self.score(prompts, rollout, ref.hidden, reward_fn)  # (B,)
+        scores = self.score(prompts, rollout, ref.hidden, reward)  # (B,)
         # 3. rewards and advantages
         batches = [self.experience(rollout, ref.logprobs, scores, exact=self.policy.samples_exactly)]
         if replay is not None and len(replay):

@@ -30,10 +30,10 @@ from db.records import VersionRecord
 from .adapters import AdapterState, AdapterStore, VersionLifecycle, apply_version
 from .config import AppConfig, LoraSettings, ModelConfig, PPOConfig, RewardConfig, RolloutSampling, SamplingConfig, \
     WorkerConfig, add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
-from .generation import sample
+from .feedback import RatedFeedback, Replay, read_feedback
 from .policy import PolicyWithValueHead
-from .rewards import RatedFeedback, fit_reward_model, read_feedback
-from .trainer import OPTIMIZER_FILE, PPOTrainer, Replay
+from .rewards import fit_reward_model
+from .trainer import OPTIMIZER_FILE, PPOTrainer
 
 log = logging.getLogger("ppo_feedback.worker")
 
@@ -116,7 +116,6 @@ class Worker:
         self.holder = config.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.initial = AdapterState.initial(policy)
         self.loaded_version: int | None = None
-        self.feature_cache: dict[int, torch.Tensor] = {}
         self._reference_features: torch.Tensor | None = None
         self.stop_requested = threading.Event()
         self.heartbeat: Heartbeat | None = None
@@ -209,10 +208,9 @@ class Worker:
             total = self.store.count_feedback_since()
             self.heartbeat.set_state("fitting the reward model")
             feedback = read_feedback(self.store, self.reward_config.prior_weight)
-            reward_model, report = fit_reward_model(self.store, self.policy,
+            reward_model, report = fit_reward_model(feedback, self.trainer.features,
                                                     reference_features=self.reference_features(),
-                                                    feature_cache=self.feature_cache, config=self.reward_config,
-                                                    feedback=feedback)
+                                                    config=self.reward_config)
             log.info("reward model: %s", report.summary())
             shared = (reward_model, self.adapters.next_version(self.store), self.replay_pool(feedback))
         reward_model, version, replay_pool = self.team.share(shared)
@@ -318,49 +316,27 @@ class Worker:
         n = self.trainer.config.batch_size
         return self.rng.sample(pool, n) if len(pool) >= n else [self.rng.choice(pool) for _ in range(n)]
 
-    def replay_pool(self, feedback: RatedFeedback) -> Replay:
-        """Return every rated generation PPO can replay (`RatedFeedback.replayable`), empty when replay is off.
+    def replay_pool(self, feedback: RatedFeedback) -> Replay | None:
+        """Return the rated generations PPO may replay (`RatedFeedback.replay_pool`), None when replay is off."""
+        return feedback.replay_pool(self.trainer.config.sampling.temperature) if self.config.replay_samples else None
 
-        Each is scored by its rating relative to its siblings' (`RatedFeedback.relative_scores`), and
-        only those rated above them are kept: PPO replays them to make them likelier. Pushing a
-        sampled sequence down again and again moves its probability to text nobody rated
-        (likelihood displacement, Razin et al. 2024); rejection-sampling fine-tuning (RAFT, Dong et
-        al. 2023) keeps only the good samples for the same reason. Measured on smollm2-135m with a
-        simulated sentiment taste (one run each): replaying every rated generation with its plain
-        normalised score ended at a base-model perplexity of 21.2 (the base's own text: 11.9);
-        replaying those above their siblings, with relative scores, at 8.3, and it learnt more.
-        """
-        scores = feedback.relative_scores()
-        rows = [r for r in feedback.replayable(self.trainer.config.sampling.temperature) if scores[r] > 0] \
-            if self.config.replay_samples else []
-        generations = [feedback.generations[r] for r in rows]
-        return Replay([feedback.prompts[r] for r in rows], [list(g.token_ids) for g in generations],
-                      [list(g.logprobs) for g in generations], [float(scores[r]) for r in rows])
-
-    def pick_replay(self, pool: Replay) -> Replay | None:
+    def pick_replay(self, pool: Replay | None) -> Replay | None:
         """Return `--replay-samples` rated generations drawn from the pool without replacement (all when fewer)."""
-        if not len(pool):
+        if not pool:
             return None
         return pool.take(self.rng.sample(range(len(pool)), min(self.config.replay_samples, len(pool))))
 
     def reference_features(self) -> torch.Tensor:
-        """Return (N, F) reward features of base-model samples (computed once: the base never changes).
+        """Return (N, F) reward features of base-model samples, the reward model's calibration set.
 
-        The features `RewardModel.featurize` and `PPOTrainer.score` compute for the same prompt and
-        response (`reward_features` of the adapter-off forward), so calibration sees the same tensor.
+        Sampled as PPO samples (`PPOTrainer.reference_rollout`) and made once: the base never changes.
         """
         if self._reference_features is None:
-            c, prompts = self.trainer.config.sampling, []
+            prompts = []
             while len(prompts) < self.config.reference_samples:
                 prompts.extend(self.pick_prompts())
-            prompts = prompts[:self.config.reference_samples]
-            with self.policy.peft_model.disable_adapter():
-                rollout = sample(self.policy.peft_model, self.policy.tokenizer, prompts,
-                                 max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                                 seed=self.trainer.config.seed, stop_at_eos=c.stop_at_eos)
-            ref = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length)
-            self._reference_features = self.policy.reward_features(ref.hidden, rollout.responses,
-                                                                   rollout.response_mask).cpu()
+            rollout = self.trainer.reference_rollout(prompts[:self.config.reference_samples])
+            self._reference_features = self.trainer.features.of_rollout(rollout).cpu()
         return self._reference_features
 
 

@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 
 from db import Cursor, FeedbackStore, NewGeneration, VersionRecord
 from ppo_feedback.config import LoraSettings, ModelConfig, RolloutSampling
+from ppo_feedback.features import RewardFeatures, response_features
+from ppo_feedback.feedback import normalize_ratings, read_feedback
 from ppo_feedback.generation import first_eos_mask, generate, sample
 from ppo_feedback.modeling import add_lora, load_model
-from ppo_feedback.policy import PolicyWithValueHead, response_features
-from ppo_feedback.rewards import DEFAULT_L2, L2_GRID, FitReport, RewardConfig, RewardModel, fit_reward_model, \
-    normalize_ratings, read_feedback
+from ppo_feedback.policy import PolicyWithValueHead
+from ppo_feedback.rewards import DEFAULT_L2, L2_GRID, FitReport, RewardConfig, RewardModel, fit_reward_model
 from ppo_feedback.trainer import PPOConfig, PPOTrainer
 
 PROMPTS = ["The weather today is", "I love this pizza", "Once upon a time there was a little robot",
@@ -345,6 +346,7 @@ def policy(tiny_model_dir, tmp_path_factory):
 
 
 def test_featurize_gives_the_trainers_features(policy):
+    reward_features = RewardFeatures(policy)
     eos = policy.tokenizer.eos_token_id
     rollout = sample(policy.peft_model, policy.tokenizer, PROMPTS, max_new_tokens=10, seed=5)
     qr = rollout.query_response.clone()
@@ -353,7 +355,7 @@ def test_featurize_gives_the_trainers_features(policy):
     assert response_mask[1].sum() == 4 and response_mask.sum() > 4 * 4
     ref = policy.reference(qr, rollout.attention_mask, rollout.context_length)
     responses = qr[:, rollout.context_length:]
-    trainer_features = policy.reward_features(ref.hidden, responses, response_mask)  # what PPOTrainer.score hands over
+    trainer_features = reward_features.of_hidden(ref.hidden, responses, response_mask)  # what PPO's rewards see
 
     full_rows = qr[:, rollout.context_length:].tolist()  # with the tokens after EOS
     valid_rows = [row[:int(n)] for row, n in zip(full_rows, response_mask.sum(1))]
@@ -361,35 +363,36 @@ def test_featurize_gives_the_trainers_features(policy):
              (PROMPTS, valid_rows, 3, trainer_features),  # other batches, other padding
              (PROMPTS[::-1], valid_rows[::-1], 1, trainer_features.flip(0))]  # one at a time, reversed
     for prompts, rows, batch_size, expected in cases:
-        features = RewardModel.featurize(policy, prompts, rows, batch_size=batch_size)
-        assert features.shape == (len(PROMPTS), policy.feature_size) == (len(PROMPTS), 3 * policy.trunk.config.hidden_size)
+        features = reward_features.of_responses(prompts, rows, batch_size=batch_size)
+        assert features.shape == (len(PROMPTS), reward_features.size) == (len(PROMPTS), 3 * policy.trunk.config.hidden_size)
         assert torch.allclose(features, expected, atol=1e-4)
 
     with torch.no_grad():  # and not the adapter-on policy's
-        on = policy.reward_features(policy(qr, rollout.attention_mask, rollout.context_length).hidden, responses,
+        on = reward_features.of_hidden(policy(qr, rollout.attention_mask, rollout.context_length).hidden, responses,
                                     response_mask)
     assert not torch.allclose(on, trainer_features, atol=1e-3)
 
 
 def test_trainer_scores_rollouts_with_the_reward_model(policy):
     torch.manual_seed(0)
-    model = RewardModel(policy.feature_size)
-    hidden = torch.randn(40, model.feature_size)
-    model.fit(hidden, torch.randn(40).tolist(), [])
     trainer = PPOTrainer(policy, PPOConfig(batch_size=4, mini_batch_size=4,
                                            sampling=RolloutSampling(max_new_tokens=8)))
+    model = RewardModel(trainer.features.size)
+    hidden = torch.randn(40, model.feature_size)
+    model.fit(hidden, torch.randn(40).tolist(), [])
     rollout = trainer.rollout(PROMPTS)
     ref = policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length)
     scores = trainer.score(PROMPTS, rollout, ref.hidden, model)
     lengths = rollout.response_mask.sum(1).long().tolist()
     responses = [row[:n] for row, n in zip(rollout.responses.tolist(), lengths)]
-    expected = model.score_hidden(RewardModel.featurize(policy, PROMPTS, responses))
+    expected = model.score_hidden(trainer.features.of_responses(PROMPTS, responses))
     assert torch.allclose(scores, expected, atol=1e-4)
     assert scores.std() > 0
 
 
 def test_the_workers_reference_features_are_featurizes(policy, tmp_path, monkeypatch):
     """Calibration, the fit and PPO's scores must all see the same features for the same prompt and response."""
+    from ppo_feedback import trainer as trainer_module
     from ppo_feedback import worker as worker_module
     from ppo_feedback.adapters import AdapterStore
 
@@ -401,7 +404,7 @@ def test_the_workers_reference_features_are_featurizes(policy, tmp_path, monkeyp
         rollouts.append((list(args[2]), sample(*args, **kwargs)))
         return rollouts[-1][1]
 
-    monkeypatch.setattr(worker_module, "sample", recording_sample)
+    monkeypatch.setattr(trainer_module, "sample", recording_sample)
     worker = worker_module.Worker(store, AdapterStore(tmp_path / "adapters"), policy,
                                   PPOConfig(batch_size=4, mini_batch_size=4,
                                             sampling=RolloutSampling(max_new_tokens=10)),
@@ -409,9 +412,9 @@ def test_the_workers_reference_features_are_featurizes(policy, tmp_path, monkeyp
     features = worker.reference_features()
     (prompts, rollout), = rollouts
     lengths = rollout.response_mask.sum(1).long().tolist()
-    assert len(prompts) == 6 and features.shape == (6, policy.feature_size)
+    assert len(prompts) == 6 and features.shape == (6, worker.trainer.features.size)
     responses = [row[:n] for row, n in zip(rollout.responses.tolist(), lengths)]
-    assert torch.allclose(features, RewardModel.featurize(policy, prompts, responses), atol=1e-4)
+    assert torch.allclose(features, RewardFeatures(policy).of_responses(prompts, responses), atol=1e-4)
     assert worker.reference_features() is features  # computed once
     store.close()
 
@@ -436,8 +439,9 @@ def test_fit_reward_model_reads_the_store(policy, tmp_path, monkeypatch):
         store.pick_best(group[0], group[1:], "cy")  # 2 pairs each, by a rater who only picks
     store.prefer(generation_ids[1][2], generation_ids[1][1], "ann")
 
-    cache: dict[int, torch.Tensor] = {}
-    model, report = fit_reward_model(store, policy, feature_cache=cache)
+    reward_features = RewardFeatures(policy)
+    cache = reward_features.cache
+    model, report = fit_reward_model(read_feedback(store), reward_features)
     n_bob = sum(g % 2 for group in generation_ids for g in group)
     assert report.n_ratings == 9 + n_bob
     assert (report.n_examples, report.n_scores, report.n_preferences, report.n_raters) == (9, 9, 7, 3)
@@ -446,7 +450,7 @@ def test_fit_reward_model_reads_the_store(policy, tmp_path, monkeypatch):
     assert sorted(cache) == sorted(g for group in generation_ids for g in group)
 
     first = store.get_generation(generation_ids[2][1])
-    features = RewardModel.featurize(policy, [PROMPTS[2]], [list(first.token_ids)])
+    features = RewardFeatures(policy).of_responses([PROMPTS[2]], [list(first.token_ids)])
     assert torch.allclose(cache[first.id], features[0], atol=1e-5)
     all_features = torch.stack([cache[g] for g in sorted(cache)])
     scores = model.score_hidden(all_features)
@@ -455,8 +459,8 @@ def test_fit_reward_model_reads_the_store(policy, tmp_path, monkeypatch):
     def no_featurize(*_args, **_kwargs):
         raise AssertionError("every generation is cached; nothing should be featurised again")
 
-    monkeypatch.setattr(RewardModel, "featurize", staticmethod(no_featurize))
-    again, _ = fit_reward_model(store, policy, feature_cache=cache)
+    monkeypatch.setattr(reward_features, "of_responses", no_featurize)
+    again, _ = fit_reward_model(read_feedback(store), reward_features)
     assert torch.equal(again.score_hidden(all_features), scores)
     store.close()
 
@@ -499,7 +503,7 @@ def test_read_feedback_scores_rows_and_siblings(tmp_path):
 def test_fit_reward_model_without_feedback_refuses(policy, tmp_path):
     store = FeedbackStore(tmp_path / "empty.db")
     with pytest.raises(ValueError, match="no ratings or preferences"):
-        fit_reward_model(store, policy)
+        fit_reward_model(read_feedback(store), RewardFeatures(policy))
     store.close()
 
 

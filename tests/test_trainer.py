@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from ppo_feedback.config import LoraSettings, ModelConfig, RolloutSampling
+from ppo_feedback.features import TextReward
+from ppo_feedback.feedback import Replay
 from ppo_feedback.modeling import add_lora, load_model
 from ppo_feedback.policy import PolicyWithValueHead
-from ppo_feedback.trainer import PPOConfig, PPOTrainer, Replay
+from ppo_feedback.trainer import PPOConfig, PPOTrainer
 
 PROMPTS = ["The weather today is", "I love this pizza", "Once upon a time", "Machine learning"] * 4
 TRL_NAMES = ["objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "policy/approxkl",
@@ -39,7 +41,7 @@ def token_share_reward(trainer: PPOTrainer):
             shares.append(sum(i == chosen for i in ids) / max(len(ids), 1))
         return shares
 
-    return reward_fn
+    return TextReward(reward_fn)
 
 
 @pytest.fixture
@@ -73,7 +75,7 @@ def test_high_kl_coefficient_keeps_policy_near_reference(tiny_model_dir):
 
 def test_first_iteration_starts_at_the_reference(trainer):
     # LoRA B is zero and the value head is zero at start: policy == reference, so KL is exactly 0.
-    stats = trainer.step(PROMPTS, lambda samples: [0.0] * len(samples))
+    stats = trainer.step(PROMPTS, TextReward(lambda samples: [0.0] * len(samples)))
     assert abs(stats["objective/kl"]) < 1e-5
     assert stats["policy/clipfrac"] >= 0.0
 
@@ -85,7 +87,7 @@ def test_bfloat16_base_starts_at_the_reference_too(tiny_model_dir):
     policy = PolicyWithValueHead(add_lora(loaded.model, LoraSettings(lora_r=8, lora_alpha=16)), loaded.tokenizer)
     config = PPOConfig(batch_size=16, mini_batch_size=8, ppo_epochs=1, sampling=RolloutSampling(max_new_tokens=12))
     trainer = PPOTrainer(policy, config)
-    stats = trainer.step(PROMPTS, lambda samples: [float(len(text)) for _, text in samples])
+    stats = trainer.step(PROMPTS, TextReward(lambda samples: [float(len(text)) for _, text in samples]))
     assert stats["objective/kl"] == 0.0
     assert stats["policy/approxkl"] < 1e-3  # the first minibatch's ratio is exactly 1
     assert all(math.isfinite(v) for v in stats.values())
@@ -101,7 +103,7 @@ def test_adaptive_controller_moves_the_coefficient(trainer):
 def test_non_finite_reward_raises_instead_of_training(trainer):
     before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
     with pytest.raises(FloatingPointError):
-        trainer.step(PROMPTS, lambda samples: [float("nan")] * len(samples))
+        trainer.step(PROMPTS, TextReward(lambda samples: [float("nan")] * len(samples)))
     after = trainer.policy.trainable_parameters()
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -128,7 +130,7 @@ def test_save_and_resume_gives_identical_next_iteration(tiny_model_dir, tmp_path
 
 def test_batch_size_must_match(trainer):
     with pytest.raises(ValueError, match="batch_size=16"):
-        trainer.step(PROMPTS[:3], lambda s: [0.0] * len(s))
+        trainer.step(PROMPTS[:3], TextReward(lambda s: [0.0] * len(s)))
     with pytest.raises(ValueError, match="multiple"):
         PPOConfig(batch_size=10, mini_batch_size=4).validate()
 
@@ -155,7 +157,7 @@ def test_replayed_ratings_move_the_policy_towards_the_rated_up_response(trainer)
     replay = replay_of(trainer, behaviour, [2.0, -2.0, 2.0, -2.0])
     up_before = response_logprob(trainer, replay, 0) + response_logprob(trainer, replay, 2)
     down_before = response_logprob(trainer, replay, 1) + response_logprob(trainer, replay, 3)
-    stats = [trainer.step(PROMPTS, lambda samples: [0.0] * len(samples), replay) for _ in range(3)]
+    stats = [trainer.step(PROMPTS, TextReward(lambda samples: [0.0] * len(samples)), replay) for _ in range(3)]
     up_gain = response_logprob(trainer, replay, 0) + response_logprob(trainer, replay, 2) - up_before
     down_gain = response_logprob(trainer, replay, 1) + response_logprob(trainer, replay, 3) - down_before
     assert up_gain > 0 > down_gain, (up_gain, down_gain)

@@ -249,7 +249,7 @@ def test_data_parallel_under_accelerate_keeps_processes_identical(tmp_path, tiny
 
 
 def test_rated_generations_sampled_at_the_training_temperature_are_replayed(tmp_path, tiny_model_dir, tiny_loaded):
-    from ppo_feedback.rewards import read_feedback
+    from ppo_feedback.feedback import read_feedback
 
     store = FeedbackStore(tmp_path / "feedback.db")
     ids = store.add_prompts(PROMPTS)

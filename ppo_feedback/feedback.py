@@ -1,0 +1,192 @@
+"""What people said, as training data: per-rater normalised ratings, one row per rated generation, and the replay pool.
+
+- `normalize_ratings`: scores 1..5 become per-rater z-scores, shrunk towards the global mean and
+  spread for raters with few ratings (a strict rater's 3 is not a lenient rater's 3).
+- `read_feedback`: every current rating and preference from the `FeedbackStore`, normalised, as
+  `RatedFeedback`: one row per generation, which the reward model is fitted to (`rewards`).
+- `RatedFeedback.replay_pool`: the rated generations PPO replays (`Replay`), scored by their rating
+  relative to their siblings'.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .config import RewardConfig
+from .generation import Rollout, max_positions, rollout_of
+from .policy import PolicyWithValueHead
+
+
+# ------------------------------------------------------------------------------ per-rater normalisation
+
+def normalize_ratings(ratings: Sequence[tuple[str, float]], prior_weight: float = 5.0) -> list[float]:
+    """Return one normalised score per (rater, score), in input order: a shrunk per-rater z-score.
+
+    The rule. Over all ratings given, the global mean μ_g and std σ_g (population, ddof 0). For a
+    rater with n ratings of mean m and population variance v, and prior weight k (`prior_weight`,
+    k pseudo-ratings at the global mean and spread):
+
+        μ_r = (n·m + k·μ_g) / (n + k)        σ_r² = (n·v + k·σ_g²) / (n + k)
+        z   = (score − μ_r) / σ_r
+
+    So a rater with many ratings is judged against their own mean and spread (adding a constant to
+    all their scores changes their z by at most |c|·k/(n+k)/σ_r, exactly 0 when k = 0), while a new
+    rater with one rating gets almost the global z-score, not a wild one. Where σ_r is 0 (a rater
+    whose ratings are all identical with k = 0, or everybody giving one score) the global σ_g is used,
+    and where that is 0 too every z is 0: identical ratings carry no ordering. Order of the input
+    does not matter (each output follows its input).
+    """
+    if prior_weight < 0:
+        raise ValueError("prior_weight must be >= 0")
+    if not ratings:
+        return []
+    scores = [float(s) for _, s in ratings]
+    if not all(math.isfinite(s) for s in scores):
+        raise ValueError("scores must be finite")
+    global_mean = math.fsum(scores) / len(scores)
+    global_var = math.fsum((s - global_mean) ** 2 for s in scores) / len(scores)
+    by_rater: dict[str, list[float]] = defaultdict(list)
+    for (rater, _), score in zip(ratings, scores):
+        by_rater[rater].append(score)
+    centre: dict[str, tuple[float, float]] = {}
+    for rater, own in by_rater.items():
+        n, k = len(own), prior_weight
+        mean = math.fsum(own) / n
+        var = math.fsum((s - mean) ** 2 for s in own) / n
+        mu = (n * mean + k * global_mean) / (n + k)
+        var_r = (n * var + k * global_var) / (n + k)
+        sigma = math.sqrt(var_r) if var_r > 1e-12 else math.sqrt(global_var)
+        centre[rater] = (mu, sigma)
+    out = []
+    for (rater, _), score in zip(ratings, scores):
+        mu, sigma = centre[rater]
+        out.append(0.0 if sigma <= 1e-12 else (score - mu) / sigma)
+    return out
+
+
+# ------------------------------------------------------------------------------ from the store
+
+@dataclass
+class RatedFeedback:
+    """Every current rating and preference of a store, one row per distinct generation (sorted by id)."""
+
+    generations: list  # db.records.Generation per row
+    prompts: list[str]  # the row's prompt text
+    scores: torch.Tensor  # (N,) float64 mean normalised score of the row's ratings; NaN when only in preferences
+    pairs: list[tuple[int, int]]  # (chosen row, rejected row) per preference
+    n_ratings: int
+    raters: set[str]
+
+    def relative_scores(self) -> torch.Tensor:
+        """Return (N,) float64 scores minus the mean score of the row's siblings, NaN where unrated.
+
+        Siblings are the other rated generations of the same prompt by the same adapter version (the
+        candidates shown together): a leave-one-out baseline, as in RLOO (Ahmadian et al. 2024), so
+        what a row says is how much better it was than what the same version wrote for the same
+        prompt, not how easy the prompt was. A row without siblings keeps its score.
+        """
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for row, g in enumerate(self.generations):
+            if math.isfinite(float(self.scores[row])):
+                groups[(g.prompt_id, g.adapter_version)].append(row)
+        relative = self.scores.clone()
+        for rows in groups.values():
+            n = len(rows)
+            if n > 1:  # s - (total - s) / (n - 1), for every row at once
+                relative[rows] = (n * self.scores[rows] - self.scores[rows].sum()) / (n - 1)
+        return relative
+
+    def replayable(self, temperature: float) -> list[int]:
+        """Return the rated rows PPO can replay: stored behaviour logprobs for every token, at `temperature`."""
+        return [row for row, g in enumerate(self.generations)
+                if math.isfinite(float(self.scores[row])) and g.token_ids and len(g.logprobs) == len(g.token_ids)
+                and math.isclose(float(g.sampling.get("temperature", math.nan)), temperature)]
+
+    def replay_pool(self, temperature: float) -> Replay:
+        """Return the rated generations PPO replays: `replayable` rows rated above their siblings, with relative scores.
+
+        Each is scored by its rating relative to its siblings' (`relative_scores`), and only those
+        rated above them are kept: PPO replays them to make them likelier. Pushing a sampled
+        sequence down again and again moves its probability to text nobody rated (likelihood
+        displacement, Razin et al. 2024); rejection-sampling fine-tuning (RAFT, Dong et al. 2023)
+        keeps only the good samples for the same reason.
+        """
+        scores = self.relative_scores()
+        rows = [r for r in self.replayable(temperature) if scores[r] > 0]
+        generations = [self.generations[r] for r in rows]
+        return Replay([self.prompts[r] for r in rows], [list(g.token_ids) for g in generations],
+                      [list(g.logprobs) for g in generations], [float(scores[r]) for r in rows])
+
+
+def read_feedback(store, prior_weight: float = RewardConfig.prior_weight) -> RatedFeedback:
+    """Return the store's current feedback as RatedFeedback; raise ValueError when there is none.
+
+    Reads `store.iter_feedback()` (current ratings only: a re-rating supersedes the old one),
+    normalises scores per rater over all of them (`normalize_ratings`) and averages the normalised
+    scores of a generation rated by several raters.
+    """
+    ratings, preferences = [], []
+    for page in store.iter_feedback():
+        ratings.extend(page.ratings)
+        preferences.extend(page.preferences)
+    if not ratings and not preferences:
+        raise ValueError("no ratings or preferences to fit a reward model to")
+    generations, prompts = {}, {}  # generation id -> Generation, generation id -> prompt text
+    for rated in ratings:
+        generations[rated.generation.id], prompts[rated.generation.id] = rated.generation, rated.prompt_text
+    for pair in preferences:
+        for g in (pair.chosen, pair.rejected):
+            generations[g.id], prompts[g.id] = g, pair.prompt_text
+    ids = sorted(generations)
+    row_of = {gid: i for i, gid in enumerate(ids)}
+    normalized = normalize_ratings([(r.rating.rater, r.rating.score) for r in ratings], prior_weight)
+    totals: dict[int, list[float]] = defaultdict(list)
+    for rated, z in zip(ratings, normalized):
+        totals[row_of[rated.generation.id]].append(z)
+    scores = torch.full((len(ids),), math.nan, dtype=torch.float64)
+    for row, zs in totals.items():
+        scores[row] = sum(zs) / len(zs)
+    return RatedFeedback(generations=[generations[g] for g in ids], prompts=[prompts[g] for g in ids],
+                         scores=scores, pairs=[(row_of[p.chosen.id], row_of[p.rejected.id]) for p in preferences],
+                         n_ratings=len(ratings),
+                         raters={r.rating.rater for r in ratings} | {p.preference.rater for p in preferences})
+
+
+# ------------------------------------------------------------------------------ the replay pool
+
+@dataclass
+class Replay:
+    """Rated generations to replay in a PPO iteration: what was sampled, by which probabilities, and its score.
+
+    `logprobs` are the behaviour policy's (the version that served them, stored with each
+    generation), at the trainer's temperature; `scores` are baseline-corrected ratings
+    (`RatedFeedback.replay_pool` gives each its normalised rating minus its siblings' mean), used as
+    the return.
+    """
+
+    prompts: list[str]
+    responses: list[list[int]]
+    logprobs: list[list[float]]
+    scores: list[float]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, rows: Sequence[int]) -> Replay:
+        """Return the samples at `rows`, in that order."""
+        return Replay([self.prompts[r] for r in rows], [self.responses[r] for r in rows],
+                      [self.logprobs[r] for r in rows], [self.scores[r] for r in rows])
+
+    def rollout(self, policy: PolicyWithValueHead, temperature: float) -> Rollout:
+        """Return the samples as a Rollout on the policy's device, behaviour logprobs included."""
+        device = next(policy.parameters()).device
+        return rollout_of(policy.tokenizer, self.prompts, self.responses, temperature=temperature, device=device,
+                          positions=max_positions(policy.peft_model), logprobs=self.logprobs)
+
+    def score_tensor(self) -> torch.Tensor:
+        """Return the scores as a (B,) float tensor."""
+        return torch.tensor(self.scores, dtype=torch.float32)
