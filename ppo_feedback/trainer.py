@@ -1,17 +1,24 @@
 """One PPO iteration on a LoRA policy whose base network also plays reference and value model.
 
 The iteration, in the order of Ziegler et al. (2019) and Huang et al. ("The N implementation details
-of RLHF with PPO"): sample responses with behaviour logprobs and values (one generate), score them,
-reference logprobs (one adapter-off forward), KL-penalised rewards, GAE, whitened advantages, then
-`ppo_epochs` passes over shuffled minibatches, each minibatch one forward for logprobs and values.
+of RLHF with PPO"), as three steps:
+
+- `collect`: sample responses with behaviour logprobs and values (one generate), score them, take
+  reference logprobs (one adapter-off forward), KL-penalised rewards, GAE, whitened advantages;
+- `update`: `ppo_epochs` passes over shuffled minibatches, each one forward for PPO's `loss` (the
+  clipped policy loss plus the value loss) and one optimizer step;
+- `stats`: what the iteration did, under TRL's names.
+
 With a reduced-precision base (bfloat16, 4/8-bit) one extra no-grad forward replaces the sampler's
-logprobs and values, whose kernels round differently.
+logprobs and values, whose kernels round differently. With a `Team` of several processes each
+samples its own batch; gradients, the KL and the statistics are averaged over the team.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +31,7 @@ from .features import Responses, Reward, RewardFeatures
 from .feedback import Replay
 from .generation import Rollout, sample
 from .policy import PolicyWithValueHead
+from .team import Team
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -49,26 +57,28 @@ class Experience:
     def __len__(self) -> int:
         return self.query_response.shape[0]
 
+    def take(self, rows: torch.Tensor) -> Experience:
+        """Return the experience of `rows` only (a minibatch)."""
+        parts = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Experience(**{name: part[rows] if isinstance(part, torch.Tensor) else part
+                             for name, part in parts.items()})
+
 
 class PPOTrainer:
     """Runs PPO iterations on a PolicyWithValueHead; keeps the optimizer and KL controller state.
 
-    With an `accelerate.Accelerator` of several processes (`accelerate launch`), each process
-    samples and scores its own `batch_size` responses; gradients are averaged across processes
-    before every optimizer step and the KL and statistics are averaged too, so every process keeps
-    identical weights. Advantages are whitened per process.
+    With a `Team` of several processes (`accelerate launch`), each process samples and scores its
+    own `batch_size` responses; gradients are averaged across processes before every optimizer step
+    and the KL and statistics are averaged too, so every process keeps identical weights. Advantages
+    are whitened per process.
     """
 
-    def __init__(self, policy: PolicyWithValueHead, config: PPOConfig, accelerator=None):
+    def __init__(self, policy: PolicyWithValueHead, config: PPOConfig, team: Team | None = None):
         config.validate()
         self.policy = policy
         self.config = config
-        self.accelerator = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
-        if self.accelerator is not None:
-            from accelerate.utils import broadcast
-
-            for p in policy.trainable_parameters():  # every process starts from process 0's weights
-                p.data.copy_(broadcast(p.data.clone(), from_process=0))
+        self.team = team or Team()
+        self.team.copy_from_main(policy.trainable_parameters())  # every process starts from the same weights
         self.optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=config.learning_rate, eps=1e-5)
         self.kl_ctl = (ppo.AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
                        if config.adaptive_kl else ppo.FixedKLController(config.init_kl_coef))
@@ -76,12 +86,46 @@ class PPOTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.features = RewardFeatures(policy)
 
-    # --------------------------------------------------------------------------- rollout and scoring
+    def step(self, prompts: Sequence[str], reward: Reward, replay: Replay | None = None) -> dict[str, float]:
+        """Run one PPO iteration on `prompts` (and `replay`'s rated samples); return its stats under TRL's names.
+
+        Replayed samples join the PPO epochs with their own scores and KL-penalised returns as
+        advantages, each token's clipped term weighted by `ppo.truncated_importance_weights` (they
+        were drawn by an older version). The KL controller and the value head see the fresh rollout only.
+        """
+        batches = self.collect(prompts, reward, replay)
+        history = self.update(batches)
+        kl_coef = self.kl_ctl.value
+        mean_kl = self.team.mean(batches[0].kl.sum(1).mean())
+        self.kl_ctl.update(mean_kl, self.config.batch_size * self.team.size)
+        self.iteration += 1
+        return self.stats(batches, history, mean_kl=mean_kl, kl_coef=kl_coef)
+
+    # --------------------------------------------------------------------------- collect
+
+    def collect(self, prompts: Sequence[str], reward: Reward, replay: Replay | None = None) -> list[Experience]:
+        """Return the iteration's experience: the fresh rollout's, then the replayed samples' when there are any.
+
+        One sampled response per prompt, with its behaviour logprobs (the old logprobs when
+        `samples_exactly`) and values; one reference forward (adapter off) gives the reference
+        logprobs and the reward's features.
+        """
+        c = self.config
+        if len(prompts) != c.batch_size:
+            raise ValueError(f"step needs batch_size={c.batch_size} prompts, got {len(prompts)}")
+        rollout = self.rollout(prompts)
+        ref = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length,
+                                    c.sampling.temperature)
+        scores = self.score(prompts, rollout, ref.hidden, reward)  # (B,)
+        batches = [self.experience(rollout, ref.logprobs, scores, exact=self.policy.samples_exactly)]
+        if replay is not None and len(replay):
+            batches.append(self.replayed(replay))
+        return batches
 
     def rollout(self, prompts: Sequence[str]) -> Rollout:
         """Return one sampled response per prompt, with behaviour logprobs, and values when `samples_exactly`.
 
-        Otherwise `step` takes logprobs and values from a forward, so the sampler skips the value head.
+        Otherwise `collect` takes logprobs and values from a forward, so the sampler skips the value head.
         """
         return self._sample(prompts, self.rollout_seed(),
                             self.policy.value_head if self.policy.samples_exactly else None)
@@ -101,24 +145,12 @@ class PPOTrainer:
                       value_head=value_head)
 
     def rollout_seed(self) -> int:
-        """Return this iteration's sampling seed, distinct for every process of a data-parallel run."""
-        rank, world = (self.accelerator.process_index, self.accelerator.num_processes) if self.accelerator else (0, 1)
-        return self.config.seed + self.iteration * world + rank
-
-    def all_mean(self, value: torch.Tensor | float) -> float:
-        """Return the mean of `value` over all processes (the value itself in a single process)."""
-        if self.accelerator is None:
-            return float(value)
-        return float(self.accelerator.reduce(torch.as_tensor(float(value)).reshape(1), reduction="mean"))
-
-    def _average_gradients(self) -> None:
-        for p in self.policy.trainable_parameters():
-            if p.grad is not None:
-                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        """Return this iteration's sampling seed, distinct for every process of a data-parallel team."""
+        return self.config.seed + self.iteration * self.team.size + self.team.rank
 
     def score(self, prompts: Sequence[str], rollout: Rollout, ref_hidden: torch.Tensor,
               reward: Reward) -> torch.Tensor:
-        """Return (B,) scores of `reward` on the rollout (its reference forward gave `ref_hidden`), less any EOS penalty."""
+        """Return (B,) `reward` scores of the rollout (`ref_hidden`: its reference forward's), less EOS penalties."""
         scores = reward.score(Responses(list(prompts), rollout, ref_hidden, self.features))
         scores = scores.detach().float().to(rollout.logprobs.device)
         if self.config.missing_eos_penalty is not None and self.config.sampling.stop_at_eos:
@@ -127,7 +159,13 @@ class PPOTrainer:
             scores = scores - self.config.missing_eos_penalty * missing_eos.float()
         return scores
 
-    # --------------------------------------------------------------------------- the iteration
+    def replayed(self, replay: Replay) -> Experience:
+        """Return the experience of rated samples drawn by older versions: off-policy, their ratings as scores."""
+        c = self.config
+        rollout = replay.rollout(self.policy, c.sampling.temperature)
+        ref = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length,
+                                    c.sampling.temperature)
+        return self.experience(rollout, ref.logprobs, replay.score_tensor(), exact=False, off_policy=True)
 
     @torch.no_grad()
     def experience(self, rollout: Rollout, ref_logprobs: torch.Tensor, scores: torch.Tensor, *, exact: bool,
@@ -159,107 +197,98 @@ class PPOTrainer:
                 rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
             advantages, returns = ppo.gae(rewards, old_values, mask, c.gamma, c.lam)
             advantages, weights = ppo.masked_whiten(advantages, mask), None
-        return Experience(qr, attn, P, mask, old_logprobs, old_values, advantages, returns, kl, scores,
-                          non_score_reward, weights)
+        return Experience(query_response=qr, attention_mask=attn, context_length=P, mask=mask,
+                          old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns,
+                          kl=kl, scores=scores, non_score_reward=non_score_reward, weights=weights)
 
-    def step(self, prompts: Sequence[str], reward: Reward, replay: Replay | None = None) -> dict[str, float]:
-        """Run one PPO iteration on `prompts` (and `replay`'s rated samples); return its stats under TRL's names.
+    # --------------------------------------------------------------------------- update
 
-        Replayed samples join the PPO epochs with their own scores and KL-penalised returns as
-        advantages, each token's clipped term weighted by `ppo.truncated_importance_weights` (they
-        were drawn by an older version). The KL controller and the value head see the fresh rollout only.
+    def update(self, batches: list[Experience]) -> dict[str, list[float]]:
+        """Run `ppo_epochs` passes of `loss` over shuffled minibatches, a step each; return their statistics by name."""
+        history: dict[str, list[float]] = defaultdict(list)
+        for _ in range(self.config.ppo_epochs):
+            for minibatch in self.minibatches(batches):
+                loss, stats = self.loss(minibatch)
+                self.optimize(loss)
+                for name, value in stats.items():
+                    history[name].append(float(value.detach()))
+        return history
+
+    def minibatches(self, batches: list[Experience]) -> list[Experience]:
+        """Return one epoch's minibatches: each batch shuffled and cut, the pieces of several batches interleaved."""
+        size = self.config.mini_batch_size
+        pieces = []
+        for batch in batches:
+            order = torch.randperm(len(batch), generator=self.generator)
+            pieces += [(batch, order[start:start + size]) for start in range(0, len(batch), size)]
+        if len(batches) > 1:
+            pieces = [pieces[k] for k in torch.randperm(len(pieces), generator=self.generator).tolist()]
+        return [batch.take(rows) for batch, rows in pieces]
+
+    def loss(self, minibatch: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return PPO's loss on a minibatch, one forward of the policy, and its statistics by name.
+
+        The clipped policy loss (importance-weighted for replayed samples) plus `vf_coef` times the
+        clipped value loss; the value head learns fresh samples only, replayed ones need no baseline.
         """
-        c = self.config
-        if len(prompts) != c.batch_size:
-            raise ValueError(f"step needs batch_size={c.batch_size} prompts, got {len(prompts)}")
-        # 1. rollout: responses, behaviour logprobs (= old logprobs, exact) and old values
-        rollout = self.rollout(prompts)
-        # 2. reference forward (adapter off) gives ref logprobs and the reward model's features
-        ref = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length,
-                                    c.sampling.temperature)
-        scores = self.score(prompts, rollout, ref.hidden, reward)  # (B,)
-        # 3. rewards and advantages
-        batches = [self.experience(rollout, ref.logprobs, scores, exact=self.policy.samples_exactly)]
-        if replay is not None and len(replay):
-            replayed = replay.rollout(self.policy, c.sampling.temperature)
-            replay_ref = self.policy.reference(replayed.query_response, replayed.attention_mask,
-                                               replayed.context_length, c.sampling.temperature)
-            batches.append(self.experience(replayed, replay_ref.logprobs, replay.score_tensor(), exact=False,
-                                           off_policy=True))
-        # 4. PPO epochs over shuffled minibatches
-        epoch_stats: dict[str, list[float]] = {k: [] for k in
-                                               ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl", "entropy")}
-        for _ in range(c.ppo_epochs):
-            minibatches = []
-            for index, batch in enumerate(batches):
-                order = torch.randperm(len(batch), generator=self.generator)
-                minibatches += [(index, order[s:s + c.mini_batch_size]) for s in range(0, len(batch), c.mini_batch_size)]
-            interleaved = torch.randperm(len(minibatches), generator=self.generator).tolist() \
-                if len(batches) > 1 else range(len(minibatches))
-            for k in interleaved:
-                index, mb = minibatches[k]
-                batch = batches[index]
-                out = self.policy(batch.query_response[mb], batch.attention_mask[mb], batch.context_length,
-                                  c.sampling.temperature)
-                weights = batch.weights[mb] if batch.weights is not None else None
-                pg_loss, pg_clipfrac, approx_kl = ppo.policy_loss(out.logprobs, batch.old_logprobs[mb],
-                                                                  batch.advantages[mb], batch.mask[mb], c.cliprange,
-                                                                  weights)
-                loss, stats_now = pg_loss, [("pg_loss", pg_loss), ("pg_clipfrac", pg_clipfrac),
-                                            ("approx_kl", approx_kl),
-                                            ("entropy", ppo.masked_mean(out.entropy, batch.mask[mb]))]
-                if batch.weights is None:  # the value head learns fresh samples only; replayed ones need no baseline
-                    vf_loss, vf_clipfrac = ppo.value_loss(out.values, batch.old_values[mb], batch.returns[mb],
-                                                          batch.mask[mb], c.cliprange_value)
-                    loss = loss + c.vf_coef * vf_loss
-                    stats_now += [("vf_loss", vf_loss), ("vf_clipfrac", vf_clipfrac)]
-                # decided together, so no process waits forever on another's all-reduce
-                if self.all_mean(0.0 if torch.isfinite(loss) else 1.0) > 0:
-                    raise FloatingPointError(f"non-finite PPO loss {loss.item()} at iteration {self.iteration}")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.accelerator is not None:
-                    self._average_gradients()
-                torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), c.max_grad_norm)
-                self.optimizer.step()
-                for name, value in stats_now:
-                    epoch_stats[name].append(float(value.detach()))
+        c, mb = self.config, minibatch
+        out = self.policy(mb.query_response, mb.attention_mask, mb.context_length, c.sampling.temperature)
+        pg_loss, pg_clipfrac, approx_kl = ppo.policy_loss(out.logprobs, mb.old_logprobs, mb.advantages, mb.mask,
+                                                          c.cliprange, mb.weights)
+        stats = {"pg_loss": pg_loss, "pg_clipfrac": pg_clipfrac, "approx_kl": approx_kl,
+                 "entropy": ppo.masked_mean(out.entropy, mb.mask)}
+        if mb.weights is not None:
+            return pg_loss, stats
+        vf_loss, vf_clipfrac = ppo.value_loss(out.values, mb.old_values, mb.returns, mb.mask, c.cliprange_value)
+        return pg_loss + c.vf_coef * vf_loss, {**stats, "vf_loss": vf_loss, "vf_clipfrac": vf_clipfrac}
+
+    def optimize(self, loss: torch.Tensor) -> None:
+        """Take one optimizer step on `loss`, its gradients averaged over the team and clipped to `max_grad_norm`.
+
+        Raises FloatingPointError, before any step, when the loss is not finite in some process.
+        """
+        if self.team.any(not torch.isfinite(loss)):
+            raise FloatingPointError(f"non-finite PPO loss {loss.item()} at iteration {self.iteration}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.team.mean_gradients(self.policy.trainable_parameters())
+        torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+
+    # --------------------------------------------------------------------------- stats
+
+    def stats(self, batches: list[Experience], history: dict[str, list[float]], *, mean_kl: float,
+              kl_coef: float) -> dict[str, float]:
+        """Return the iteration's statistics under TRL's names, averaged over the team.
+
+        `objective/*` and `val/mean_length` describe the fresh rollout (sums over tokens, means over
+        the batch); `policy/*`, `loss/*` and `val/clipfrac` are means over the minibatches' `history`;
+        `replay/*` describe the replayed samples, when there were any.
+        """
         fresh = batches[0]
-        kl, old_logprobs, mask, non_score_reward = fresh.kl, fresh.old_logprobs, fresh.mask, fresh.non_score_reward
-        # 5. KL controller, and stats named as TRL names them (sums over tokens, means over the batch)
-        mean_kl = self.all_mean(kl.sum(1).mean())
-        kl_coef = self.kl_ctl.value
-        world = self.accelerator.num_processes if self.accelerator else 1
-        self.kl_ctl.update(mean_kl, c.batch_size * world)
-        self.iteration += 1
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         stats = {
             "objective/kl": mean_kl,
-            "objective/entropy": float((-old_logprobs * mask).sum(1).mean()),
-            "objective/non_score_reward": float(non_score_reward.mean()),
-            "objective/scores": float(scores.mean()),
-            "objective/rlhf_reward": float((scores + non_score_reward).mean()),
-            "policy/approxkl": mean(epoch_stats["approx_kl"]),
-            "policy/clipfrac": mean(epoch_stats["pg_clipfrac"]),
-            "policy/entropy": mean(epoch_stats["entropy"]),
-            "loss/policy": mean(epoch_stats["pg_loss"]),
-            "loss/value": mean(epoch_stats["vf_loss"]),
-            "val/clipfrac": mean(epoch_stats["vf_clipfrac"]),
-            "val/mean_length": float(mask.sum(1).mean()),
+            "objective/entropy": float((-fresh.old_logprobs * fresh.mask).sum(1).mean()),
+            "objective/non_score_reward": float(fresh.non_score_reward.mean()),
+            "objective/scores": float(fresh.scores.mean()),
+            "objective/rlhf_reward": float((fresh.scores + fresh.non_score_reward).mean()),
+            "policy/approxkl": mean(history["approx_kl"]),
+            "policy/clipfrac": mean(history["pg_clipfrac"]),
+            "policy/entropy": mean(history["entropy"]),
+            "loss/policy": mean(history["pg_loss"]),
+            "loss/value": mean(history["vf_loss"]),
+            "val/clipfrac": mean(history["vf_clipfrac"]),
+            "val/mean_length": float(fresh.mask.sum(1).mean()),
             "kl_coef": kl_coef,
             "lr": self.optimizer.param_groups[0]["lr"],
             "iteration": self.iteration,
         }
-        if len(batches) > 1:
-            replayed = batches[1]
+        for replayed in batches[1:]:
             stats["replay/samples"] = float(len(replayed))
             stats["replay/scores"] = float(replayed.scores.mean())
             stats["replay/importance_weight"] = float(ppo.masked_mean(replayed.weights, replayed.mask))
-        if self.accelerator is not None:  # one all-reduce for every statistic
-            names = list(stats)
-            means = self.accelerator.reduce(torch.tensor([float(stats[n]) for n in names]), reduction="mean")
-            stats = dict(zip(names, means.tolist()))
-        return stats
+        return self.team.mean_stats(stats)
 
     # --------------------------------------------------------------------------- save and resume
 

@@ -21,18 +21,20 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from db.records import VersionRecord
+from db.records import Cursor, FeedbackCounts, VersionRecord
 from .adapters import AdapterState, AdapterStore, VersionLifecycle, apply_version
 from .config import AppConfig, LoraSettings, ModelConfig, PPOConfig, RewardConfig, RolloutSampling, SamplingConfig, \
     WorkerConfig, add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
 from .feedback import RatedFeedback, Replay, read_feedback
 from .policy import PolicyWithValueHead
-from .rewards import fit_reward_model
+from .rewards import FitReport, RewardModel, fit_reward_model
+from .team import Team
 from .trainer import OPTIMIZER_FILE, PPOTrainer
 
 log = logging.getLogger("ppo_feedback.worker")
@@ -77,32 +79,24 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-class Team:
-    """The processes of one worker: one in a plain run, several under `accelerate launch`.
+@dataclass
+class RoundPlan:
+    """What process 0 prepares for a round and shares with the others."""
 
-    Process 0 holds the lease, reads the store, fits the reward model and publishes; it shares each
-    decision with the others, which sample their own share of every PPO batch.
-    """
-
-    def __init__(self, accelerator=None):
-        self.accelerator = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
-
-    @property
-    def is_main(self) -> bool:
-        """Return whether this is the process that talks to the store."""
-        return self.accelerator is None or self.accelerator.is_main_process
-
-    def share(self, value):
-        """Return process 0's `value` in every process."""
-        if self.accelerator is None:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([value], from_process=0)[0]
+    version: int  # the version the round will publish
+    reward_model: RewardModel
+    report: FitReport
+    replay_pool: Replay | None
+    feedback_end: Cursor  # after the feedback the round trains on
+    total: FeedbackCounts  # all feedback then
 
 
 class Worker:
-    """Trains one policy from the store's feedback and publishes adapter versions."""
+    """Trains one policy from the store's feedback and publishes adapter versions.
+
+    With a `Team` of several processes, process 0 alone holds the lease, fits the reward model and
+    publishes (`Team.from_main`); each process draws its own prompts and all run the PPO iterations.
+    """
 
     def __init__(self, store, adapters: AdapterStore, policy: PolicyWithValueHead, ppo_config: PPOConfig,
                  config: WorkerConfig, base_model: str, accelerator=None, reward_config: RewardConfig | None = None):
@@ -112,15 +106,14 @@ class Worker:
         self.store, self.adapters, self.policy, self.config = store, adapters, policy, config
         self.base_model = base_model
         self.team = Team(accelerator)
-        self.trainer = PPOTrainer(policy, ppo_config, accelerator=accelerator)
+        self.trainer = PPOTrainer(policy, ppo_config, team=self.team)
         self.holder = config.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.initial = AdapterState.initial(policy)
         self.loaded_version: int | None = None
         self._reference_features: torch.Tensor | None = None
         self.stop_requested = threading.Event()
-        self.heartbeat: Heartbeat | None = None
-        rank = accelerator.process_index if accelerator is not None else 0
-        self.rng = random.Random(ppo_config.seed + rank)  # each process draws its own prompts
+        self.heartbeat: Heartbeat | None = None  # process 0's, while it holds the lease
+        self.rng = random.Random(ppo_config.seed + self.team.rank)  # each process draws its own prompts
         self.tensorboard = None
         if config.tensorboard and self.team.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -134,11 +127,7 @@ class Worker:
         published = 0
         try:
             while True:
-                action = None
-                if self.team.is_main:
-                    done = self.stop_requested.is_set() or (max_rounds is not None and published >= max_rounds)
-                    action = "stop" if done else ("round" if self.hold_lease() else "wait")
-                action = self.team.share(action)
+                action = self.team.from_main(lambda: self.next_action(published, max_rounds))
                 if action == "stop":
                     return published
                 if action == "round" and self.run_round() is not None:
@@ -146,6 +135,12 @@ class Worker:
         finally:
             if self.team.is_main:
                 self.drop_lease()
+
+    def next_action(self, published: int, max_rounds: int | None) -> str:
+        """Return what to do next: "stop", a "round" (the lease is held) or "wait" (another worker holds it)."""
+        if self.stop_requested.is_set() or (max_rounds is not None and published >= max_rounds):
+            return "stop"
+        return "round" if self.hold_lease() else "wait"
 
     def hold_lease(self) -> bool:
         """Return whether this worker holds the training lease now, taking it when free (waits a little if not)."""
@@ -168,20 +163,21 @@ class Worker:
             self.heartbeat = None
         self.store.release_lease(self.holder)
 
+    def set_state(self, state: str) -> None:
+        """Publish the worker's state for the status panel (process 0, which holds the heartbeat)."""
+        if self.heartbeat is not None:
+            self.heartbeat.set_state(state)
+
+    # ------------------------------------------------------------------------------ a round
+
     def run_round(self) -> int | None:
         """Run one round if there is enough new feedback; return the published version, else None."""
-        plan = None
-        if self.team.is_main:
-            parent = self.store.serving_version()
-            cursor = self.store.cursor_of(parent)
-            counts = self.store.count_feedback_since(cursor)
-            plan = (parent, cursor, self.config.min_new_feedback - (counts.ratings + counts.preferences))
-        parent, cursor, missing = self.team.share(plan)
+        parent, cursor, missing = self.team.from_main(self.plan_round)
         if parent != self.loaded_version:
             self.load_version(parent)
         if missing > 0:
             if self.team.is_main:
-                self.heartbeat.set_state(f"waiting for {missing} more rating{'s' if missing > 1 else ''}")
+                self.set_state(f"waiting for {missing} more rating{'s' if missing > 1 else ''}")
                 self.stop_requested.wait(self.config.wait_interval)
             return None
         start = self.snapshot()
@@ -193,61 +189,76 @@ class Worker:
             return None
         except (FloatingPointError, DivergenceError) as why:
             self.restore(start)
-            if self.team.is_main:
-                version = self.adapters.next_version(self.store)
-                self.store.record_failed_version(version, parent, f"diverged: {why}", holder=self.holder)
-                log.error("round discarded, version %d recorded as failed: %s", version, why)
+            self.team.from_main(lambda: self.record_failure(parent, why))
             return None
 
-    def train_and_publish(self, parent: int, cursor) -> int:
+    def plan_round(self) -> tuple[int, Cursor, int]:
+        """Return the serving version, its feedback cursor, and how much new feedback is missing for a round."""
+        parent = self.store.serving_version()
+        cursor = self.store.cursor_of(parent)
+        counts = self.store.count_feedback_since(cursor)
+        return parent, cursor, self.config.min_new_feedback - (counts.ratings + counts.preferences)
+
+    def train_and_publish(self, parent: int, cursor: Cursor) -> int:
         """Refit the reward model, run the PPO iterations and publish; return the new version."""
-        c = self.config
-        shared = None
-        if self.team.is_main:
-            feedback_end = self.feedback_end(cursor)
-            total = self.store.count_feedback_since()
-            self.heartbeat.set_state("fitting the reward model")
-            feedback = read_feedback(self.store, self.reward_config.prior_weight)
-            reward_model, report = fit_reward_model(feedback, self.trainer.features,
-                                                    reference_features=self.reference_features(),
-                                                    config=self.reward_config)
-            log.info("reward model: %s", report.summary())
-            shared = (reward_model, self.adapters.next_version(self.store), self.replay_pool(feedback))
-        reward_model, version, replay_pool = self.team.share(shared)
-        stats: dict[str, float] = {}
-        progress = tqdm(range(c.ppo_iterations), desc=f"v{version}", unit="it",
-                        disable=not (sys.stderr.isatty() and self.team.is_main))
-        for i in progress:
-            self.check_continue()
-            if self.team.is_main:
-                self.heartbeat.set_state(f"training iteration {i + 1} of {c.ppo_iterations}")
-            stats = self.trainer.step(self.pick_prompts(), reward_model, self.pick_replay(replay_pool))
-            self.check_divergence(stats)
-            if self.team.is_main:
-                self.record(version, i + 1, stats)
-            progress.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.2f}")
-            log.info("v%d iteration %d/%d: score %.3f kl %.3f kl_coef %.4f loss/policy %.4f loss/value %.4f",
-                     version, i + 1, c.ppo_iterations, stats["objective/scores"], stats["objective/kl"],
-                     stats["kl_coef"], stats["loss/policy"], stats["loss/value"])
+        plan = self.team.from_main(lambda: self.prepare(cursor))
+        stats = self.train(plan)
         self.check_continue()
-        outcome: tuple[int | None, str | None] = (None, None)
-        if self.team.is_main:
-            metrics = {**{k: v for k, v in stats.items() if math.isfinite(v)}, **report_metrics(report)}
-            try:
-                record = VersionRecord(parent=parent, base_model=self.base_model, cursor=feedback_end,
-                                       n_ratings=total.ratings, n_preferences=total.preferences, metrics=metrics)
-                outcome = (VersionLifecycle(self.store, self.adapters).publish(
-                    self.policy, record, holder=self.holder,
-                    write_extra=lambda d: self.trainer.save_state(d, include_adapter=False)), None)
-            except Exception as exc:  # the lease was lost, the parent rolled back, ...: tell every process
-                outcome = (None, f"publishing failed: {exc}")
-        published, failure = self.team.share(outcome)
+        published, failure = self.team.from_main(lambda: self.publish(parent, plan, stats))
         if failure is not None:
             raise RoundAbandoned(failure)
         self.loaded_version = published
-        if self.team.is_main:
-            self.heartbeat.set_state("idle")
+        self.set_state("idle")
         return published
+
+    def prepare(self, cursor: Cursor) -> RoundPlan:
+        """Fit the reward model on all feedback and plan the round: its version, replay pool and feedback."""
+        feedback_end = self.feedback_end(cursor)
+        total = self.store.count_feedback_since()
+        self.set_state("fitting the reward model")
+        feedback = read_feedback(self.store, self.reward_config.prior_weight)
+        reward_model, report = fit_reward_model(feedback, self.trainer.features, config=self.reward_config,
+                                                reference_features=self.reference_features())
+        log.info("reward model: %s", report.summary())
+        return RoundPlan(version=self.adapters.next_version(self.store), reward_model=reward_model, report=report,
+                         replay_pool=self.replay_pool(feedback), feedback_end=feedback_end, total=total)
+
+    def train(self, plan: RoundPlan) -> dict[str, float]:
+        """Run the round's PPO iterations, recording each one's statistics; return the last one's."""
+        c = self.config
+        stats: dict[str, float] = {}
+        progress = tqdm(range(c.ppo_iterations), desc=f"v{plan.version}", unit="it",
+                        disable=not (sys.stderr.isatty() and self.team.is_main))
+        for i in progress:
+            self.check_continue()
+            self.set_state(f"training iteration {i + 1} of {c.ppo_iterations}")
+            stats = self.trainer.step(self.pick_prompts(), plan.reward_model, self.pick_replay(plan.replay_pool))
+            self.check_divergence(stats)
+            if self.team.is_main:
+                self.record(plan.version, i + 1, stats)
+            progress.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.2f}")
+            log.info("v%d iteration %d/%d: score %.3f kl %.3f kl_coef %.4f loss/policy %.4f loss/value %.4f",
+                     plan.version, i + 1, c.ppo_iterations, stats["objective/scores"], stats["objective/kl"],
+                     stats["kl_coef"], stats["loss/policy"], stats["loss/value"])
+        return stats
+
+    def publish(self, parent: int, plan: RoundPlan, stats: dict[str, float]) -> tuple[int | None, str | None]:
+        """Publish the trained adapter with the round's metrics; return (its version, None) or (None, why not)."""
+        metrics = {**{k: v for k, v in stats.items() if math.isfinite(v)}, **report_metrics(plan.report)}
+        record = VersionRecord(parent=parent, base_model=self.base_model, cursor=plan.feedback_end,
+                               n_ratings=plan.total.ratings, n_preferences=plan.total.preferences, metrics=metrics)
+        try:
+            return VersionLifecycle(self.store, self.adapters).publish(
+                self.policy, record, holder=self.holder,
+                write_extra=lambda d: self.trainer.save_state(d, include_adapter=False)), None
+        except Exception as exc:  # the lease was lost, the parent rolled back, ...: tell every process
+            return None, f"publishing failed: {exc}"
+
+    def record_failure(self, parent: int, why: Exception) -> None:
+        """Record the round's version as failed, with why."""
+        version = self.adapters.next_version(self.store)
+        self.store.record_failed_version(version, parent, f"diverged: {why}", holder=self.holder)
+        log.error("round discarded, version %d recorded as failed: %s", version, why)
 
     # ------------------------------------------------------------------------------ pieces
 
@@ -259,7 +270,7 @@ class Worker:
                 self.tensorboard.add_scalar(name, value, global_step=self.trainer.iteration)
             self.tensorboard.flush()
 
-    def feedback_end(self, cursor):
+    def feedback_end(self, cursor: Cursor) -> Cursor:
         """Return the cursor after all feedback present now (what this round trains on)."""
         while True:
             page = self.store.feedback_since(cursor, limit=1000)
@@ -290,15 +301,17 @@ class Worker:
 
     def check_continue(self) -> None:
         """Raise RoundAbandoned (in every process) when a stop was requested or the lease was lost."""
-        reason = None
-        if self.team.is_main:
-            if self.stop_requested.is_set():
-                reason = "stop requested"
-            elif self.heartbeat is not None and self.heartbeat.lost.is_set():
-                reason = "the training lease was lost"
-        reason = self.team.share(reason)
+        reason = self.team.from_main(self.stop_reason)
         if reason is not None:
             raise RoundAbandoned(reason)
+
+    def stop_reason(self) -> str | None:
+        """Return why the round must stop now, or None."""
+        if self.stop_requested.is_set():
+            return "stop requested"
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            return "the training lease was lost"
+        return None
 
     def check_divergence(self, stats: dict[str, float]) -> None:
         """Raise DivergenceError on non-finite stats or a KL beyond the hard limit."""
