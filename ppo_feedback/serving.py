@@ -322,8 +322,8 @@ def displayable(candidate: Candidate) -> Candidate:
 def _one_torch_thread() -> Iterator[None]:
     """Run torch single-threaded inside (the caller holds the weights lock, so nothing else computes).
 
-    A swap is ~100 copies of small tensors; on a busy 2-core machine each parallel op waits at an
-    OpenMP barrier for a descheduled thread, which made swaps 2-3x slower than on one thread.
+    A swap is many copies of small tensors; on a busy machine each parallel op would wait at an
+    OpenMP barrier for a descheduled thread (README, "Measured results behind design choices").
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

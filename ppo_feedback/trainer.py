@@ -47,7 +47,7 @@ class Experience:
     mask: torch.Tensor
     old_logprobs: torch.Tensor  # the proximal policy's: the policy's own before this iteration's updates
     old_values: torch.Tensor
-    advantages: torch.Tensor  # whitened
+    advantages: torch.Tensor  # whitened GAE for fresh samples; the unwhitened return for replayed ones
     returns: torch.Tensor
     kl: torch.Tensor  # per-token KL estimate to the reference
     scores: torch.Tensor  # (B,)
