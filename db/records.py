@@ -115,6 +115,8 @@ class Feedback:
 class FeedbackCounts:
     ratings: int
     preferences: int
+    rated_prompts: int = 0
+    """Distinct prompts among the counted ratings' generations."""
 
 
 @dataclass(frozen=True)

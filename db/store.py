@@ -405,7 +405,7 @@ class FeedbackStore:
             cursor = page.cursor
 
     def count_feedback_since(self, cursor: Cursor = Cursor()) -> FeedbackCounts:
-        """Return how many current ratings and preferences have ids after `cursor`."""
+        """Return how many current ratings and preferences have ids after `cursor`, and on how many prompts the ratings are."""
         cursor = _cursor(cursor)
         return self._run(lambda s: _count_since(s, cursor), write=False)
 
@@ -742,7 +742,12 @@ def _count_since(s: Session, cursor: Cursor) -> FeedbackCounts:
         select(func.count(m.Rating.id)).where(m.Rating.id > cursor.rating_id, m.Rating.is_current)
     )
     preferences = s.scalar(select(func.count(m.Preference.id)).where(m.Preference.id > cursor.preference_id))
-    return FeedbackCounts(ratings or 0, preferences or 0)
+    rated_prompts = s.scalar(
+        select(func.count(func.distinct(m.Generation.prompt_id)))
+        .join(m.Rating, m.Rating.generation_id == m.Generation.id)
+        .where(m.Rating.id > cursor.rating_id, m.Rating.is_current)
+    )
+    return FeedbackCounts(ratings or 0, preferences or 0, rated_prompts or 0)
 
 
 def _updated_one_row(s: Session, stmt: Update) -> bool:

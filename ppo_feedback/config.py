@@ -351,6 +351,10 @@ class RewardConfig:
 class WorkerConfig:
     min_new_feedback: int = 4
     """New ratings plus preferences since the serving version needed to start a training round."""
+    min_ratings: int = 16
+    """Ratings in the store before any round trains (the first round waits for them), on at least --min-rated-prompts prompts."""
+    min_rated_prompts: int = 3
+    """Distinct prompts with ratings before any round trains: a reward model or a policy fitted to one prompt's ratings learns that prompt."""
     ppo_iterations: int = 4
     """PPO iterations per round (each round publishes one adapter version)."""
     max_kl: float = 50.0
@@ -372,6 +376,8 @@ class WorkerConfig:
         """Raise ValueError on an impossible setting."""
         if self.min_new_feedback < 1 or self.ppo_iterations < 1 or self.reference_samples < 2:
             raise ValueError("--min-new-feedback, --ppo-iterations >= 1 and --reference-samples >= 2 are required")
+        if self.min_ratings < 0 or self.min_rated_prompts < 0:
+            raise ValueError("--min-ratings and --min-rated-prompts must be >= 0")
         if self.replay_samples < 0:
             raise ValueError("--replay-samples must be >= 0")
         if self.lease_ttl <= 0 or self.wait_interval <= 0 or self.max_kl <= 0:

@@ -175,9 +175,9 @@ class Worker:
         parent, cursor, missing = self.team.from_main(self.plan_round)
         if parent != self.loaded_version:
             self.load_version(parent)
-        if missing > 0:
+        if missing:
             if self.team.is_main:
-                self.set_state(f"waiting for {missing} more rating{'s' if missing > 1 else ''}")
+                self.set_state(f"waiting for {missing}")
                 self.stop_requested.wait(self.config.wait_interval)
             return None
         start = self.snapshot()
@@ -192,12 +192,12 @@ class Worker:
             self.team.from_main(lambda: self.record_failure(parent, why))
             return None
 
-    def plan_round(self) -> tuple[int, Cursor, int]:
-        """Return the serving version, its feedback cursor, and how much new feedback is missing for a round."""
+    def plan_round(self) -> tuple[int, Cursor, str | None]:
+        """Return the serving version, its feedback cursor, and what feedback a round still waits for (None: nothing)."""
         parent = self.store.serving_version()
         cursor = self.store.cursor_of(parent)
-        counts = self.store.count_feedback_since(cursor)
-        return parent, cursor, self.config.min_new_feedback - (counts.ratings + counts.preferences)
+        return parent, cursor, missing_feedback(self.config, self.store.count_feedback_since(),
+                                                self.store.count_feedback_since(cursor))
 
     def train_and_publish(self, parent: int, cursor: Cursor) -> int:
         """Refit the reward model, run the PPO iterations and publish; return the new version."""
@@ -351,6 +351,24 @@ class Worker:
             rollout = self.trainer.reference_rollout(prompts[:self.config.reference_samples])
             self._reference_features = self.trainer.features.of_rollout(rollout).cpu()
         return self._reference_features
+
+
+def missing_feedback(config: WorkerConfig, total: FeedbackCounts, new: FeedbackCounts) -> str | None:
+    """Return what a round still waits for, as the status panel says it after "waiting for" ("12 more
+    ratings", "ratings on 2 more prompts"), or None when it may start.
+
+    Any round needs `min_ratings` ratings on `min_rated_prompts` prompts in all (so the first one
+    does not train on a handful), and `min_new_feedback` new ratings plus preferences since the
+    serving version."""
+    def plural(n: int, what: str) -> str:
+        return f"{n} more {what}{'s' if n != 1 else ''}"
+
+    if total.ratings < config.min_ratings:
+        return plural(config.min_ratings - total.ratings, "rating")
+    if total.rated_prompts < config.min_rated_prompts:
+        return f"ratings on {plural(config.min_rated_prompts - total.rated_prompts, 'prompt')}"
+    missing = config.min_new_feedback - (new.ratings + new.preferences)
+    return plural(missing, "rating") if missing > 0 else None
 
 
 class DivergenceError(RuntimeError):

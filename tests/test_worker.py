@@ -41,7 +41,8 @@ def worker_cmd(tmp_path, model_dir, *extra: str) -> list[str]:
     return [sys.executable, "-m", "ppo_feedback.worker", "--db", str(tmp_path / "feedback.db"),
             "--adapters-dir", str(tmp_path / "adapters"), "--model", str(model_dir), "--device", "cpu",
             "--max-new-tokens", "8", "--batch-size", "4", "--mini-batch-size", "4", "--ppo-epochs", "1",
-            "--ppo-iterations", "2", "--reference-samples", "4", "--wait-interval", "0.2", *extra]
+            "--ppo-iterations", "2", "--reference-samples", "4", "--wait-interval", "0.2",
+            "--min-ratings", "8", *extra]
 
 
 def start(cmd: list[str], log_path: Path) -> subprocess.Popen:
@@ -136,7 +137,7 @@ def make_worker(tmp_path, tiny_model_dir, store, **worker_overrides):
 
     loaded = load_model(ModelConfig(model=str(tiny_model_dir), device="cpu"))
     policy = PolicyWithValueHead(add_lora(loaded.model, LoraSettings()), loaded.tokenizer)
-    config = WorkerConfig(**{"min_new_feedback": 4, "ppo_iterations": 2, "reference_samples": 4,
+    config = WorkerConfig(**{"min_new_feedback": 4, "min_ratings": 8, "ppo_iterations": 2, "reference_samples": 4,
                              "wait_interval": 0.1, **worker_overrides})
     worker = Worker(store, AdapterStore(tmp_path / "adapters"), policy,
                     PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1,
