@@ -1,7 +1,7 @@
 """The improvement curve: app + worker + simulated raters on the offline SmolLM2-135M, CPU only.
 
     python bench/learning_curve.py --preference keyword:you [--ratings 200] [--pace 40] \\
-        [-- app/worker options, replacing DEFAULT_TRAINING: --dtype bfloat16 --learning-rate 1e-3 ...]
+        [-- app/worker options, replacing DEFAULT_TRAINING (--dtype bfloat16 --wait-interval 1; the rest: the app's defaults)]
 
 One command: starts `app.py` (which starts the worker with the same options), runs the simulated
 raters (`simulator`, through the public API) with `--pace`, so the room waits after
@@ -66,20 +66,11 @@ HELD_OUT_PROMPTS = [
 ]
 """Prompts for the held-out evaluation; none is in ppo_feedback/prompts.txt (checked at start)."""
 
-DEFAULT_TRAINING = ["--dtype", "bfloat16", "--learning-rate", "1e-3", "--min-new-feedback", "56",
-                    "--ppo-iterations", "4", "--batch-size", "8", "--mini-batch-size", "8", "--ppo-epochs", "2",
-                    "--reference-samples", "8", "--wait-interval", "1", "--init-kl-coef", "0.1", "--kl-horizon", "100",
-                    "--replay-samples", "16"]
-"""App and worker options when none are given after `--` (app.py forwards them to the worker).
-bfloat16 base weights: about twice as fast on a CPU with native bfloat16 (AVX512-BF16 or AMX).
-KL control for a short run: with the default horizon (10000, Ziegler et al.'s for batches of
-hundreds) 30 iterations of 8 samples move β by under 1%, and a sentiment run drifted to 21 nats;
-horizon 100 lets β move up to 1.6% per iteration. Initial β 0.1, not the default 0.05: at 0.05 two
-of three runs lost fluency (base-model perplexity 20.5 and 26.7 against 11.9), at 0.1 none did.
-16 rated generations replayed per iteration (`--replay-samples`): the reward model learns a
-sentiment taste from 200 noisy ratings poorly (held-out correlation with the true taste 0.15-0.24),
-so the ratings themselves carry it; sentiment went from +0.02 without replay to +0.09, and 4
-iterations a round instead of 6 keep a run inside the 20 minutes."""
+DEFAULT_TRAINING = ["--dtype", "bfloat16", "--wait-interval", "1"]
+"""App and worker options when none are given after `--` (app.py forwards them to the worker): the
+app's own defaults, with bfloat16 base weights (`--dtype auto` keeps float32 on a CPU) and a
+shorter wait between the worker's checks. The training defaults themselves live in
+`ppo_feedback/config.py`, one set for people and for this benchmark (README, "Training")."""
 
 
 def held_out_prompts() -> list[str]:

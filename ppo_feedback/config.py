@@ -274,10 +274,10 @@ class PPOConfig:
     """Prompts per PPO iteration (one sampled response each)."""
     mini_batch_size: int = 8
     """Responses per gradient step; batch_size must be a multiple of it."""
-    ppo_epochs: int = 4
+    ppo_epochs: int = 2
     """Passes over the batch per iteration."""
-    learning_rate: float = 3e-4
-    """Adam learning rate for the LoRA weights and value head (LoRA PPO wants ~1e-4 to 5e-4)."""
+    learning_rate: float = 1e-3
+    """Adam learning rate for the LoRA weights and value head (the default is the one measured to learn from a few hundred ratings; see README)."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clip."""
     gamma: float = 1.0
@@ -294,12 +294,12 @@ class PPOConfig:
     """Per-token KL estimator in the reward: k1 or k3."""
     adaptive_kl: bool = True
     """Adapt the KL coefficient towards target_kl (Ziegler); otherwise keep init_kl_coef fixed."""
-    init_kl_coef: float = 0.05
+    init_kl_coef: float = 0.1
     """Initial KL penalty coefficient beta."""
     target_kl: float = 6.0
     """Adaptive controller's target KL per sequence, in nats."""
-    kl_horizon: int = 10000
-    """Adaptive controller's horizon, in samples."""
+    kl_horizon: int = 100
+    """Adaptive controller's horizon, in samples (Ziegler et al. used 10000 for batches of hundreds; a few hundred ratings give tens of iterations)."""
     whiten_rewards: bool = False
     """Whiten per-token rewards (without shifting the mean) before GAE."""
     missing_eos_penalty: Optional[float] = None
@@ -349,7 +349,7 @@ class RewardConfig:
 
 @dataclass
 class WorkerConfig:
-    min_new_feedback: int = 4
+    min_new_feedback: int = 56
     """New ratings plus preferences since the serving version needed to start a training round."""
     min_ratings: int = 16
     """Ratings in the store before any round trains (the first round waits for them), on at least --min-rated-prompts prompts."""
@@ -363,9 +363,9 @@ class WorkerConfig:
     """Seconds the training lease lasts without a heartbeat; another worker takes over after that."""
     wait_interval: float = 2.0
     """Seconds between checks for new feedback or a free lease."""
-    reference_samples: int = 16
+    reference_samples: int = 8
     """Base-model samples that calibrate the reward model to mean 0, std 1."""
-    replay_samples: int = 0
+    replay_samples: int = 16
     """Rated generations replayed in each PPO iteration beside the fresh samples (0: none): those rated above the candidates shown with them, scored by that difference."""
     worker_id: str = ""
     """Name of this worker in the lease (default host:pid)."""

@@ -70,7 +70,8 @@ def published(tiny_model_dir, tmp_path_factory):
     store = FeedbackStore(root / "feedback.db")
     adapters = AdapterStore(root / "adapters")
     policy = make_policy(tiny_model_dir)
-    trainer = PPOTrainer(policy, PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-4, target_kl=3.0))
+    trainer = PPOTrainer(policy, PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-4, target_kl=3.0,
+                                           ppo_epochs=4))
 
     def publish(seed: int, parent: int, **overrides) -> int:
         perturb(policy, seed)

@@ -20,11 +20,17 @@ from ppo_feedback.worker import missing_feedback
     (FeedbackCounts(50, 5, 9), FeedbackCounts(0, 4, 0), None),  # new preferences count as new feedback
 ])
 def test_a_round_waits_for_enough_ratings_on_enough_prompts(total, new, waiting_for):
-    assert missing_feedback(WorkerConfig(), total, new) == waiting_for
+    assert missing_feedback(WorkerConfig(min_new_feedback=4), total, new) == waiting_for
+
+
+def test_the_defaults_wait_for_sixteen_ratings_on_three_prompts():
+    config = WorkerConfig()
+    assert (config.min_ratings, config.min_rated_prompts) == (16, 3)
+    assert missing_feedback(config, FeedbackCounts(15, 0, 3), FeedbackCounts(15, 0, 3)) == "1 more rating"
 
 
 def test_the_gate_can_be_lowered_and_is_validated():
-    assert missing_feedback(WorkerConfig(min_ratings=0, min_rated_prompts=0), FeedbackCounts(0, 0, 0),
+    assert missing_feedback(WorkerConfig(min_new_feedback=4, min_ratings=0, min_rated_prompts=0), FeedbackCounts(0, 0, 0),
                             FeedbackCounts(4, 0, 1)) is None
     with pytest.raises(ValueError, match="--min-ratings"):
         WorkerConfig(min_ratings=-1).validate()
