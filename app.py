@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from ppo_feedback.config import WORKER_SECTIONS, AppConfig, LoraSettings, ModelConfig, SamplingConfig, \
     add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace, options_markdown
@@ -17,6 +19,7 @@ SECTIONS = ((ModelConfig, "model"), (LoraSettings, "LoRA"), (SamplingConfig, "sa
 # every option of app.py, for the README's configuration reference (`python app.py --options-reference`)
 ALL_SECTIONS = SECTIONS + WORKER_SECTIONS
 WORKER_MODULE = "ppo_feedback.worker"
+ROOT = Path(__file__).resolve().parent
 
 log = logging.getLogger("app")
 
@@ -57,7 +60,10 @@ def worker_argv(args: argparse.Namespace, worker_parser: argparse.ArgumentParser
 def start_worker(argv: list[str]) -> tuple[subprocess.Popen | None, str | None]:
     """Start the training worker as a child process with the command line `argv`; return it, or None and why not."""
     preexec = _terminate_with_parent if sys.platform.startswith("linux") else None
-    proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, *argv], preexec_fn=preexec)
+    # the package is found from any working directory; relative paths (--db, --adapters-dir) stay the caller's
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, *argv], preexec_fn=preexec,
+                            env={**os.environ, "PYTHONPATH": path})
     log.info("started the training worker (pid %d)", proc.pid)
     return proc, None
 

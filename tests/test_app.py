@@ -78,6 +78,13 @@ def test_the_worker_child_is_stopped_with_the_app(monkeypatch):
     assert proc.poll() is not None
 
 
+def test_the_worker_child_finds_the_package_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `python /path/to/app.py` started elsewhere: the child imports ppo_feedback all the same
+    monkeypatch.setattr(app, "WORKER_MODULE", "ppo_feedback.__main__")
+    proc, _ = app.start_worker(["--help"])
+    assert proc.wait(timeout=60) == 0
+
+
 def test_app_serves_the_page_and_its_api(tiny_model_dir, tmp_path):
     from gradio_client import Client
 
