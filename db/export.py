@@ -1,9 +1,9 @@
 """Ratings and preferences as JSONL in the formats other RLHF tools read.
 
 - `preference`: {"prompt", "chosen", "rejected"} (TRL reward modelling / DPO), from explicit
-  preferences and from pairs of generations of one prompt whose mean current ratings differ;
+  preferences and from pairs of generations of one page whose mean current ratings differ;
 - `unpaired`: {"prompt", "completion", "label"} (TRL KTO), label true for scores >= 4;
-- `ratings`: every current rating with prompt, completion, score, rater, adapter version, time.
+- `ratings`: every current rating with prompt, page, completion, score, rater, adapter version, time.
 
 Each file loads with `datasets.load_dataset("json", data_files=...)`.
 """
@@ -35,18 +35,19 @@ class _Scored:
 
 def preference_rows(store: FeedbackStore) -> Iterator[dict[str, str]]:
     """Yield {"prompt", "chosen", "rejected"} rows: explicit preferences first, then every pair
-    of generations of the same prompt whose mean current ratings differ (higher mean chosen)."""
-    by_prompt: dict[int, dict[int, _Scored]] = defaultdict(dict)
-    for page in store.iter_feedback():
-        for pair in page.preferences:
+    of generations of the same page (shown side by side) whose mean current ratings differ
+    (higher mean chosen)."""
+    by_page: dict[int, dict[int, _Scored]] = defaultdict(dict)
+    for batch in store.iter_feedback():
+        for pair in batch.preferences:
             yield {"prompt": pair.prompt_text, "chosen": pair.chosen.text, "rejected": pair.rejected.text}
-        for rated in page.ratings:
+        for rated in batch.ratings:
             generation = rated.generation
-            entry = by_prompt[generation.prompt_id].setdefault(
+            entry = by_page[generation.page_id].setdefault(
                 generation.id, _Scored(rated.prompt_text, generation.text)
             )
             entry.scores.append(rated.rating.score)
-    for generations in by_prompt.values():
+    for generations in by_page.values():
         for (_, a), (_, b) in combinations(sorted(generations.items()), 2):
             mean_a, mean_b = fmean(a.scores), fmean(b.scores)
             if mean_a != mean_b:
@@ -56,8 +57,8 @@ def preference_rows(store: FeedbackStore) -> Iterator[dict[str, str]]:
 
 def unpaired_rows(store: FeedbackStore) -> Iterator[dict[str, Any]]:
     """Yield one {"prompt", "completion", "label"} row per current rating; label is score >= 4."""
-    for page in store.iter_feedback():
-        for rated in page.ratings:
+    for batch in store.iter_feedback():
+        for rated in batch.ratings:
             yield {
                 "prompt": rated.prompt_text,
                 "completion": rated.generation.text,
@@ -66,14 +67,15 @@ def unpaired_rows(store: FeedbackStore) -> Iterator[dict[str, Any]]:
 
 
 def rating_rows(store: FeedbackStore) -> Iterator[dict[str, Any]]:
-    """Yield every current rating with its prompt, completion, score, rater, version and time."""
-    for page in store.iter_feedback():
-        for rated in page.ratings:
+    """Yield every current rating with its prompt, page, completion, score, rater, version and time."""
+    for batch in store.iter_feedback():
+        for rated in batch.ratings:
             rating, generation = rated.rating, rated.generation
             yield {
                 "rating_id": rating.id,
                 "prompt_id": generation.prompt_id,
                 "prompt": rated.prompt_text,
+                "page_id": generation.page_id,
                 "generation_id": generation.id,
                 "completion": generation.text,
                 "score": rating.score,

@@ -76,12 +76,27 @@ class Prompt(Base):
     created_at: Mapped[datetime]
 
 
+class Page(Base):
+    """One request for candidates: the prompt, who asked (None only for pages migration 0003
+    could not attribute), the version serving when it was asked; its generations point to it."""
+
+    __tablename__ = "pages"
+    __table_args__ = (CheckConstraint("adapter_version >= 0", name="adapter_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    rater: Mapped[str | None] = mapped_column(String(NAME_LENGTH), index=True)
+    adapter_version: Mapped[int]
+    created_at: Mapped[datetime]
+
+
 class Generation(Base):
     __tablename__ = "generations"
     __table_args__ = (CheckConstraint("adapter_version >= 0", name="adapter_version"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    page_id: Mapped[int] = mapped_column(ForeignKey("pages.id"), index=True)
     adapter_version: Mapped[int] = mapped_column(index=True)
     text: Mapped[str] = mapped_column(Text)
     token_ids: Mapped[list[int]]

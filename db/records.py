@@ -41,9 +41,25 @@ class NewGeneration:
 
 
 @dataclass(frozen=True)
-class Generation:
+class Page:
+    """One request for candidates of a prompt, shown side by side: `rater` asked for it (None only
+    for a page migration 0003 made for generations nobody rated), `adapter_version` was serving
+    when it was asked (each generation keeps the version that sampled it)."""
+
     id: int
     prompt_id: int
+    rater: str | None
+    adapter_version: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One stored completion; `page_id` is the page it was shown on, with its sibling candidates."""
+
+    id: int
+    prompt_id: int
+    page_id: int
     adapter_version: int
     text: str
     token_ids: tuple[int, ...]

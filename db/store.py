@@ -42,6 +42,7 @@ from db.records import (
     Generation,
     MetricPoint,
     NewGeneration,
+    Page,
     Preference,
     PreferencePair,
     Prompt,
@@ -198,12 +199,27 @@ class FeedbackStore:
     # ------------------------------------------------------------- generations
 
     def record_generations(
-        self, prompt_id: int, adapter_version: int, generations: Sequence[NewGeneration]
+        self,
+        prompt_id: int,
+        adapter_version: int,
+        generations: Sequence[NewGeneration],
+        *,
+        rater: str | None = None,
+        page_id: int | None = None,
     ) -> list[Generation]:
-        """Store completions of one prompt sampled from `adapter_version` (0 = base model);
-        return them with their new ids, in input order."""
+        """Store completions of one prompt sampled from `adapter_version` (0 = base model) as one
+        page, the candidates `rater` asked for and sees side by side; return them with their new
+        ids and their page's id, in input order.
+
+        Without `page_id` the call makes a new page (`rater` None: no person asked, e.g. a script).
+        With it the completions join that page, which must show the same prompt and belong to the
+        same rater: a page that shows its candidates one by one records them in several calls.
+        An empty list records nothing.
+        """
         prompt_id = check.record_id(prompt_id, "prompt")
         version = check.integer(adapter_version, "adapter version")
+        rater = None if rater is None else check.name(rater, "rater")
+        page_id = None if page_id is None else check.record_id(page_id, "page")
         fields = [_generation_fields(g) for g in generations]
 
         def work(s: Session) -> list[Generation]:
@@ -211,8 +227,18 @@ class FeedbackStore:
             if version != BASE_VERSION:
                 _require(s, m.AdapterVersion.version, version, "adapter version")
             now = utcnow()
+            if page_id is not None:
+                page = _page_to_extend(s, page_id, prompt_id, rater)
+            elif not fields:
+                return []
+            else:
+                page = m.Page(prompt_id=prompt_id, rater=rater, adapter_version=version, created_at=now)
+                s.add(page)
+                s.flush()
             rows = [
-                m.Generation(prompt_id=prompt_id, adapter_version=version, created_at=now, **f)
+                m.Generation(
+                    prompt_id=prompt_id, page_id=page.id, adapter_version=version, created_at=now, **f
+                )
                 for f in fields
             ]
             s.add_all(rows)
@@ -229,10 +255,30 @@ class FeedbackStore:
         token_ids: Sequence[int] = (),
         logprobs: Sequence[float] = (),
         sampling: Mapping[str, Any] | None = None,
+        *,
+        rater: str | None = None,
+        page_id: int | None = None,
     ) -> Generation:
-        """Store one completion (see `record_generations`); return it with its new id."""
+        """Store one completion (see `record_generations`: a page of its own unless `page_id`
+        names one); return it with its new id."""
         new = NewGeneration(text, token_ids, logprobs, sampling or {})
-        return self.record_generations(prompt_id, adapter_version, [new])[0]
+        return self.record_generations(prompt_id, adapter_version, [new], rater=rater, page_id=page_id)[0]
+
+    def get_page(self, page_id: int) -> Page:
+        """Return the page with this id: its prompt, the rater who asked, the version then serving."""
+        page_id = check.record_id(page_id, "page")
+        return self._run(lambda s: _page(_get(s, m.Page, page_id, "page")), write=False)
+
+    def page_generations(self, page_id: int) -> list[Generation]:
+        """Return the generations shown on a page, in id order."""
+        page_id = check.record_id(page_id, "page")
+        stmt = select(m.Generation).where(m.Generation.page_id == page_id).order_by(m.Generation.id)
+
+        def work(s: Session) -> list[Generation]:
+            _require(s, m.Page.id, page_id, "page")
+            return [_generation(r) for r in s.scalars(stmt)]
+
+        return self._run(work, write=False)
 
     def get_generation(self, generation_id: int) -> Generation:
         """Return the generation with this id."""
@@ -351,7 +397,8 @@ class FeedbackStore:
 
     def feedback_since(self, cursor: Cursor = Cursor(), limit: int | None = None) -> Feedback:
         """Return current ratings and preferences with ids after `cursor` (at most `limit` of
-        each), oldest first, with everything a trainer needs, and the cursor to continue from."""
+        each), oldest first, with everything a trainer needs (each generation with its prompt and
+        its `page_id`, the page it was shown on), and the cursor to continue from."""
         cursor = _cursor(cursor)
         if limit is not None:
             limit = check.integer(limit, "limit", minimum=1)
@@ -395,14 +442,15 @@ class FeedbackStore:
         return self._run(work, write=False)
 
     def iter_feedback(self, page_size: int = 1000) -> Iterator[Feedback]:
-        """Yield all current feedback page by page (each page its own transaction)."""
+        """Yield all current feedback in batches of at most `page_size` ratings and preferences
+        (each batch its own transaction)."""
         cursor = Cursor()
         while True:
-            page = self.feedback_since(cursor, limit=page_size)
-            if not page.ratings and not page.preferences:
+            batch = self.feedback_since(cursor, limit=page_size)
+            if not batch.ratings and not batch.preferences:
                 return
-            yield page
-            cursor = page.cursor
+            yield batch
+            cursor = batch.cursor
 
     def count_feedback_since(self, cursor: Cursor = Cursor()) -> FeedbackCounts:
         """Return how many current ratings and preferences have ids after `cursor`, and on how many prompts the ratings are."""
@@ -725,6 +773,15 @@ def _get(s: Session, model: type[Any], key: int, what: str) -> Any:
     return row
 
 
+def _page_to_extend(s: Session, page_id: int, prompt_id: int, rater: str | None) -> m.Page:
+    page: m.Page = _get(s, m.Page, page_id, "page")
+    if page.prompt_id != prompt_id:
+        raise StoreError(f"Page {page_id} shows prompt {page.prompt_id}, not prompt {prompt_id}.")
+    if page.rater != rater:
+        raise StoreError(f"Page {page_id} was asked for by {page.rater!r}, not by {rater!r}.")
+    return page
+
+
 def _serving(s: Session) -> int:
     stmt = select(func.max(m.AdapterVersion.version)).where(m.AdapterVersion.status == "published")
     return s.scalar(stmt) or BASE_VERSION
@@ -845,10 +902,15 @@ def _prompt(row: m.Prompt) -> Prompt:
     return Prompt(row.id, row.text, row.source, row.active, row.created_at)
 
 
+def _page(row: m.Page) -> Page:
+    return Page(row.id, row.prompt_id, row.rater, row.adapter_version, row.created_at)
+
+
 def _generation(row: m.Generation) -> Generation:
     return Generation(
         row.id,
         row.prompt_id,
+        row.page_id,
         row.adapter_version,
         row.text,
         tuple(row.token_ids),

@@ -5,7 +5,7 @@
 - `read_feedback`: every current rating and preference from the `FeedbackStore`, normalised, as
   `RatedFeedback`: one row per generation, which the reward model is fitted to (`rewards`).
 - `RatedFeedback.replay_pool`: the rated generations PPO replays (`Replay`), scored by their rating
-  relative to their siblings'.
+  relative to their siblings' (the other candidates of their page).
 """
 from __future__ import annotations
 
@@ -74,27 +74,41 @@ def normalize_ratings(ratings: Sequence[tuple[str, float]], prior_weight: float 
 class RatedFeedback:
     """Every current rating and preference of a store, one row per distinct generation (sorted by id)."""
 
-    generations: list  # db.records.Generation per row
+    generations: list  # db.records.Generation per row (its `page_id`: the page it was shown on)
     prompts: list[str]  # the row's prompt text
     scores: torch.Tensor  # (N,) float64 mean normalised score of the row's ratings; NaN when only in preferences
     pairs: list[tuple[int, int]]  # (chosen row, rejected row) per preference
     n_ratings: int
     raters: set[str]
 
+    @property
+    def page_ids(self) -> list[int]:
+        """The page each row's generation was shown on (`db.records.Page`), per row."""
+        return [g.page_id for g in self.generations]
+
+    def rated_pages(self) -> dict[int, list[int]]:
+        """Return {page id: its rated rows, ascending}, pages in order of their first row.
+
+        A page is one request: the candidates one rater asked for and saw side by side, so rows of
+        one page were judged against each other (pairs, above-mean candidates and baselines come
+        from here); rows of different pages were not, even of the same prompt and version.
+        """
+        pages: dict[int, list[int]] = defaultdict(list)
+        for row, g in enumerate(self.generations):
+            if math.isfinite(float(self.scores[row])):
+                pages[g.page_id].append(row)
+        return dict(pages)
+
     def relative_scores(self) -> torch.Tensor:
         """Return (N,) float64 scores minus the mean score of the row's siblings, NaN where unrated.
 
-        Siblings are the other rated generations of the same prompt by the same adapter version (the
-        candidates shown together): a leave-one-out baseline, as in RLOO (Ahmadian et al. 2024), so
-        what a row says is how much better it was than what the same version wrote for the same
-        prompt, not how easy the prompt was. A row without siblings keeps its score.
+        Siblings are the other rated generations of the same page (`rated_pages`: the candidates
+        shown together to the rater who asked for them): a leave-one-out baseline, as in RLOO
+        (Ahmadian et al. 2024), so what a row says is how much better it was than what was shown
+        beside it, not how easy the prompt was. A row without siblings keeps its score.
         """
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for row, g in enumerate(self.generations):
-            if math.isfinite(float(self.scores[row])):
-                groups[(g.prompt_id, g.adapter_version)].append(row)
         relative = self.scores.clone()
-        for rows in groups.values():
+        for rows in self.rated_pages().values():
             n = len(rows)
             if n > 1:  # s - (total - s) / (n - 1), for every row at once
                 relative[rows] = (n * self.scores[rows] - self.scores[rows].sum()) / (n - 1)
@@ -130,9 +144,9 @@ def read_feedback(store, prior_weight: float = RewardConfig.prior_weight) -> Rat
     scores of a generation rated by several raters.
     """
     ratings, preferences = [], []
-    for page in store.iter_feedback():
-        ratings.extend(page.ratings)
-        preferences.extend(page.preferences)
+    for batch in store.iter_feedback():
+        ratings.extend(batch.ratings)
+        preferences.extend(batch.preferences)
     if not ratings and not preferences:
         raise ValueError("no ratings or preferences to fit a reward model to")
     generations, prompts = {}, {}  # generation id -> Generation, generation id -> prompt text

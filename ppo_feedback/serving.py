@@ -127,13 +127,16 @@ class ServingModel:
 
     def generate(self, prompt: str | None, n: int | None = None, *, rater: str, prompt_id: int | None = None,
                  seed: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None) -> list[Generation]:
-        """Sample n candidates with the served version and record them; return the stored generations.
+                 top_p: float | None = None, page_id: int | None = None) -> list[Generation]:
+        """Sample n candidates with the served version and record them as one page; return the stored generations.
 
-        Each record has its id, text and `adapter_version`, the version that produced it. Without
-        `prompt_id` the prompt is a rater's own and is added to the store (source "rater") once it
-        could be generated from; with it, the stored prompt is used (`prompt` may be None, and if
-        given must be the same text). Raises PromptError, ValueError or StoreError on bad input.
+        The request is a page of its own, asked for by `rater` (`store.record_generations`); with
+        `page_id` the candidates join that page instead (the page's rater and prompt must match),
+        for a page that fills its candidates in over several requests. Each record has its id,
+        `page_id`, text and `adapter_version`, the version that produced it. Without `prompt_id`
+        the prompt is a rater's own and is added to the store (source "rater") once it could be
+        generated from; with it, the stored prompt is used (`prompt` may be None, and if given must
+        be the same text). Raises PromptError, ValueError or StoreError on bad input.
         """
         if not isinstance(rater, str) or not rater.strip():
             raise ValueError("a generation request needs the rater's name")
@@ -155,7 +158,8 @@ class ServingModel:
         log.info("rater %r: %d generations of prompt %d with version %d", rater.strip(), len(candidates),
                  prompt_id, version)
         return self.store.record_generations(
-            prompt_id, version, [NewGeneration(c.text, c.token_ids, c.logprobs, params) for c in candidates])
+            prompt_id, version, [NewGeneration(c.text, c.token_ids, c.logprobs, params) for c in candidates],
+            rater=rater, page_id=page_id)
 
     def generate_with_version(self, prompt: str, version: int, seed: int | None = None, *, n: int = 1,
                               max_new_tokens: int | None = None, temperature: float | None = None,

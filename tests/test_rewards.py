@@ -500,6 +500,37 @@ def test_read_feedback_scores_rows_and_siblings(tmp_path):
     store.close()
 
 
+def test_siblings_are_the_candidates_of_one_page(tmp_path):
+    """Two raters ask for the same prompt from the same version: two pages, and a rater's candidates
+    are scored against what that rater saw beside them, never against the other rater's."""
+    store = FeedbackStore(tmp_path / "feedback.db")
+    prompt = store.add_prompt("prompt", source="builtin")
+
+    def page(rater, scores):
+        stored = store.record_generations(prompt, 0, [
+            NewGeneration(f"{rater} {i}", [i + 1], [-1.0], {"temperature": 1.0}) for i in range(len(scores))],
+            rater=rater)
+        for g, score in zip(stored, scores):
+            store.rate(g.id, rater, score)
+        return [g.id for g in stored]
+
+    ann, bob = page("ann", (5, 1)), page("bob", (4, 2))
+    feedback = read_feedback(store, prior_weight=0.0)
+    ids = [g.id for g in feedback.generations]
+    ann_page, bob_page = (store.get_generation(g[0]).page_id for g in (ann, bob))
+    assert feedback.page_ids == [ann_page, ann_page, bob_page, bob_page] and ann_page != bob_page
+    assert feedback.rated_pages() == {ann_page: [0, 1], bob_page: [2, 3]}
+    # k = 0: ann's 5, 1 (mean 3, std 2) and bob's 4, 2 (mean 3, std 1) are both z = +1, -1
+    assert feedback.scores.tolist() == pytest.approx([1.0, -1.0, 1.0, -1.0])
+    # each against its one sibling on its page: 1 - (-1) = 2; merged by (prompt, version) ann's 5
+    # would have been 1 - (-1 + 1 - 1) / 3 = 4/3
+    assert feedback.relative_scores().tolist() == pytest.approx([2.0, -2.0, 2.0, -2.0])
+    pool = feedback.replay_pool(1.0)
+    assert pool.prompts == ["prompt", "prompt"] and pool.responses == [[1], [1]] and pool.scores == pytest.approx([2.0, 2.0])
+    assert ids == ann + bob
+    store.close()
+
+
 def test_fit_reward_model_without_feedback_refuses(policy, tmp_path):
     store = FeedbackStore(tmp_path / "empty.db")
     with pytest.raises(ValueError, match="no ratings or preferences"):

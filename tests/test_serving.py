@@ -50,6 +50,22 @@ def test_generations_are_recorded_with_the_served_version(serving, store, store_
     again = serving.generate(None, 3, rater="ana", prompt_id=prompt.id, seed=1)
     assert [g.adapter_version for g in again] == [1, 1, 1] and {g.prompt_id for g in again} == {prompt.id}
     assert [(e.version, e.previous, e.ok) for e in serving.events] == [(1, 0, True)]
+    # each request is one page of the rater who asked, with the version then serving
+    assert len({g.page_id for g in first}) == len({g.page_id for g in again}) == 1
+    pages = [store.get_page(first[0].page_id), store.get_page(again[0].page_id)]
+    assert [(p.prompt_id, p.rater, p.adapter_version) for p in pages] == [(prompt.id, "ana", 0), (prompt.id, "ana", 1)]
+
+
+def test_a_request_can_fill_in_its_own_page_only(serving, store):
+    first = serving.generate("Once upon a time", 1, rater="ana", seed=1)
+    page_id = first[0].page_id
+    rest = serving.generate(None, 2, rater="ana", prompt_id=first[0].prompt_id, seed=2, page_id=page_id)
+    assert [g.id for g in store.page_generations(page_id)] == [first[0].id, *(g.id for g in rest)]
+    ben = serving.generate(None, 2, rater="ben", prompt_id=first[0].prompt_id, seed=1)
+    assert ben[0].page_id != page_id and store.get_page(ben[0].page_id).rater == "ben"
+    with pytest.raises(StoreError, match="asked for by 'ana', not by 'ben'"):
+        serving.generate(None, 1, rater="ben", prompt_id=first[0].prompt_id, page_id=page_id)
+    assert store.counts()["generations"] == 5
 
 
 def test_a_sampled_nul_character_is_recorded_and_shown_as_a_replacement_character(serving, store, monkeypatch):

@@ -191,12 +191,13 @@ class FakeClient:
         if api_name == "/generate":
             from db import NewGeneration
 
-            prompt, n, _rater = args
+            prompt, n, rater = args
             pid = self.store.add_prompt(prompt, source="rater")
             gens = self.store.record_generations(pid, self.version,
-                                                 [NewGeneration(self.rng.choice(self.texts)) for _ in range(n)])
-            return [{"generation_id": g.id, "prompt_id": pid, "text": g.text, "version": g.adapter_version}
-                    for g in gens]
+                                                 [NewGeneration(self.rng.choice(self.texts)) for _ in range(n)],
+                                                 rater=rater)
+            return [{"generation_id": g.id, "prompt_id": pid, "page_id": g.page_id, "text": g.text,
+                     "version": g.adapter_version} for g in gens]
         if api_name == "/rate":
             self.calls += 1
             if self.fail_rate_every and self.calls % self.fail_rate_every == 0:

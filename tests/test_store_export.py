@@ -87,6 +87,7 @@ def test_ratings_export(rated: FeedbackStore, tmp_path: Path) -> None:
         "rating_id",
         "prompt_id",
         "prompt",
+        "page_id",
         "generation_id",
         "completion",
         "score",
@@ -105,6 +106,24 @@ def test_ratings_export(rated: FeedbackStore, tmp_path: Path) -> None:
     )
     assert lovely["adapter_version"] == 0 and lovely["created_at"].endswith("+00:00")
     assert sorted(r["score"] for r in rows) == [1, 2, 3, 3, 4, 5]
+    pages = {r["generation_id"]: r["page_id"] for r in rows}
+    assert pages == {g.id: g.page_id for g in (rated.get_generation(i) for i in pages)}
+    assert len(set(pages.values())) == 2  # one page per prompt here: each was one request
+
+
+def test_rating_pairs_come_from_one_page(store: FeedbackStore, tmp_path: Path) -> None:
+    prompt = store.add_prompt("Same prompt, two raters")
+    ana = store.record_generations(
+        prompt, 0, [NewGeneration("ana good"), NewGeneration("ana bad")], rater="ana"
+    )
+    [ben] = store.record_generations(prompt, 0, [NewGeneration("ben middling")], rater="ben")
+    for generation, rater, score in ((ana[0], "ana", 5), (ana[1], "ana", 1), (ben, "ben", 3)):
+        store.rate(generation.id, rater, score)
+    path = tmp_path / "preference.jsonl"
+    assert export_jsonl(store, "preference", path) == 1  # ben's candidate was never beside ana's
+    assert _load(path, tmp_path) == [
+        {"prompt": "Same prompt, two raters", "chosen": "ana good", "rejected": "ana bad"}
+    ]
 
 
 def _python_m_db(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -131,4 +150,4 @@ def test_command_line_from_another_directory(rated: FeedbackStore, store_url: st
     fresh = tmp_path / "new" / "feedback.db"
     result = _python_m_db("upgrade", "--db", str(fresh), cwd=elsewhere)
     assert result.returncode == 0, result.stderr
-    assert "revision 0002" in result.stderr and fresh.exists()
+    assert "revision 0003" in result.stderr and fresh.exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -12,9 +12,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from db import Cursor, FeedbackStore
+from db import Cursor, FeedbackStore, NewGeneration
 from db.engine import make_engine
-from db.migrate import current_revision, head_revision, upgrade_schema
+from db.migrate import current_revision, downgrade_schema, head_revision, upgrade_schema
 from db.models import Base
 from store_fixtures import BACKENDS, fresh_store_url
 
@@ -163,7 +163,7 @@ def test_upgrade_from_0001_keeps_every_row(empty_url: str) -> None:
     engine.dispose()
 
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == head_revision() == "0002"
+        assert store.schema_revision() == head_revision() == "0003"
         assert store.get_prompt(prompt).text == "Old prompt 🤖"
         assert store.get_generation(good).token_ids == (5, 6)
         history = store.rating_history(good)
@@ -212,5 +212,126 @@ def test_simultaneous_first_starts_migrate_once(empty_url: str) -> None:
         thread.join()
     assert errors == []
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == "0002"
+        assert store.schema_revision() == "0003"
         assert store.acquire_lease("worker", 10)  # exactly one lease row
+
+
+def _generation(c: sa.Connection, prompt: int, version: int, minutes: float) -> int:
+    return _insert(
+        c,
+        GENERATIONS,
+        prompt_id=prompt,
+        adapter_version=version,
+        text=f"v{version} at {minutes}",
+        token_ids=[],
+        logprobs=[],
+        sampling={},
+        created_at=CREATED + timedelta(minutes=minutes),
+    )
+
+
+def _rating(c: sa.Connection, generation: int, rater: str, minutes: float, current: bool = True) -> int:
+    return _insert(
+        c,
+        RATINGS,
+        generation_id=generation,
+        rater=rater,
+        score=3,
+        comment=None,
+        is_current=current,
+        created_at=CREATED + timedelta(minutes=minutes),
+    )
+
+
+def _seed_0002(engine: sa.Engine) -> dict[str, list[int]]:
+    """Write generations of two prompts at revision 0002; return them by the page each should get."""
+    with engine.begin() as c:
+        p1, p2 = (
+            _insert(c, PROMPTS, text=t, text_sha256=t * 64, source="builtin", active=True, created_at=CREATED)
+            for t in ("1", "2")
+        )
+        ana_first = [_generation(c, p1, 0, 0) for _ in range(3)]  # one request; ana rates at +1 min
+        ben = [_generation(c, p1, 0, 0)]  # the same prompt, version and time, but rated by ben
+        ana_second = [_generation(c, p1, 0, 3), _generation(c, p1, 0, 3.5)]  # after ana rated the first
+        unrated = [_generation(c, p1, 0, 30), _generation(c, p1, 0, 39)]  # one burst, nobody rated
+        unrated_later = [_generation(c, p1, 0, 50)]  # more than BURST after the last one
+        ana_v1 = [_generation(c, p1, 1, 3)]  # ana, the same time, another version
+        carol = [_generation(c, p2, 0, 0), _generation(c, p2, 0, 0)]  # one picked by carol, never rated
+        _rating(c, ana_first[0], "ana", 1, current=False)
+        _rating(c, ana_first[0], "ben", 2)  # ana rated it first: her page
+        _rating(c, ana_first[0], "ana", 2)
+        for g in ana_first[1:]:
+            _rating(c, g, "ana", 1)
+        _rating(c, ben[0], "ben", 1)
+        for g in [*ana_second, *ana_v1]:
+            _rating(c, g, "ana", 5)
+        _rating(c, carol[1], "carol", 1)
+        _insert(
+            c,
+            PREFERENCES,
+            chosen_generation_id=carol[0],
+            rejected_generation_id=carol[1],
+            rater="carol",
+            created_at=CREATED + timedelta(minutes=1),
+        )
+    return {
+        "ana": ana_first,
+        "ben": ben,
+        "ana again": ana_second,
+        "unrated": unrated,
+        "unrated later": unrated_later,
+        "ana v1": ana_v1,
+        "carol": carol,
+    }
+
+
+def test_upgrade_to_0003_puts_every_generation_on_a_page(empty_url: str) -> None:
+    engine = make_engine(empty_url)
+    upgrade_schema(engine, "0002")
+    expected = _seed_0002(engine)
+    engine.dispose()
+
+    with FeedbackStore(empty_url) as store:
+        assert store.schema_revision() == "0003"
+        page_of = {name: {store.get_generation(g).page_id for g in ids} for name, ids in expected.items()}
+        assert all(len(pages) == 1 for pages in page_of.values())
+        # page ids follow the first generation's id
+        assert [pages.pop() for pages in page_of.values()] == [1, 2, 3, 4, 5, 6, 7]
+        pages = [store.get_page(i) for i in range(1, 8)]
+        assert [(p.rater, p.adapter_version) for p in pages] == [
+            ("ana", 0),
+            ("ben", 0),
+            ("ana", 0),
+            (None, 0),
+            (None, 0),
+            ("ana", 1),
+            ("carol", 0),
+        ]
+        assert [p.created_at.replace(tzinfo=None) - CREATED for p in pages] == [
+            timedelta(minutes=m) for m in (0, 0, 3, 30, 50, 3, 0)
+        ]
+        assert [g.id for g in store.page_generations(4)] == expected["unrated"]
+        assert {p.prompt_id for p in pages[:6]} == {store.get_generation(expected["ana"][0]).prompt_id}
+        # new pages continue after the backfilled ones (on PostgreSQL: the id sequence moved on)
+        [new] = store.record_generations(pages[0].prompt_id, 0, [NewGeneration("new")], rater="ana")
+        assert new.page_id == 8
+
+
+def test_downgrade_from_0003_keeps_generations_and_upgrades_again(empty_url: str) -> None:
+    engine = make_engine(empty_url)
+    upgrade_schema(engine, "0002")
+    expected = _seed_0002(engine)
+    upgrade_schema(engine)
+    downgrade_schema(engine, "0002")
+    assert current_revision(engine) == "0002"
+    inspector = sa.inspect(engine)
+    assert "pages" not in inspector.get_table_names()
+    assert "page_id" not in {c["name"] for c in inspector.get_columns("generations")}
+    with engine.connect() as connection:
+        ids = connection.execute(sa.select(GENERATIONS.c.id).order_by(GENERATIONS.c.id)).scalars().all()
+        assert ids == sorted(g for group in expected.values() for g in group)
+        assert connection.execute(sa.select(sa.func.count()).select_from(RATINGS)).scalar() == 10
+    engine.dispose()
+    with FeedbackStore(empty_url) as store:
+        assert store.get_page(7).rater == "carol"
+        assert store.feedback_since().preferences[0].chosen.page_id == 7

@@ -148,6 +148,25 @@ def test_one_submit_stores_ratings_comment_and_best_as_preferences(app, store):
     assert pairs == {(ids[0], ids[1]), (ids[0], ids[2])}
 
 
+@pytest.mark.parametrize("stream_after_s", [-1.0, 1e9], ids=["one by one", "first, then the rest"])
+def test_the_generate_button_records_one_page_however_it_fills_it_in(store, tmp_path, monkeypatch, stream_after_s):
+    from ppo_feedback.page import handlers
+    from test_ui_support import ScriptedServing
+
+    monkeypatch.setattr(handlers, "STREAM_AFTER_S", stream_after_s)
+    serving = ScriptedServing(store, ["one", "two", "three"], tmp_path / "adapters")
+    feedback_app = FeedbackApp(serving, store, SamplingConfig(max_prompt_chars=100, max_candidates=4))
+    try:
+        updates = list(handlers.generate_handler(feedback_app)("A prompt", 4, None))
+    finally:
+        feedback_app.close()
+    assert len(updates) == (5 if stream_after_s < 0 else 2)  # the cards, each candidate's progress, the end
+    ids = updates[-1][1]
+    [page_id] = {store.get_generation(g).page_id for g in ids}
+    assert [g.id for g in store.page_generations(page_id)] == ids and len(ids) == 4
+    assert store.get_page(page_id).rater == LOCAL_USER
+
+
 @pytest.mark.parametrize("scores, best, comment, message", [
     ([None, None], None, "", "Rate at least one"),
     ([None, None], 1, "why", "comment is stored with the ratings"),

@@ -13,7 +13,7 @@ from db import FeedbackStore
 from store_fixtures import migrated_sqlite_template
 from test_ui_support import PASSWORDS, SAMPLING, launch, load_serving, publish_version, write_users
 
-ITEM_KEYS = {"generation_id", "prompt_id", "text", "version"}
+ITEM_KEYS = {"generation_id", "prompt_id", "page_id", "text", "version"}
 
 
 @pytest.fixture(scope="module")

@@ -101,11 +101,12 @@ class ScriptedServing:
         self.base_model = "scripted <b>model</b>"
         self._calls = 0
 
-    def generate(self, prompt, n=None, *, rater, prompt_id=None, seed=None, **_):
+    def generate(self, prompt, n=None, *, rater, prompt_id=None, seed=None, page_id=None, **_):
         prompt_id = self.store.add_prompt(prompt, source="rater") if prompt_id is None else prompt_id
         texts = [self.texts[(self._calls + i) % len(self.texts)] for i in range(n or 1)]
         self._calls += len(texts)  # the page may ask one candidate at a time: keep cycling through the texts
-        return self.store.record_generations(prompt_id, self.version, [NewGeneration(t) for t in texts])
+        return self.store.record_generations(prompt_id, self.version, [NewGeneration(t) for t in texts],
+                                            rater=rater, page_id=page_id)
 
     def generate_with_version(self, prompt, version, seed=None, **_):
         return [Candidate(text=self.texts[0], token_ids=[], logprobs=[], finished=True)]

@@ -56,7 +56,7 @@ class Api:
 
     def generate(self, prompt: str, n: int = SamplingConfig.num_candidates, rater: str = "",
                  request: gr.Request = None) -> list:
-        """Generate n candidates with the serving version and record them: [{"generation_id", "prompt_id", "text", "version"}]."""
+        """Generate n candidates with the serving version and record them as one page: [{"generation_id", "prompt_id", "page_id", "text", "version"}]."""
         return self.app.generate(prompt, n, self.app.rater(request, rater))
 
     def rate(self, generation_id: int, score: int, comment: str = "", rater: str = "",

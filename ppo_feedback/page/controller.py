@@ -126,13 +126,15 @@ class FeedbackApp:
             return {"prompt_id": None, "text": None}
         return {"prompt_id": prompt.id, "text": prompt.text}
 
-    def generate(self, prompt: str, n: int, rater: str, seed: int | None = None) -> list[dict[str, Any]]:
-        """Sample and record n candidates with the serving version; return their API records."""
+    def generate(self, prompt: str, n: int, rater: str, seed: int | None = None,
+                 page_id: int | None = None) -> list[dict[str, Any]]:
+        """Sample and record n candidates with the serving version as one page (or onto `page_id`,
+        one of this rater's pages of this prompt); return their API records."""
         prompt = self.check_prompt(prompt)
         n = self.check_n(n)
-        generations = self.serving.generate(prompt, n, rater=rater, seed=seed)
-        return [{"generation_id": g.id, "prompt_id": g.prompt_id, "text": g.text, "version": g.adapter_version}
-                for g in generations]
+        generations = self.serving.generate(prompt, n, rater=rater, seed=seed, page_id=page_id)
+        return [{"generation_id": g.id, "prompt_id": g.prompt_id, "page_id": g.page_id, "text": g.text,
+                 "version": g.adapter_version} for g in generations]
 
     def rate(self, generation_id: Any, score: Any, comment: str | None, rater: str) -> dict[str, Any]:
         """Store one rating (1..5, optional comment); return {"ok": True}."""

@@ -200,10 +200,11 @@ def generate_handler(app: FeedbackApp):
         started = time.perf_counter()
         cards += app.generate(prompt_text, 1, rater)
         one_by_one = time.perf_counter() - started > STREAM_AFTER_S
-        while len(cards) < n:
+        while len(cards) < n:  # the rest join the first card's page: one page, however it is filled in
             if one_by_one:
                 yield update(f"Generated {len(cards)} of {n}…")
-            cards += app.generate(prompt_text, 1 if one_by_one else n - len(cards), rater)
+            cards += app.generate(prompt_text, 1 if one_by_one else n - len(cards), rater,
+                                  page_id=cards[0]["page_id"])
         versions = sorted({c["version"] for c in cards})
         yield update(f"{n} candidate{'s' if n != 1 else ''} from {', '.join(map(version_label, versions))}: "
                      "rate each 1–5, pick the best if you like, then submit.")
