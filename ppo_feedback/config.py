@@ -384,8 +384,33 @@ class WorkerConfig:
             raise ValueError("--lease-ttl, --wait-interval and --max-kl must be > 0")
 
 
+OBJECTIVES = ("ppo", "dpo", "raft", "kto")
+"""What `--objective` accepts: PPO on a fitted reward model, or a direct objective (`ppo_feedback.direct`)."""
+
+
+@dataclass
+class ObjectiveConfig:
+    objective: str = "ppo"
+    """What a round trains: ppo (reward model, PPO iterations, replay), or directly from the rated pages: dpo (pairs of one page's candidates rated differently, and picks), raft (likelihood of candidates rated above their page's mean) or kto (candidates rated above/below their rater's mean); a direct round runs --ppo-epochs passes of --mini-batch-size minibatches at --learning-rate."""
+    beta: float = 0.1
+    """DPO's and KTO's beta: the strength of their implicit KL bound to the base model (also scales the rewards/* statistics of every direct objective)."""
+
+    @property
+    def direct(self) -> bool:
+        """Whether rounds train a direct objective instead of PPO."""
+        return self.objective != "ppo"
+
+    def validate(self) -> None:
+        """Raise ValueError on an unknown objective or a beta that is not a finite number > 0."""
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        if not (0 < self.beta < float("inf")):
+            raise ValueError(f"--beta must be a finite number > 0, not {self.beta}")
+
+
 # (dataclass, title) of the worker's own options
-WORKER_SECTIONS = ((PPOConfig, "PPO"), (RewardConfig, "reward model"), (WorkerConfig, "worker"))
+WORKER_SECTIONS = ((PPOConfig, "PPO"), (RewardConfig, "reward model"), (WorkerConfig, "worker"),
+                   (ObjectiveConfig, "objective"))
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:

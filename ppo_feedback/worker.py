@@ -3,7 +3,9 @@
 A round: hold the lease → wait for `--min-new-feedback` new ratings/preferences since the serving
 version → refit the reward model on all feedback (`--reward-l2`, `--prior-weight`, ...) →
 `--ppo-iterations` PPO iterations on prompts from the pool → publish the next adapter version
-atomically. A NaN/inf loss or a KL beyond `--max-kl` discards the round (the weights go back to the
+atomically. With `--objective dpo|raft|kto` a round skips the reward model and PPO: it trains that
+direct objective on all rated pages (`ppo_feedback.direct`) and waits while they give it nothing to
+learn from. A NaN/inf loss or a KL beyond `--max-kl` discards the round (the weights go back to the
 round's start) and records why. SIGTERM abandons the current round without publishing any of it.
 
 Usage: python -m ppo_feedback.worker --db URL --adapters-dir DIR [--model ...] (--help lists all)
@@ -29,8 +31,9 @@ from tqdm import tqdm
 
 from db.records import Cursor, FeedbackCounts, VersionRecord
 from .adapters import AdapterState, AdapterStore, VersionLifecycle, apply_version
-from .config import AppConfig, LoraSettings, ModelConfig, PPOConfig, RewardConfig, RolloutSampling, SamplingConfig, \
-    WorkerConfig, add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
+from .config import AppConfig, LoraSettings, ModelConfig, ObjectiveConfig, PPOConfig, RewardConfig, RolloutSampling, \
+    SamplingConfig, WorkerConfig, add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
+from .direct import WAITING_FOR, DirectTrainer, Examples, examples
 from .feedback import RatedFeedback, Replay, read_feedback
 from .policy import PolicyWithValueHead
 from .rewards import FitReport, RewardModel, fit_reward_model
@@ -84,11 +87,12 @@ class RoundPlan:
     """What process 0 prepares for a round and shares with the others."""
 
     version: int  # the version the round will publish
-    reward_model: RewardModel
-    report: FitReport
+    reward_model: RewardModel | None  # None in a direct round
+    report: FitReport | None
     replay_pool: Replay | None
     feedback_end: Cursor  # after the feedback the round trains on
     total: FeedbackCounts  # all feedback then
+    examples: Examples | None = None  # a direct round's (`--objective` other than ppo)
 
 
 class Worker:
@@ -99,7 +103,8 @@ class Worker:
     """
 
     def __init__(self, store, adapters: AdapterStore, policy: PolicyWithValueHead, ppo_config: PPOConfig,
-                 config: WorkerConfig, base_model: str, accelerator=None, reward_config: RewardConfig | None = None):
+                 config: WorkerConfig, base_model: str, accelerator=None, reward_config: RewardConfig | None = None,
+                 objective: ObjectiveConfig | None = None):
         config.validate()
         self.reward_config = reward_config or RewardConfig()
         self.reward_config.validate()
@@ -107,6 +112,8 @@ class Worker:
         self.base_model = base_model
         self.team = Team(accelerator)
         self.trainer = PPOTrainer(policy, ppo_config, team=self.team)
+        self.objective = objective or ObjectiveConfig()
+        self.direct = DirectTrainer(self.trainer, self.objective) if self.objective.direct else None
         self.holder = config.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.initial = AdapterState.initial(policy)
         self.loaded_version: int | None = None
@@ -196,11 +203,14 @@ class Worker:
         """Return the serving version, its feedback cursor, and what feedback a round still waits for (None: nothing)."""
         parent = self.store.serving_version()
         cursor = self.store.cursor_of(parent)
-        return parent, cursor, missing_feedback(self.config, self.store.count_feedback_since(),
-                                                self.store.count_feedback_since(cursor))
+        missing = missing_feedback(self.config, self.store.count_feedback_since(),
+                                   self.store.count_feedback_since(cursor))
+        if missing is None and self.direct is not None and self.direct_examples() is None:
+            missing = WAITING_FOR[self.objective.objective]
+        return parent, cursor, missing
 
     def train_and_publish(self, parent: int, cursor: Cursor) -> int:
-        """Refit the reward model, run the PPO iterations and publish; return the new version."""
+        """Refit the reward model and run the PPO iterations (or a direct round) and publish; return the new version."""
         plan = self.team.from_main(lambda: self.prepare(cursor))
         stats = self.train(plan)
         self.check_continue()
@@ -212,9 +222,14 @@ class Worker:
         return published
 
     def prepare(self, cursor: Cursor) -> RoundPlan:
-        """Fit the reward model on all feedback and plan the round: its version, replay pool and feedback."""
+        """Fit the reward model on all feedback and plan the round: its version, replay pool and feedback.
+
+        A direct round fits nothing: its plan holds the objective's examples from all rated pages."""
         feedback_end = self.feedback_end(cursor)
         total = self.store.count_feedback_since()
+        if self.direct is not None:
+            return RoundPlan(version=self.adapters.next_version(self.store), reward_model=None, report=None,
+                             replay_pool=None, feedback_end=feedback_end, total=total, examples=self.direct_examples())
         self.set_state("fitting the reward model")
         feedback = read_feedback(self.store, self.reward_config.prior_weight)
         reward_model, report = fit_reward_model(feedback, self.trainer.features, config=self.reward_config,
@@ -225,6 +240,8 @@ class Worker:
 
     def train(self, plan: RoundPlan) -> dict[str, float]:
         """Run the round's PPO iterations, recording each one's statistics; return the last one's."""
+        if plan.examples is not None:
+            return self.train_direct(plan)
         c = self.config
         stats: dict[str, float] = {}
         progress = tqdm(range(c.ppo_iterations), desc=f"v{plan.version}", unit="it",
@@ -242,9 +259,27 @@ class Worker:
                      stats["kl_coef"], stats["loss/policy"], stats["loss/value"])
         return stats
 
+    def train_direct(self, plan: RoundPlan) -> dict[str, float]:
+        """Run the round's direct objective on the plan's examples, recorded as iteration 1; return its stats."""
+        self.check_continue()
+        objective = self.objective.objective
+        self.set_state(f"training {objective} on {len(plan.examples)} examples")
+        stats = self.direct.step(plan.examples, self.pick_prompts())
+        self.check_divergence(stats)
+        if self.team.is_main:
+            self.record(plan.version, 1, stats)
+        log.info("v%d %s on %d examples: loss %.4f score %.3f kl %.3f", plan.version, objective, len(plan.examples),
+                 stats[f"loss/{objective}"], stats["objective/scores"], stats["objective/kl"])
+        return stats
+
+    def direct_examples(self) -> Examples | None:
+        """Return the direct objective's examples from all feedback in the store, None when it gives none."""
+        return examples(self.objective.objective, read_feedback(self.store, self.reward_config.prior_weight))
+
     def publish(self, parent: int, plan: RoundPlan, stats: dict[str, float]) -> tuple[int | None, str | None]:
         """Publish the trained adapter with the round's metrics; return (its version, None) or (None, why not)."""
-        metrics = {**{k: v for k, v in stats.items() if math.isfinite(v)}, **report_metrics(plan.report)}
+        fit = report_metrics(plan.report) if plan.report is not None else {}
+        metrics = {**{k: v for k, v in stats.items() if math.isfinite(v)}, **fit}
         record = VersionRecord(parent=parent, base_model=self.base_model, cursor=plan.feedback_end,
                                n_ratings=plan.total.ratings, n_preferences=plan.total.preferences, metrics=metrics)
         try:
@@ -421,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_cfg, lora, sampling = (from_namespace(cls, args) for cls in (ModelConfig, LoraSettings, SamplingConfig))
         ppo_config, worker_cfg = ppo_config_from(args, sampling), from_namespace(WorkerConfig, args)
-        reward_cfg = from_namespace(RewardConfig, args)
+        reward_cfg, objective = from_namespace(RewardConfig, args), from_namespace(ObjectiveConfig, args)
         loaded = load_model(model_cfg)
     except (ValueError, ModelSpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -431,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(ppo_config.seed)  # the same fresh LoRA in every process of a data-parallel run
     policy = PolicyWithValueHead(add_lora(loaded.model, lora), loaded.tokenizer)
     worker = Worker(store, AdapterStore(args.adapters_dir), policy, ppo_config, worker_cfg, loaded.spec,
-                    accelerator=accelerator, reward_config=reward_cfg)
+                    accelerator=accelerator, reward_config=reward_cfg, objective=objective)
 
     def request_stop(signum, _frame):
         log.info("signal %d: finishing without publishing a partial round", signum)

@@ -128,7 +128,7 @@ def test_two_workers_only_one_trains(tmp_path, tiny_model_dir, rated_store):
 
 # ------------------------------------------------------------------------------ in-process rounds
 
-def make_worker(tmp_path, tiny_model_dir, store, **worker_overrides):
+def make_worker(tmp_path, tiny_model_dir, store, objective=None, ppo_epochs=1, **worker_overrides):
     from ppo_feedback.adapters import AdapterStore
     from ppo_feedback.modeling import add_lora, load_model
     from ppo_feedback.policy import PolicyWithValueHead
@@ -140,8 +140,8 @@ def make_worker(tmp_path, tiny_model_dir, store, **worker_overrides):
     config = WorkerConfig(**{"min_new_feedback": 4, "min_ratings": 8, "ppo_iterations": 2, "reference_samples": 4,
                              "wait_interval": 0.1, **worker_overrides})
     worker = Worker(store, AdapterStore(tmp_path / "adapters"), policy,
-                    PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1,
-                              sampling=RolloutSampling(max_new_tokens=8)), config, "tiny")
+                    PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=ppo_epochs,
+                              sampling=RolloutSampling(max_new_tokens=8)), config, "tiny", objective=objective)
     assert store.acquire_lease(worker.holder, 30)
     worker.heartbeat = Heartbeat(store, worker.holder, 30)
     return worker

@@ -1,0 +1,233 @@
+"""Direct objectives on the rated pages, beside PPO: DPO, RAFT and KTO rounds (`--objective`).
+
+A direct round learns from the stored feedback itself, without a reward model or fresh samples to
+score: `examples` makes the objective's examples from the rated pages (`RatedFeedback`), and
+`DirectTrainer.step` lays them out (`rollout_of`), takes their reference log-probabilities once
+(adapter off, no grad), runs `ppo_epochs` passes of shuffled minibatches of `mini_batch_size`
+examples with the objective's loss (`objectives`), one optimizer step each through the
+`PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
+`batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`).
+
+What each learns from (one page: the candidates one rater asked for and saw side by side):
+
+- dpo: pairs (chosen, rejected) of one page's candidates rated differently (`page_pairs`), and the
+  preferences (picks), which win over a contradicting rating pair;
+- raft: the candidates rated strictly above their page's mean (`above_page_mean`), made likelier;
+- kto: every rated candidate alone, desirable when its per-rater normalised score is above 0 (its
+  rater's own mean), undesirable below 0, left out at exactly 0; weights from `kto_weights`, the
+  reference point z0 from mismatched pairs (`kto_mismatched`) under the current policy, per minibatch.
+
+With a `Team` every process builds the same examples and takes the same minibatches (one shared
+shuffle), so the averaged gradients equal one process's; each samples its own KL batch.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .config import ObjectiveConfig
+from .feedback import RatedFeedback
+from .generation import Rollout, max_positions, rollout_of
+from .objectives import (above_page_mean, dpo_loss, kto_kl_estimate, kto_loss, kto_mismatched, kto_weights,
+                         page_pairs, raft_loss, sequence_logprobs)
+from .trainer import PPOTrainer
+
+
+@dataclass
+class Examples:
+    """A direct objective's examples: the (prompt, response tokens) sequences to lay out, and items over them.
+
+    An item is a tuple of sequence indices: (chosen, rejected) for dpo, (kept,) for raft,
+    (own, mismatched) for kto, whose `desirable` says each item's label.
+    """
+
+    objective: str
+    sequences: list[tuple[str, list[int]]]
+    items: list[tuple[int, ...]]
+    desirable: list[bool] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+WAITING_FOR = {
+    "dpo": "two candidates of one page rated differently, or a pick",
+    "raft": "a candidate rated above its page's mean",
+    "kto": "candidates rated away from their rater's mean, on prompts none of which has over half of them",
+}
+"""What a direct round waits for when the feedback gives its objective nothing to learn from."""
+
+
+def examples(objective: str, feedback: RatedFeedback) -> Examples | None:
+    """Return the objective's examples from all rated pages of `feedback`, or None when there are none.
+
+    Generations without stored response tokens cannot be laid out and are left out.
+    """
+    usable = [bool(g.token_ids) for g in feedback.generations]
+    build = {"dpo": _dpo_examples, "raft": _raft_examples, "kto": _kto_examples}[objective]
+    found = build(feedback, usable)
+    return found if found is not None and len(found) else None
+
+
+def _sequences_of(feedback: RatedFeedback, rows: Sequence[int]) -> list[tuple[str, list[int]]]:
+    return [(feedback.prompts[r], list(feedback.generations[r].token_ids)) for r in rows]
+
+
+def _dpo_examples(feedback: RatedFeedback, usable: list[bool]) -> Examples:
+    """DPO's pairs: `page_pairs` of the ratings, then every preference, which replaces a contradicting pair."""
+    pairs = set(page_pairs(feedback.scores, feedback.page_ids))
+    for chosen, rejected in feedback.pairs:
+        pairs.discard((rejected, chosen))
+        pairs.add((chosen, rejected))
+    pairs = sorted((c, r) for c, r in pairs if usable[c] and usable[r])
+    rows = sorted({row for pair in pairs for row in pair})
+    position = {row: i for i, row in enumerate(rows)}
+    return Examples("dpo", _sequences_of(feedback, rows), [(position[c], position[r]) for c, r in pairs])
+
+
+def _raft_examples(feedback: RatedFeedback, usable: list[bool]) -> Examples:
+    """RAFT's kept samples: the candidates rated strictly above their page's mean (`above_page_mean`)."""
+    keep = above_page_mean(feedback.scores, feedback.page_ids).tolist()
+    rows = [row for row, kept in enumerate(keep) if kept and usable[row]]
+    return Examples("raft", _sequences_of(feedback, rows), [(i,) for i in range(len(rows))])
+
+
+def _kto_examples(feedback: RatedFeedback, usable: list[bool]) -> Examples | None:
+    """KTO's labelled outputs (normalised score > 0 desirable, < 0 undesirable) and their mismatched partners.
+
+    None when no pairing exists (one prompt holds more than half the outputs: `kto_mismatched`).
+    """
+    scores = feedback.scores.tolist()
+    rows = [row for row, s in enumerate(scores) if usable[row] and math.isfinite(s) and s != 0]
+    if not rows:
+        return None
+    try:
+        partner = kto_mismatched([feedback.prompts[r] for r in rows])
+    except ValueError:
+        return None
+    own = _sequences_of(feedback, rows)
+    mismatched = [(own[i][0], own[j][1]) for i, j in enumerate(partner)]  # prompt i, response of row j
+    n = len(rows)
+    return Examples("kto", own + mismatched, [(i, n + i) for i in range(n)], [scores[r] > 0 for r in rows])
+
+
+class DirectTrainer:
+    """Runs a direct objective's passes over `Examples` with a `PPOTrainer`'s policy, optimizer and team."""
+
+    def __init__(self, ppo: PPOTrainer, config: ObjectiveConfig):
+        config.validate()
+        if not config.direct:
+            raise ValueError("DirectTrainer trains dpo, raft or kto; ppo rounds use PPOTrainer")
+        self.ppo, self.config, self.policy = ppo, config, ppo.policy
+
+    def step(self, found: Examples, prompts: Sequence[str]) -> dict[str, float]:
+        """Train on `found` for `ppo_epochs` passes, then measure the KL on `prompts`; return the round's stats.
+
+        Raises FloatingPointError, before that minibatch's step, on a non-finite loss.
+        """
+        c = self.ppo.config
+        layout = self.layout(found)
+        reference = self.sequence_logprobs(layout, range(len(found.sequences)), reference=True)  # (S,)
+        generator = torch.Generator().manual_seed(c.seed + self.ppo.iteration)  # one shuffle for the whole team
+        history: dict[str, list[float]] = defaultdict(list)
+        for epoch in range(c.ppo_epochs):
+            order = torch.randperm(len(found), generator=generator).tolist()
+            for start in range(0, len(order), c.mini_batch_size):
+                loss, stats = self.loss(found, layout, reference, order[start:start + c.mini_batch_size])
+                self.ppo.optimize(loss)
+                history[f"loss/{found.objective}"].append(float(loss.detach()))
+                for name, value in stats.items():
+                    history[f"{name}@{epoch}"].append(float(value))
+        self.ppo.iteration += 1
+        return self.stats(found, history, prompts)
+
+    def layout(self, found: Examples) -> Rollout:
+        """Return every sequence of `found` laid out as the sampler lays out its own, on the policy's device."""
+        prompts, responses = zip(*found.sequences)
+        return rollout_of(self.policy.tokenizer, list(prompts), list(responses),
+                          temperature=self.ppo.config.sampling.temperature,
+                          device=next(self.policy.parameters()).device, positions=max_positions(self.policy.peft_model))
+
+    def sequence_logprobs(self, layout: Rollout, rows: Sequence[int], *, reference: bool = False,
+                          average: bool = False) -> torch.Tensor:
+        """Return the (len(rows),) sequence log-probabilities of `rows` of the layout: the policy's, or the
+        reference's (adapter off, no grad, `mini_batch_size` rows a forward)."""
+        T = self.ppo.config.sampling.temperature
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=layout.query_response.device)
+        if not reference:
+            out = self.policy(layout.query_response[index], layout.attention_mask[index], layout.context_length, T)
+            return sequence_logprobs(out.logprobs, layout.response_mask[index], average=average)
+        pieces = []
+        for chunk in index.split(self.ppo.config.mini_batch_size):
+            ref = self.policy.reference(layout.query_response[chunk], layout.attention_mask[chunk],
+                                        layout.context_length, T)
+            pieces.append(sequence_logprobs(ref.logprobs, layout.response_mask[chunk], average=average))
+        return torch.cat(pieces)
+
+    def loss(self, found: Examples, layout: Rollout, reference: torch.Tensor,
+             batch: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return the objective's loss on the items `batch` (one policy forward) and its statistics by name."""
+        beta, items = self.config.beta, [found.items[i] for i in batch]
+        if found.objective == "dpo":
+            chosen, rejected = [list(column) for column in zip(*items)]
+            logps = self.sequence_logprobs(layout, chosen + rejected)
+            return dpo_loss(logps[:len(chosen)], logps[len(chosen):], reference[chosen], reference[rejected], beta)
+        rows = [item[0] for item in items]
+        if found.objective == "raft":
+            index = torch.as_tensor(rows, device=layout.query_response.device)
+            out = self.policy(layout.query_response[index], layout.attention_mask[index], layout.context_length,
+                              self.ppo.config.sampling.temperature)
+            loss = raft_loss(out.logprobs, layout.response_mask[index])
+            logps = sequence_logprobs(out.logprobs.detach(), layout.response_mask[index])
+            return loss, {"rewards/chosen": beta * (logps - reference[rows]).mean()}
+        return self.kto_loss(found, layout, reference, batch, rows)
+
+    def kto_loss(self, found: Examples, layout: Rollout, reference: torch.Tensor, batch: list[int],
+                 rows: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return KTO's loss on the items `batch`: z0 from their mismatched sequences under the policy now (no grad)."""
+        mismatched = [found.items[i][1] for i in batch]
+        with torch.no_grad():
+            z0 = kto_kl_estimate(self.sequence_logprobs(layout, mismatched), reference[mismatched])
+        desirable = torch.tensor([found.desirable[i] for i in batch], device=reference.device)
+        n_d = sum(found.desirable)
+        lambda_d, lambda_u = kto_weights(n_d, len(found.desirable) - n_d)
+        return kto_loss(self.sequence_logprobs(layout, rows), reference[rows], desirable, z0, self.config.beta,
+                        lambda_d, lambda_u)
+
+    @torch.no_grad()
+    def kl(self, prompts: Sequence[str]) -> tuple[float, float]:
+        """Return (mean KL to the reference, mean response length) of fresh samples on `prompts`, over the team.
+
+        The KL of a response is ``Σ_t (logπ_θ − logπ_ref)`` over its tokens (PPO's k1, as `objective/kl`).
+        """
+        c = self.ppo.config
+        rollout = self.ppo.rollout(prompts)
+        qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
+        logprobs = rollout.logprobs if self.policy.samples_exactly else \
+            self.policy(qr, attn, P, c.sampling.temperature).logprobs
+        ref = self.policy.reference(qr, attn, P, c.sampling.temperature).logprobs
+        kl = ((logprobs - ref) * mask).sum(1).mean()
+        return self.ppo.team.mean(kl), self.ppo.team.mean(mask.sum(1).mean())
+
+    def stats(self, found: Examples, history: dict[str, list[float]], prompts: Sequence[str]) -> dict[str, float]:
+        """Return the round's statistics under TRL's names, averaged over the team.
+
+        `loss/<objective>`: the mean over all minibatches; `rewards/*`: means over the last pass's;
+        `objective/scores`: the last pass's mean implied reward margin `rewards/margins` (dpo, kto;
+        else kto's `rewards/chosen` or `rewards/rejected`, whichever it has), raft's mean implied reward of
+        its kept samples `rewards/chosen`; `objective/kl` and `val/mean_length`: of fresh samples.
+        """
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        last = f"@{self.ppo.config.ppo_epochs - 1}"
+        stats = {name: mean(values) for name, values in history.items() if "@" not in name}
+        stats.update({name[:-len(last)]: mean(values) for name, values in history.items() if name.endswith(last)})
+        rewards = ("rewards/margins", "rewards/chosen", "rewards/rejected")
+        stats["objective/scores"] = next(stats[name] for name in rewards if name in stats)
+        stats["objective/kl"], stats["val/mean_length"] = self.kl(prompts)
+        stats.update({"direct/examples": float(len(found)), "lr": self.ppo.optimizer.param_groups[0]["lr"],
+                      "iteration": self.ppo.iteration})
+        return self.ppo.team.mean_stats(stats)

@@ -1,0 +1,159 @@
+"""Direct rounds (`--objective dpo|raft|kto`): examples from rated pages, and worker rounds that publish them."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ppo_feedback.config import ObjectiveConfig
+from ppo_feedback.direct import WAITING_FOR, examples
+from ppo_feedback.feedback import RatedFeedback
+from ppo_feedback.objectives import sequence_logprobs
+from test_worker import make_worker, rated_store  # noqa: F401  (a fixture)
+
+NAN = math.nan
+
+
+def feedback(scores, page_ids, pairs=(), prompts=None, empty=()):
+    """RatedFeedback of one generation per score; row i's response is [i + 1] ([] for rows in `empty`)."""
+    generations = [SimpleNamespace(page_id=p, token_ids=[] if i in empty else [i + 1], logprobs=[])
+                   for i, p in enumerate(page_ids)]
+    return RatedFeedback(generations=generations, prompts=prompts or [f"prompt {p}" for p in page_ids],
+                         scores=torch.tensor(scores, dtype=torch.float64), pairs=list(pairs),
+                         n_ratings=len(scores), raters={"ann"})
+
+
+# ------------------------------------------------------------------------------ the option
+
+def test_objective_option_refuses_unknown_names_and_bad_beta():
+    from ppo_feedback.worker import main
+
+    with pytest.raises(ValueError, match="--objective must be one of ppo, dpo, raft, kto, not 'ipo'"):
+        ObjectiveConfig(objective="ipo").validate()
+    with pytest.raises(ValueError, match="--beta"):
+        ObjectiveConfig(objective="dpo", beta=0.0).validate()
+    assert main(["--objective", "ipo", "--db", "unused.db"]) == 2  # refused before any model loads
+    assert not ObjectiveConfig().direct and ObjectiveConfig(objective="kto").direct
+
+
+# ------------------------------------------------------------------------------ examples
+
+def test_dpo_examples_pair_one_pages_candidates_and_picks_win():
+    # page 7: rows 0 > 1 > 2 (rated); page 8: rows 3, 4 rated 1.0 and -1.0 but a pick says 4 beats 3
+    found = examples("dpo", feedback([1.0, 0.0, -1.0, 1.0, -1.0, NAN], [7, 7, 7, 8, 8, 8], pairs=[(4, 3)]))
+    # rows used: 0..4 (row 5 is unrated and unpicked), laid out in row order
+    assert [response for _, response in found.sequences] == [[1], [2], [3], [4], [5]]
+    assert found.items == [(0, 1), (0, 2), (1, 2), (4, 3)]
+
+
+def test_dpo_examples_none_without_differently_rated_candidates_on_one_page():
+    assert examples("dpo", feedback([1.0, 1.0, 2.0], [1, 1, 2])) is None  # page 1 equal, page 2 alone
+    assert "rated differently" in WAITING_FOR["dpo"]
+
+
+def test_raft_keeps_candidates_above_their_page_mean_with_tokens():
+    found = examples("raft", feedback([2.0, 0.0, 1.0, 0.5, 0.5, 3.0, -3.0], [1, 1, 1, 2, 2, 3, 3], empty={5}))
+    # page 1 mean 1: row 0 only; page 2 equal: none; page 3: row 5 is above but has no tokens
+    assert [r for _, r in found.sequences] == [[1]] and found.items == [(0,)]
+    assert examples("raft", feedback([0.5, 0.5], [1, 1])) is None
+
+
+def test_kto_labels_by_the_sign_of_the_normalised_score_and_pairs_other_prompts():
+    found = examples("kto", feedback([0.7, -0.2, 0.0, NAN, -1.0, 0.3], [1, 1, 1, 1, 2, 2]))
+    # rows 0, 1, 4, 5 (row 2 is exactly at its rater's mean, row 3 unrated); prompts: 1, 1, 2, 2
+    assert found.desirable == [True, False, False, True]
+    assert found.items == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    own, mismatched = found.sequences[:4], found.sequences[4:]
+    assert [r for _, r in own] == [[1], [2], [5], [6]]
+    for (prompt, _), (other_prompt, response) in zip(own, mismatched):
+        assert other_prompt == prompt and (prompt, response) not in own  # another prompt's response
+    assert examples("kto", feedback([0.7, -0.2, 0.5], [1, 1, 2], prompts=["a", "a", "b"])) is None  # "a" > half
+
+
+# ------------------------------------------------------------------------------ rounds
+
+def page_logprobs(worker, rows):
+    """Return ((N,) policy, (N,) base) sequence log-probabilities of `rows` of the store's feedback."""
+    from ppo_feedback.direct import Examples
+    from ppo_feedback.feedback import read_feedback
+
+    fb = read_feedback(worker.store)
+    found = Examples("raft", [(fb.prompts[r], list(fb.generations[r].token_ids)) for r in rows], [])
+    layout = worker.direct.layout(found)
+    with torch.no_grad():
+        T = worker.trainer.config.sampling.temperature
+        mine = worker.policy(layout.query_response, layout.attention_mask, layout.context_length, T).logprobs
+        base = worker.policy.reference(layout.query_response, layout.attention_mask, layout.context_length, T).logprobs
+    return sequence_logprobs(mine, layout.response_mask), sequence_logprobs(base, layout.response_mask)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "raft", "kto"])
+def test_direct_round_publishes_a_policy_that_prefers_the_better_rated(tmp_path, tiny_model_dir, rated_store,
+                                                                      objective):
+    from ppo_feedback.feedback import read_feedback
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, objective=ObjectiveConfig(objective=objective),
+                         ppo_epochs=4)
+    assert worker.run_round() == 1
+    version = rated_store.get_version(1)
+    assert version.status == "published"
+    assert f"loss/{objective}" in version.metrics and "objective/kl" in version.metrics
+    assert not any(name.startswith("reward_model/") for name in version.metrics)  # no reward model fitted
+    points = {p.name: p for p in rated_store.metrics(1)}
+    assert points["objective/kl"].iteration == 1 and math.isfinite(points["objective/scores"].value)
+    kl = points["objective/kl"].value  # k1 on 4 fresh samples: an estimate, either sign; 0 only if nothing moved
+    assert math.isfinite(kl) and kl != 0.0 and version.metrics["objective/kl"] == kl
+    fb = read_feedback(rated_store)
+    better = [rows[int(fb.scores[rows].argmax())] for rows in fb.rated_pages().values()]
+    worse = [rows[int(fb.scores[rows].argmin())] for rows in fb.rated_pages().values()]
+    mine_b, base_b = page_logprobs(worker, better)
+    mine_w, base_w = page_logprobs(worker, worse)
+    gain = (mine_b - base_b) - (mine_w - base_w)  # (pages,) how much likelier the better one became, relatively
+    assert bool((gain > 0).all()), gain  # on every page
+
+
+def test_direct_round_with_a_non_finite_loss_is_discarded(tmp_path, tiny_model_dir, rated_store):
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, objective=ObjectiveConfig(objective="dpo"))
+    before = [p.detach().clone() for p in worker.policy.trainable_parameters()]
+    real_loss = worker.direct.loss
+    worker.direct.loss = lambda *a: (real_loss(*a)[0] * math.nan, {})
+    assert worker.run_round() is None
+    assert rated_store.get_version(1).status == "failed" and "non-finite" in str(rated_store.get_version(1).metrics)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, worker.policy.trainable_parameters()))
+
+
+def test_direct_round_waits_when_no_page_tells_candidates_apart(tmp_path, tiny_model_dir, tiny_loaded):
+    from db import FeedbackStore, NewGeneration
+    from ppo_feedback.generation import generate
+    from test_worker import PROMPTS
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    for pid, text in zip(store.add_prompts(PROMPTS), PROMPTS):
+        candidates = generate(tiny_loaded.model, tiny_loaded.tokenizer, text, n=2, max_new_tokens=8, seed=pid)
+        for g in store.record_generations(pid, 0, [NewGeneration(c.text, c.token_ids, c.logprobs, {})
+                                                   for c in candidates]):
+            store.rate(g.id, "ann", 3)  # every page's candidates rated alike: no pair, nothing above a mean
+    for objective in ("dpo", "raft"):
+        worker = make_worker(tmp_path, tiny_model_dir, store, objective=ObjectiveConfig(objective=objective))
+        assert worker.run_round() is None
+        assert store.worker_status().state == f"waiting for {WAITING_FOR[objective]}"
+        store.release_lease(worker.holder)
+    assert store.list_versions() == []
+    store.close()
+
+
+@pytest.mark.slow  # a real worker process
+def test_worker_process_trains_raft_from_the_command_line(tmp_path, tiny_model_dir, rated_store):
+    from test_worker import start, wait_for, worker_cmd
+
+    proc = start(worker_cmd(tmp_path, tiny_model_dir, "--min-new-feedback", "8", "--objective", "raft"),
+                 tmp_path / "worker.log")
+    try:
+        wait_for(lambda: rated_store.serving_version() >= 1, 240, proc, "version 1")
+        metrics = rated_store.get_version(1).metrics
+        assert "loss/raft" in metrics and "objective/kl" in metrics and "reward_model/n_examples" not in metrics
+    finally:
+        proc.terminate()
+        proc.wait(30)
