@@ -248,7 +248,7 @@ class PPOTrainer:
         Raises FloatingPointError, before any step, when the loss is not finite in some process.
         """
         if self.team.any(not torch.isfinite(loss)):
-            raise FloatingPointError(f"non-finite PPO loss {loss.item()} at iteration {self.iteration}")
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at iteration {self.iteration}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.team.mean_gradients(self.policy.trainable_parameters())
