@@ -1,7 +1,7 @@
 """The improvement curve: app + worker + simulated raters on the offline SmolLM2-135M, CPU only.
 
     python bench/learning_curve.py --preference keyword:you [--ratings 200] [--pace 40] \\
-        [-- app/worker options, replacing DEFAULT_TRAINING (--dtype bfloat16 --wait-interval 1; the rest: the app's defaults)]
+        [-- app/worker options, replacing DEFAULT_TRAINING (--wait-interval 1; the rest: the app's defaults)]
 
 One command: starts `app.py` (which starts the worker with the same options), runs the simulated
 raters (`simulator`, through the public API) with `--pace`, so the room waits after
@@ -66,11 +66,12 @@ HELD_OUT_PROMPTS = [
 ]
 """Prompts for the held-out evaluation; none is in ppo_feedback/prompts.txt (checked at start)."""
 
-DEFAULT_TRAINING = ["--dtype", "bfloat16", "--wait-interval", "1"]
+DEFAULT_TRAINING = ["--wait-interval", "1"]
 """App and worker options when none are given after `--` (app.py forwards them to the worker): the
-app's own defaults, with bfloat16 base weights (`--dtype auto` keeps float32 on a CPU) and a
-shorter wait between the worker's checks. The training defaults themselves live in
-`ppo_feedback/config.py`, one set for people and for this benchmark (README, "Training")."""
+app's own defaults, with a shorter wait between the worker's checks. The training defaults live in
+`ppo_feedback/config.py`, one set for people and for this benchmark (README, "Training"). On a CPU
+with native bfloat16 (`grep -o 'avx512_bf16\\|amx' /proc/cpuinfo`) add `--dtype bfloat16` after `--`;
+without it bfloat16 is emulated and far slower than float32 (README, measured results)."""
 
 
 def held_out_prompts() -> list[str]:
