@@ -118,6 +118,7 @@ class Worker:
         self.initial = AdapterState.initial(policy)
         self.loaded_version: int | None = None
         self._reference_features: torch.Tensor | None = None
+        self._examples_at: tuple[Cursor, Examples | None] | None = None  # direct_examples' cache
         self.stop_requested = threading.Event()
         self.heartbeat: Heartbeat | None = None  # process 0's, while it holds the lease
         self.rng = random.Random(ppo_config.seed + self.team.rank)  # each process draws its own prompts
@@ -205,7 +206,7 @@ class Worker:
         cursor = self.store.cursor_of(parent)
         missing = missing_feedback(self.config, self.store.count_feedback_since(),
                                    self.store.count_feedback_since(cursor))
-        if missing is None and self.direct is not None and self.direct_examples() is None:
+        if missing is None and self.direct is not None and self.direct_examples(cursor) is None:
             missing = WAITING_FOR[self.objective.objective]
         return parent, cursor, missing
 
@@ -229,7 +230,7 @@ class Worker:
         total = self.store.count_feedback_since()
         if self.direct is not None:
             return RoundPlan(version=self.adapters.next_version(self.store), reward_model=None, report=None,
-                             replay_pool=None, feedback_end=feedback_end, total=total, examples=self.direct_examples())
+                             replay_pool=None, feedback_end=feedback_end, total=total, examples=self.direct_examples(cursor))
         self.set_state("fitting the reward model")
         feedback = read_feedback(self.store, self.reward_config.prior_weight)
         reward_model, report = fit_reward_model(feedback, self.trainer.features, config=self.reward_config,
@@ -272,9 +273,16 @@ class Worker:
                  stats[f"loss/{objective}"], stats["objective/scores"], stats["objective/kl"])
         return stats
 
-    def direct_examples(self) -> Examples | None:
-        """Return the direct objective's examples from all feedback in the store, None when it gives none."""
-        return examples(self.objective.objective, read_feedback(self.store, self.reward_config.prior_weight))
+    def direct_examples(self, cursor: Cursor) -> Examples | None:
+        """Return the direct objective's examples from all feedback in the store, None when it gives none.
+
+        Read once per state of the feedback (keyed by the cursor after the newest rating or preference
+        since `cursor`), so a waiting worker and the round it then prepares do not reread it all."""
+        end = self.feedback_end(cursor)
+        if self._examples_at is None or self._examples_at[0] != end:
+            feedback = read_feedback(self.store, self.reward_config.prior_weight)
+            self._examples_at = (end, examples(self.objective.objective, feedback))
+        return self._examples_at[1]
 
     def publish(self, parent: int, plan: RoundPlan, stats: dict[str, float]) -> tuple[int | None, str | None]:
         """Publish the trained adapter with the round's metrics; return (its version, None) or (None, why not)."""
