@@ -85,6 +85,13 @@ def held_out_prompts() -> list[str]:
     return list(HELD_OUT_PROMPTS)
 
 
+def distinct_bigram_share(texts: list[str]) -> float:
+    """Return distinct-2 (Li et al. 2016) of `texts`: distinct word bigrams / all word bigrams (lower-cased
+    whitespace words; 0.0 when there are none). A policy collapsing onto one phrase drives it down."""
+    bigrams = [pair for text in texts for pair in zip(text.lower().split(), text.lower().split()[1:])]
+    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
 def evaluate(model: str, adapters_dir: Path, versions: list[int], prompts: list[str], preference, *,
              samples: int, max_new_tokens: int, temperature: float, top_p: float, lora: LoraSettings,
              seed: int = 1234, batch: int = 16, log=print) -> dict[int, dict[str, Any]]:
@@ -123,6 +130,7 @@ def evaluate(model: str, adapters_dir: Path, versions: list[int], prompts: list[
                 texts.append(text)
         per_prompt = [statistics.fmean(t) for t in tastes]
         results[version] = {"per_prompt": per_prompt, "kl": kls, "base_perplexity": math.exp(nll / max(tokens, 1)),
+                            "distinct_bigrams": distinct_bigram_share(texts),
                             "mean_tokens": tokens / len(rows), "examples": texts[:: max(1, len(texts) // 6)][:6],
                             "seconds": time.perf_counter() - start}
         log(f"  held-out v{version}: {len(rows)} samples in {time.perf_counter() - start:.0f}s")
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=3, help="held-out samples per prompt and version")
     parser.add_argument("--eval-threads", type=int, default=2,
                         help="torch threads for the held-out evaluation, which runs after the app has stopped")
-    parser.add_argument("--budget", type=float, default=1200.0, help="seconds the whole run should fit in")
+    parser.add_argument("--budget", type=float, default=900.0, help="seconds the whole run should fit in")
     parser.add_argument("--out", default=None, help="directory for the database, adapters, CSV and PNG")
     parser.add_argument("--repeats", type=int, default=1,
                         help="independent runs, run i with seed --seed + i for the raters and the worker (--seed); "
@@ -205,7 +213,9 @@ def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "base_perplexity": [r["held_out"]["base_perplexity"][f"v{r['versions_published'][-1]}"
                                                                   if r["versions_published"] else "v0"]
                                 for r in reports],
-            "runs": [r["out"] for r in reports]}
+            "perplexity_ratio": [r["held_out"]["perplexity_ratio"] for r in reports],
+            "distinct_bigram_ratio": [r["held_out"]["distinct_bigram_ratio"] for r in reports],
+            "total_s": [r["total_s"] for r in reports], "runs": [r["out"] for r in reports]}
 
 
 def run_once(args: argparse.Namespace, preference, prompts: list[str], training: list[str], out: Path,
@@ -270,6 +280,10 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
     print(f"KL(v{newest} || base) per response: {kl_mean:.2f} ± {kl_half:.2f} nats; "
           f"base-model perplexity of v{newest}'s text {new['base_perplexity']:.1f} (of its own: "
           f"{base['base_perplexity']:.1f}); mean length {new['mean_tokens']:.1f} vs {base['mean_tokens']:.1f} tokens")
+    perplexity_ratio = new["base_perplexity"] / base["base_perplexity"]
+    distinct_ratio = new["distinct_bigrams"] / base["distinct_bigrams"] if base["distinct_bigrams"] else math.nan
+    print(f"perplexity ratio {perplexity_ratio:.2f} (goal <= 1.3); distinct-bigram share v{newest} "
+          f"{new['distinct_bigrams']:.3f} vs v0 {base['distinct_bigrams']:.3f}, ratio {distinct_ratio:.2f} (goal >= 0.8)")
     print(f"examples v{newest}: " + " | ".join(t.replace("\n", " ")[:90] for t in new["examples"][:3]))
     print(f"ratings {len(result.records)} (+{result.preferences} preferences) in {rated_s:.0f}s; total {total_s:.0f}s "
           f"({'within' if total_s <= args.budget else 'OVER'} the {args.budget:.0f}s budget)")
@@ -292,10 +306,14 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
                      "difference": {"mean": r(md), "ci95": r(hd)},
                      "kl_newest": {"mean": r(kl_mean, 3), "ci95": r(kl_half, 3)},
                      "base_perplexity": {f"v{newest}": r(new["base_perplexity"], 2), "v0": r(base["base_perplexity"], 2)},
-                     "mean_tokens": {f"v{newest}": r(new["mean_tokens"], 1), "v0": r(base["mean_tokens"], 1)}},
+                     "mean_tokens": {f"v{newest}": r(new["mean_tokens"], 1), "v0": r(base["mean_tokens"], 1)},
+                     "perplexity_ratio": r(perplexity_ratio, 3),
+                     "distinct_bigrams": {f"v{newest}": r(new["distinct_bigrams"]), "v0": r(base["distinct_bigrams"])},
+                     "distinct_bigram_ratio": r(distinct_ratio, 3)},
         "errors": len(result.errors), "rater_failures": result.failures,
         "rating_phase_s": round(rated_s), "total_s": round(total_s), "within_budget": total_s <= args.budget,
-        "goal_met": bool(md - hd > 0) and total_s <= args.budget and len(result.records) <= 200,
+        "goal_met": (bool(md - hd > 0) and total_s <= args.budget and len(result.records) <= 200
+                     and perplexity_ratio <= 1.3 and distinct_ratio >= 0.8),
         "out": str(out),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -375,13 +375,24 @@ def test_short_load_run_is_exactly_once_with_a_worker_killed_and_restarted(tiny_
     assert report["worker"]["killed"] and report["worker"]["restarted"]
 
 
+def test_distinct_bigram_share_counts_repeated_word_pairs_once():
+    from bench.learning_curve import distinct_bigram_share
+
+    # bigrams: (a b) (b c) | (a b) (b d) | none -> 3 distinct of 4
+    assert distinct_bigram_share(["a b c", "A B d", "single"]) == pytest.approx(3 / 4)
+    assert distinct_bigram_share(["same words", "same words"]) == pytest.approx(1 / 2)
+    assert distinct_bigram_share(["", "one"]) == 0.0
+
+
 def test_learning_curve_repeats_summarise_over_runs():
     from bench.learning_curve import summarize_runs
 
     def report(seed, difference, half, kl, newest):
         return {"seed": seed, "out": f"run-{seed}", "goal_met": difference - half > 0, "versions_published": newest,
+                "total_s": 600 + seed,
                 "held_out": {"difference": {"mean": difference, "ci95": half}, "kl_newest": {"mean": kl},
-                             "base_perplexity": {f"v{newest[-1] if newest else 0}": 12.0 + seed, "v0": 11.9}}}
+                             "base_perplexity": {f"v{newest[-1] if newest else 0}": 12.0 + seed, "v0": 11.9},
+                             "perplexity_ratio": 1.0 + seed / 10, "distinct_bigram_ratio": 0.9}}
 
     summary = summarize_runs([report(0, 0.30, 0.10, 8.0, [1, 2, 3]), report(1, 0.10, 0.12, 6.0, [1, 2]),
                               report(2, 0.20, 0.05, 7.0, [])])
@@ -392,5 +403,6 @@ def test_learning_curve_repeats_summarise_over_runs():
     assert summary["goal_met"] == [True, False, True]
     # the third published nothing: its newest is v0 itself
     assert summary["kl"] == [8.0, 6.0, 7.0] and summary["base_perplexity"] == [12.0, 13.0, 11.9]
+    assert summary["perplexity_ratio"] == [1.0, 1.1, 1.2] and summary["total_s"] == [600, 601, 602]
     single = summarize_runs([report(0, 0.30, 0.10, 8.0, [1])])
     assert single["difference_mean"] == pytest.approx(0.3) and single["difference_ci95"] is None
