@@ -385,6 +385,7 @@ class WorkerConfig:
 
 
 OBJECTIVES = ("ppo", "dpo", "raft", "kto")
+FALLBACKS = ("dpo", "raft", "kto", "wait", "ppo")
 """What `--objective` accepts: PPO on a fitted reward model, or a direct objective (`ppo_feedback.direct`)."""
 
 
@@ -394,6 +395,8 @@ class ObjectiveConfig:
     """What a round trains: ppo (reward model, PPO iterations, replay), or directly from the rated pages: dpo (pairs of one page's candidates rated differently, and picks), raft (likelihood of candidates rated above their page's mean) or kto (candidates rated above/below their rater's mean); a direct round runs --ppo-epochs passes of --mini-batch-size minibatches at --learning-rate."""
     beta: float = 0.1
     """DPO's and KTO's beta: the strength of their implicit KL bound to the base model (also scales the rewards/* statistics of every direct objective)."""
+    reward_model_fallback: str = "raft"
+    """What a ppo round trains when its reward model does not order held-out pages better than chance (the 95% interval of its agreement with the raters must lie above 0.5, judged on at least 10 pages): dpo, raft or kto on the rated pages, wait (publish nothing until more feedback comes), or ppo (optimise it anyway: for experiments)."""
 
     @property
     def direct(self) -> bool:
@@ -404,6 +407,9 @@ class ObjectiveConfig:
         """Raise ValueError on an unknown objective or a beta that is not a finite number > 0."""
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        if self.reward_model_fallback not in FALLBACKS:
+            raise ValueError(f"--reward-model-fallback must be one of {', '.join(FALLBACKS)}, "
+                             f"not {self.reward_model_fallback!r}")
         if not (0 < self.beta < float("inf")):
             raise ValueError(f"--beta must be a finite number > 0, not {self.beta}")
 

@@ -33,7 +33,7 @@ from .config import ObjectiveConfig
 from .feedback import RatedFeedback
 from .generation import Rollout, max_positions, rollout_of
 from .objectives import (above_page_mean, dpo_loss, kto_kl_estimate, kto_loss, kto_mismatched, kto_weights,
-                         page_pairs, raft_loss, sequence_logprobs)
+                         raft_loss, sequence_logprobs)
 from .trainer import PPOTrainer
 
 
@@ -78,12 +78,8 @@ def _sequences_of(feedback: RatedFeedback, rows: Sequence[int]) -> list[tuple[st
 
 
 def _dpo_examples(feedback: RatedFeedback, usable: list[bool]) -> Examples:
-    """DPO's pairs: `page_pairs` of the ratings, then every preference, which replaces a contradicting pair."""
-    pairs = set(page_pairs(feedback.scores, feedback.page_ids))
-    for chosen, rejected in feedback.pairs:
-        pairs.discard((rejected, chosen))
-        pairs.add((chosen, rejected))
-    pairs = sorted((c, r) for c, r in pairs if usable[c] and usable[r])
+    """DPO's pairs: the raters' orderings of one page's candidates (`RatedFeedback.orderings`)."""
+    pairs = [(c, r) for c, r in feedback.orderings() if usable[c] and usable[r]]
     rows = sorted({row for pair in pairs for row in pair})
     position = {row: i for i, row in enumerate(rows)}
     return Examples("dpo", _sequences_of(feedback, rows), [(position[c], position[r]) for c, r in pairs])

@@ -18,6 +18,7 @@ import torch
 
 from .config import RewardConfig
 from .generation import Rollout, max_positions, rollout_of
+from .objectives import page_pairs
 from .policy import PolicyWithValueHead
 
 
@@ -98,6 +99,19 @@ class RatedFeedback:
             if math.isfinite(float(self.scores[row])):
                 pages[g.page_id].append(row)
         return dict(pages)
+
+    def orderings(self) -> list[tuple[int, int]]:
+        """Return the sorted (chosen row, rejected row) orderings the raters stated, page by page.
+
+        Every two candidates of one page rated differently (`page_pairs`), and every preference (a
+        pick), which replaces a rating pair that contradicts it: the rater compared those two side
+        by side. DPO trains on these; the reward model is judged by how many it gets right.
+        """
+        pairs = set(page_pairs(self.scores, self.page_ids))
+        for chosen, rejected in self.pairs:
+            pairs.discard((rejected, chosen))
+            pairs.add((chosen, rejected))
+        return sorted(pairs)
 
     def relative_scores(self) -> torch.Tensor:
         """Return (N,) float64 scores minus the mean score of the row's siblings, NaN where unrated.

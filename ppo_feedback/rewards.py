@@ -21,18 +21,24 @@ Two stages, as in lm-human-preferences: first a reward model r(x, y) is fitted t
   contextual mean dilutes a single word, so the policy learnt to raise it without the word a keyword
   taste asked for; the token-embedding mean and max (a bag of the tokens) let the head see words.
 - `fit_reward_model`: featurises the rated generations (each once: `RewardFeatures` caches them),
-  fits and calibrates.
+  fits, calibrates and judges the fit (`judge_on_pages`).
+- `judge_on_pages`: how often the reward model orders the candidates of pages it was not fitted to
+  as their raters did, with a bootstrap interval over pages (`PageAgreement`); PPO optimises the
+  reward model only when that interval lies above chance (the worker falls back otherwise).
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
+from scipy.stats import bootstrap
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -55,7 +61,46 @@ DEFAULT_L2 = 10.0
 of the grid on simulated-rater runs with keyword and sentiment tastes."""
 CV_FOLDS = 5
 """Folds (of prompts) of the cross-validation that chooses the L2 strength."""
+MIN_JUDGED_PAGES = 10
+"""Fewest pages holding a rated ordering before the reward model is judged; below this it is not trusted."""
+CHANCE = 0.5
+"""The page agreement of a coin toss; the reward model is trusted when its interval lies above it."""
+TIE = 1e-9
+"""Predictions closer than this (the head's outputs are O(1)) are a tie, which counts ½."""
+BOOTSTRAP_RESAMPLES = 2000
+"""Resamples of the held-out pages for the agreement's 95% interval."""
 _GOLDEN = 0.6180339887498949
+
+
+@dataclass
+class PageAgreement:
+    """How often a reward model orders a page's candidates as its rater did, on pages it was not fitted to.
+
+    `pages`/`pairs`: the pages holding a rated ordering and their orderings (`RatedFeedback.orderings`);
+    `agreement`: the share of orderings the out-of-fold predictions got right (a tie counts ½), with
+    `low`/`high` its 95% percentile bootstrap interval over pages; all three None when fewer than
+    `MIN_JUDGED_PAGES` pages hold an ordering (too few to tell).
+    """
+
+    pages: int
+    pairs: int
+    agreement: Optional[float] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+
+    @property
+    def trusted(self) -> bool:
+        """Whether the interval lies above chance: the reward model orders unseen pages better than a coin."""
+        return self.low is not None and self.low > CHANCE
+
+    def summary(self) -> str:
+        """Return a one-line verdict for the status panel and the log."""
+        if self.agreement is None:
+            return (f"reward model not judged: {self.pages} page{'s' if self.pages != 1 else ''} with a rated "
+                    f"ordering, {MIN_JUDGED_PAGES} needed")
+        verdict = "trusted" if self.trusted else "no better than chance"
+        return (f"reward model ordered {self.agreement:.2f} [{self.low:.2f}, {self.high:.2f}] of {self.pairs} "
+                f"orderings on {self.pages} held-out pages as the raters did: {verdict}")
 
 
 # ------------------------------------------------------------------------------ the reward model
@@ -78,6 +123,12 @@ class FitReport:
     seconds: float = 0.0
     l2: Optional[float] = None  # the L2 strength of the fit
     l2_choice: str = ""  # how it was chosen: "set", "cross-validated" or "default" (too few prompts to choose)
+    agreement: Optional[PageAgreement] = None  # the page-ordering judgement (`judge_on_pages`); None: not judged
+
+    @property
+    def trusted(self) -> bool:
+        """Whether the fit was judged and orders held-out pages better than chance."""
+        return self.agreement is not None and self.agreement.trusted
 
     def summary(self) -> str:
         """Return a one-line human summary, with "n/a" for metrics that could not be measured."""
@@ -86,7 +137,8 @@ class FitReport:
                 f"held-out corr {fmt(self.held_out_score_correlation)} on {self.n_held_out_scores}, "
                 f"pref acc {fmt(self.held_out_preference_accuracy)} on {self.n_held_out_preferences}; "
                 f"l2 {'n/a' if self.l2 is None else f'{self.l2:g}'}{f' ({self.l2_choice})' if self.l2_choice else ''}; "
-                f"train loss {self.train_loss:.4f}; {self.seconds:.2f} s")
+                f"train loss {self.train_loss:.4f}; {self.seconds:.2f} s"
+                + (f"; {self.agreement.summary()}" if self.agreement is not None else ""))
 
 
 class RewardModel(nn.Module):
@@ -267,7 +319,10 @@ class RewardModel(nn.Module):
         model.load_state_dict(tensors)
         model.n_reference = int(meta.get("n_reference", 0))
         if meta.get("report"):
-            model.report = FitReport(**meta["report"])
+            report = dict(meta["report"])
+            if report.get("agreement") is not None:
+                report["agreement"] = PageAgreement(**report["agreement"])
+            model.report = FitReport(**report)
         return model.to(device)
 
 
@@ -412,6 +467,47 @@ def _solve(x: torch.Tensor, z: torch.Tensor, pairs: torch.Tensor, rows: torch.Te
     return mean, std, theta[:-1], theta[-1], loss
 
 
+def judge_on_pages(x: torch.Tensor, z: torch.Tensor, pairs: torch.Tensor, orderings: Sequence[tuple[int, int]],
+                   page_ids: Sequence[int], config: RewardConfig, l2: float) -> PageAgreement:
+    """Return how often heads fitted without a page order that page's candidates as its rater did.
+
+    x (N, F) features, z (N,) normalised scores (NaN: none), pairs (P, 2) preferences: what `_solve`
+    fits; orderings: the (chosen row, rejected row) pairs the raters stated on their pages;
+    page_ids: each row's page. The pages holding an ordering are dealt into `CV_FOLDS` folds (by the
+    golden-ratio hash of the page id, so deterministic); each fold's rows are predicted by a head
+    fitted with strength `l2` on every other row (pages without an ordering always train). An
+    ordering scores 1 when its chosen row is predicted higher, ½ on a tie (`TIE`); the agreement is the
+    share over all orderings, its interval the 95% percentile bootstrap over pages.
+    """
+    by_page: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for chosen, rejected in orderings:
+        by_page[int(page_ids[chosen])].append((chosen, rejected))
+    judged = PageAgreement(pages=len(by_page), pairs=len(orderings))
+    if len(by_page) < MIN_JUDGED_PAGES:
+        return judged
+    ranked = sorted(by_page, key=lambda page: (_group_hash(page), page))
+    fold_of_page = {page: i % CV_FOLDS for i, page in enumerate(ranked)}
+    fold = torch.tensor([fold_of_page.get(int(page), -1) for page in page_ids])  # (N,); -1: always trains
+    predicted = torch.full((len(x),), math.nan, dtype=x.dtype)  # (N,) out-of-fold predictions
+    for k in range(CV_FOLDS):
+        train = fold != k  # (N,)
+        mean, std, w, b, _ = _solve(x, z, pairs, train, train[pairs[:, 0]] & train[pairs[:, 1]], config, l2)
+        predicted[fold == k] = _head(x[fold == k], mean, std, w, b)
+    right, total = [], []
+    for page in ranked:
+        margins = torch.stack([predicted[c] - predicted[r] for c, r in by_page[page]])  # r_chosen − r_rejected
+        tie = margins.abs() <= TIE  # identical candidates may differ by rounding
+        right.append(float(((margins > 0) & ~tie).double().sum() + 0.5 * tie.double().sum()))
+        total.append(float(len(margins)))
+    right_np, total_np = np.array(right), np.array(total)
+    judged.agreement = float(right_np.sum() / total_np.sum())
+    interval = bootstrap((right_np, total_np), lambda a, n, axis=-1: a.sum(axis) / n.sum(axis), paired=True,
+                         vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
+                         rng=np.random.default_rng(0)).confidence_interval
+    judged.low, judged.high = float(interval.low), float(interval.high)
+    return judged
+
+
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
     """Return Pearson's r of two 1-D tensors, or None when either has no spread."""
     a, b = a - a.mean(), b - b.mean()
@@ -429,7 +525,8 @@ def fit_reward_model(feedback: RatedFeedback, features: RewardFeatures, *,
     Each distinct generation is featurised once (`RewardFeatures.of_generations`, which caches by
     generation id, so a worker that keeps `features` featurises only new generations each round);
     rows are grouped by prompt for the held-out split. Featurising is the cost, the fit itself is
-    quick. The output is calibrated on `reference_features` (features of base-model samples) when
+    quick. The fit is judged on held-out pages (`report.agreement`, `judge_on_pages`, with the fit's
+    L2 strength). The output is calibrated on `reference_features` (features of base-model samples) when
     given, otherwise on the generations sampled from the base model (adapter version 0), or on all
     of them when fewer than 2.
     """
@@ -442,6 +539,9 @@ def fit_reward_model(feedback: RatedFeedback, features: RewardFeatures, *,
     report = model.fit(x, feedback.scores, feedback.pairs, groups=[g.prompt_id for g in generations], config=config)
     report.n_ratings = feedback.n_ratings
     report.n_raters = len(feedback.raters)
+    report.agreement = judge_on_pages(x.detach().to(torch.float64).cpu(), feedback.scores.to(torch.float64),
+                                      torch.as_tensor(feedback.pairs, dtype=torch.long).reshape(-1, 2),
+                                      feedback.orderings(), feedback.page_ids, config, report.l2)
     if reference_features is None:
         base_rows = [row for row, g in enumerate(generations) if g.adapter_version == 0]
         reference_features = x[base_rows] if len(base_rows) >= 2 else x

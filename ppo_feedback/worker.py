@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -92,7 +92,8 @@ class RoundPlan:
     replay_pool: Replay | None
     feedback_end: Cursor  # after the feedback the round trains on
     total: FeedbackCounts  # all feedback then
-    examples: Examples | None = None  # a direct round's (`--objective` other than ppo)
+    examples: Examples | None = None  # a direct round's (`--objective` other than ppo, or PPO's fallback)
+    wait_reason: str | None = None  # set when the round must not train (an untrusted reward model, no fallback)
 
 
 class Worker:
@@ -113,12 +114,16 @@ class Worker:
         self.team = Team(accelerator)
         self.trainer = PPOTrainer(policy, ppo_config, team=self.team)
         self.objective = objective or ObjectiveConfig()
-        self.direct = DirectTrainer(self.trainer, self.objective) if self.objective.direct else None
+        fallback = self.objective.reward_model_fallback
+        direct = self.objective if self.objective.direct else \
+            None if fallback in ("wait", "ppo") else replace(self.objective, objective=fallback)
+        self.direct = DirectTrainer(self.trainer, direct) if direct is not None else None  # direct rounds' trainer
         self.holder = config.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.initial = AdapterState.initial(policy)
         self.loaded_version: int | None = None
         self._reference_features: torch.Tensor | None = None
-        self._examples_at: tuple[Cursor, Examples | None] | None = None  # direct_examples' cache
+        self._examples_at: tuple[Cursor, str, Examples | None] | None = None  # direct_examples' cache
+        self._distrusted: tuple[Cursor, str] | None = None  # (feedback end, verdict) of an untrusted reward model
         self.stop_requested = threading.Event()
         self.heartbeat: Heartbeat | None = None  # process 0's, while it holds the lease
         self.rng = random.Random(ppo_config.seed + self.team.rank)  # each process draws its own prompts
@@ -206,13 +211,17 @@ class Worker:
         cursor = self.store.cursor_of(parent)
         missing = missing_feedback(self.config, self.store.count_feedback_since(),
                                    self.store.count_feedback_since(cursor))
-        if missing is None and self.direct is not None and self.direct_examples(cursor) is None:
+        if missing is None and self.objective.direct and self.direct_examples(cursor) is None:
             missing = WAITING_FOR[self.objective.objective]
+        if missing is None and self._distrusted is not None and self._distrusted[0] == self.feedback_end(cursor):
+            missing = f"more feedback: the {self._distrusted[1]}"
         return parent, cursor, missing
 
     def train_and_publish(self, parent: int, cursor: Cursor) -> int:
         """Refit the reward model and run the PPO iterations (or a direct round) and publish; return the new version."""
         plan = self.team.from_main(lambda: self.prepare(cursor))
+        if plan.wait_reason is not None:
+            raise RoundAbandoned(plan.wait_reason)
         stats = self.train(plan)
         self.check_continue()
         published, failure = self.team.from_main(lambda: self.publish(parent, plan, stats))
@@ -223,21 +232,36 @@ class Worker:
         return published
 
     def prepare(self, cursor: Cursor) -> RoundPlan:
-        """Fit the reward model on all feedback and plan the round: its version, replay pool and feedback.
+        """Fit and judge the reward model on all feedback and plan the round: its version, replay pool and feedback.
 
-        A direct round fits nothing: its plan holds the objective's examples from all rated pages."""
+        A direct round fits nothing: its plan holds the objective's examples from all rated pages. A
+        PPO round whose reward model does not order held-out pages better than chance
+        (`FitReport.trusted`) does not optimise it: its plan holds `--reward-model-fallback`'s
+        examples instead, or a `wait_reason` (fallback "wait", or the fallback has no examples yet).
+        """
         feedback_end = self.feedback_end(cursor)
         total = self.store.count_feedback_since()
-        if self.direct is not None:
-            return RoundPlan(version=self.adapters.next_version(self.store), reward_model=None, report=None,
-                             replay_pool=None, feedback_end=feedback_end, total=total, examples=self.direct_examples(cursor))
+        version = self.adapters.next_version(self.store)
+        if self.objective.direct:
+            return RoundPlan(version=version, reward_model=None, report=None, replay_pool=None,
+                             feedback_end=feedback_end, total=total, examples=self.direct_examples(cursor))
         self.set_state("fitting the reward model")
         feedback = read_feedback(self.store, self.reward_config.prior_weight)
         reward_model, report = fit_reward_model(feedback, self.trainer.features, config=self.reward_config,
                                                 reference_features=self.reference_features())
         log.info("reward model: %s", report.summary())
-        return RoundPlan(version=self.adapters.next_version(self.store), reward_model=reward_model, report=report,
+        plan = RoundPlan(version=version, reward_model=reward_model, report=report,
                          replay_pool=self.replay_pool(feedback), feedback_end=feedback_end, total=total)
+        if report.trusted or self.objective.reward_model_fallback == "ppo":
+            return plan
+        verdict = report.agreement.summary()
+        fallback = self.objective.reward_model_fallback
+        found = None if fallback == "wait" else examples(fallback, feedback)
+        if found is None:
+            self._distrusted = (feedback_end, verdict)
+            return replace(plan, wait_reason=f"{verdict}; waiting for more feedback")
+        log.warning("%s: this round trains %s on the rated pages instead of PPO", verdict, fallback)
+        return replace(plan, reward_model=None, replay_pool=None, examples=found)
 
     def train(self, plan: RoundPlan) -> dict[str, float]:
         """Run the round's PPO iterations, recording each one's statistics; return the last one's."""
@@ -263,8 +287,9 @@ class Worker:
     def train_direct(self, plan: RoundPlan) -> dict[str, float]:
         """Run the round's direct objective on the plan's examples, recorded as iteration 1; return its stats."""
         self.check_continue()
-        objective = self.objective.objective
-        self.set_state(f"training {objective} on {len(plan.examples)} examples")
+        objective = plan.examples.objective
+        instead = "" if plan.report is None else f" instead of PPO ({plan.report.agreement.summary()})"
+        self.set_state(f"training {objective} on {len(plan.examples)} examples{instead}")
         stats = self.direct.step(plan.examples, self.pick_prompts())
         self.check_divergence(stats)
         if self.team.is_main:
@@ -278,11 +303,11 @@ class Worker:
 
         Read once per state of the feedback (keyed by the cursor after the newest rating or preference
         since `cursor`), so a waiting worker and the round it then prepares do not reread it all."""
-        end = self.feedback_end(cursor)
-        if self._examples_at is None or self._examples_at[0] != end:
+        end, objective = self.feedback_end(cursor), self.objective.objective
+        if self._examples_at is None or self._examples_at[:2] != (end, objective):
             feedback = read_feedback(self.store, self.reward_config.prior_weight)
-            self._examples_at = (end, examples(self.objective.objective, feedback))
-        return self._examples_at[1]
+            self._examples_at = (end, objective, examples(objective, feedback))
+        return self._examples_at[2]
 
     def publish(self, parent: int, plan: RoundPlan, stats: dict[str, float]) -> tuple[int | None, str | None]:
         """Publish the trained adapter with the round's metrics; return (its version, None) or (None, why not)."""
@@ -428,6 +453,11 @@ def report_metrics(report) -> dict[str, float]:
         "reward_model/n_raters": report.n_raters,
         "reward_model/l2": report.l2,
     }
+    if report.agreement is not None:  # the page-ordering judgement; agreement and interval only when judged
+        judged = report.agreement
+        values.update({"reward_model/page_agreement": judged.agreement, "reward_model/page_agreement_low": judged.low,
+                       "reward_model/page_agreement_high": judged.high, "reward_model/judged_pages": judged.pages,
+                       "reward_model/trusted": float(judged.trusted)})
     return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from db import FeedbackStore, NewGeneration
-from ppo_feedback.config import LoraSettings, ModelConfig, RolloutSampling, SamplingConfig
+from ppo_feedback.config import LoraSettings, ModelConfig, ObjectiveConfig, RolloutSampling, SamplingConfig
 from ppo_feedback.generation import generate
 from ppo_feedback.serving import ServingModel
 
@@ -38,11 +38,13 @@ def rated_store(tmp_path, tiny_loaded):
 
 
 def worker_cmd(tmp_path, model_dir, *extra: str) -> list[str]:
+    """A worker process on the tiny model whose PPO rounds optimise their reward model even when it is not
+    trusted (a few ratings of a tiny model's text), so the PPO path runs (`test_reward_gate.py` tests the gate)."""
     return [sys.executable, "-m", "ppo_feedback.worker", "--db", str(tmp_path / "feedback.db"),
             "--adapters-dir", str(tmp_path / "adapters"), "--model", str(model_dir), "--device", "cpu",
             "--max-new-tokens", "8", "--batch-size", "4", "--mini-batch-size", "4", "--ppo-epochs", "1",
             "--ppo-iterations", "2", "--reference-samples", "4", "--wait-interval", "0.2",
-            "--min-ratings", "8", *extra]
+            "--min-ratings", "8", "--reward-model-fallback", "ppo", *extra]
 
 
 def start(cmd: list[str], log_path: Path) -> subprocess.Popen:
@@ -129,6 +131,8 @@ def test_two_workers_only_one_trains(tmp_path, tiny_model_dir, rated_store):
 # ------------------------------------------------------------------------------ in-process rounds
 
 def make_worker(tmp_path, tiny_model_dir, store, objective=None, ppo_epochs=1, **worker_overrides):
+    """A worker on the tiny model; PPO rounds optimise their reward model even when it is not trusted
+    (a few ratings of a tiny model's text), so the PPO path runs (`test_reward_gate.py` tests the gate)."""
     from ppo_feedback.adapters import AdapterStore
     from ppo_feedback.modeling import add_lora, load_model
     from ppo_feedback.policy import PolicyWithValueHead
@@ -141,7 +145,8 @@ def make_worker(tmp_path, tiny_model_dir, store, objective=None, ppo_epochs=1, *
                              "wait_interval": 0.1, **worker_overrides})
     worker = Worker(store, AdapterStore(tmp_path / "adapters"), policy,
                     PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=ppo_epochs,
-                              sampling=RolloutSampling(max_new_tokens=8)), config, "tiny", objective=objective)
+                              sampling=RolloutSampling(max_new_tokens=8)), config, "tiny",
+                    objective=objective or ObjectiveConfig(reward_model_fallback="ppo"))
     assert store.acquire_lease(worker.holder, 30)
     worker.heartbeat = Heartbeat(store, worker.holder, 30)
     return worker

@@ -33,6 +33,31 @@ REWARD_METRIC = "objective/scores"
 KL_METRIC = "objective/kl"
 
 
+DIRECT_OBJECTIVES = ("dpo", "raft", "kto")
+
+
+def training_summary(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """Return how a version was trained, from its metrics: {"objective", "reward_model"} (None when the
+    metrics say neither).
+
+    `objective`: "dpo", "raft" or "kto" when a direct round trained it (its `loss/<objective>`), else
+    "ppo"; `reward_model`: the fit's page-ordering judgement {"agreement", "low", "high", "pages",
+    "trusted"} (agreement, low, high None when too few pages to judge), or None in a direct round
+    that fitted none.
+    """
+    objective = next((o for o in DIRECT_OBJECTIVES if f"loss/{o}" in metrics), "ppo")
+    judged = None
+    if "reward_model/trusted" in metrics:
+        judged = {"agreement": metrics.get("reward_model/page_agreement"),
+                  "low": metrics.get("reward_model/page_agreement_low"),
+                  "high": metrics.get("reward_model/page_agreement_high"),
+                  "pages": int(metrics.get("reward_model/judged_pages", 0)),
+                  "trusted": bool(metrics["reward_model/trusted"])}
+    if judged is None and objective == "ppo" and "objective/scores" not in metrics:
+        return None
+    return {"objective": objective, "reward_model": judged}
+
+
 def version_label(version: int) -> str:
     """Return how the page names a version: "base model" for 0, else "v3"."""
     return "base model" if version == BASE_VERSION else f"v{version}"
@@ -209,6 +234,7 @@ class FeedbackApp:
                 "serving_version": serving_version,
                 "latest_version": latest.version if latest else BASE_VERSION,
                 "latest_status": latest.status if latest else None,
+                "latest_training": training_summary(latest.metrics) if latest else None,
                 "worker": {"state": self.worker_state(worker), "present": worker.present, "holder": worker.holder},
                 "counts": {key: counts[key] for key in ("prompts", "generations", "ratings", "preferences", "raters",
                                                         "ratings_since_serving", "preferences_since_serving")},

@@ -39,9 +39,29 @@ def status_outputs(record: dict[str, Any]) -> tuple:
     counts = record["counts"]
     latest = record["latest_version"]
     newest = "none yet" if latest == BASE_VERSION else (
-        f"v{latest}" + ("" if record["latest_status"] == "published" else f" ({record['latest_status']})"))
+        f"v{latest}" + ("" if record["latest_status"] == "published" else f" ({record['latest_status']})")
+        + training_note(record.get("latest_training")))
     return (version_label(record["serving_version"]), newest, record["worker"]["state"],
             f"{counts['ratings']} / {counts['ratings_since_serving']}")
+
+
+def training_note(training: dict[str, Any] | None) -> str:
+    """Return what the Newest version box adds about how that version was trained ("" when nothing is known):
+    the objective, and for a PPO round's reward model whether it ordered held-out pages better than chance."""
+    if training is None:
+        return ""
+    judged, objective = training["reward_model"], training["objective"]
+    if judged is None:
+        return f" · {objective}"
+    if judged["agreement"] is None:
+        verdict = f"reward model not judged ({judged['pages']} pages)"
+    else:
+        verdict = (f"reward model {judged['agreement']:.2f} [{judged['low']:.2f}, {judged['high']:.2f}] on "
+                   f"{judged['pages']} pages")
+    if objective == "ppo":
+        return f" · ppo, {verdict}" + ("" if judged["trusted"] else " (optimised anyway)")
+    why = verdict if judged["agreement"] is None else f"{verdict}, no better than chance"
+    return f" · {objective} instead of ppo: {why}"
 
 
 def version_choices(record: dict[str, Any]) -> list[tuple[str, int]]:
