@@ -98,43 +98,52 @@ def evaluate(model: str, adapters_dir: Path, versions: list[int], prompts: list[
     """Sample every version on the held-out prompts; return per version its per-prompt tastes, KL and perplexity."""
     from ppo_feedback.adapters import AdapterState, apply_version
     from ppo_feedback.config import ModelConfig
-    from ppo_feedback.generation import sample
     from ppo_feedback.modeling import add_lora, load_model
     from ppo_feedback.policy import PolicyWithValueHead
 
     loaded = load_model(ModelConfig(model=model, device="cpu"))
     policy = PolicyWithValueHead(add_lora(loaded.model, lora), loaded.tokenizer)
     initial = AdapterState.initial(policy)
-    tokenizer = policy.tokenizer
-    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(samples)]
     results: dict[int, dict[str, Any]] = {}
     for version in versions:
-        start = time.perf_counter()
         apply_version(policy, adapters_dir, version, initial=initial)
-        tastes: list[list[float]] = [[] for _ in prompts]
-        kls, nll, tokens, texts = [], 0.0, 0, []
-        for k in range(0, len(rows), batch):
-            chunk = rows[k:k + batch]
-            rollout = sample(policy.peft_model, tokenizer, [p for _, p in chunk], max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p, seed=seed + k)
-            mask = rollout.response_mask
-            ref = policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length, temperature)
-            kls += ((rollout.logprobs - ref.logprobs) * mask).sum(1).tolist()
-            ref1 = ref if temperature == 1.0 else policy.reference(rollout.query_response, rollout.attention_mask,
-                                                                   rollout.context_length, 1.0)
-            nll -= float((ref1.logprobs * mask).sum())
-            tokens += int(mask.sum())
-            for (i, _), ids, n in zip(chunk, rollout.responses.tolist(), mask.sum(1).long().tolist()):
-                text = tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
-                tastes[i].append(float(preference(text)))
-                texts.append(text)
-        per_prompt = [statistics.fmean(t) for t in tastes]
-        results[version] = {"per_prompt": per_prompt, "kl": kls, "base_perplexity": math.exp(nll / max(tokens, 1)),
-                            "distinct_bigrams": distinct_bigram_share(texts),
-                            "mean_tokens": tokens / len(rows), "examples": texts[:: max(1, len(texts) // 6)][:6],
-                            "seconds": time.perf_counter() - start}
-        log(f"  held-out v{version}: {len(rows)} samples in {time.perf_counter() - start:.0f}s")
+        results[version] = evaluate_policy(policy, prompts, preference, samples=samples, max_new_tokens=max_new_tokens,
+                                           temperature=temperature, top_p=top_p, seed=seed, batch=batch)
+        log(f"  held-out v{version}: {len(prompts) * samples} samples in {results[version]['seconds']:.0f}s")
     return results
+
+
+def evaluate_policy(policy, prompts: list[str], preference, *, samples: int, max_new_tokens: int, temperature: float,
+                    top_p: float, seed: int = 1234, batch: int = 16) -> dict[str, Any]:
+    """Sample `policy` (its adapter as it is) `samples` times per held-out prompt; return its per-prompt mean
+    tastes, per-response KL to the adapter-off reference, base-model perplexity of its text, mean length,
+    distinct-bigram share, a few example texts and the seconds taken."""
+    from ppo_feedback.generation import sample
+
+    start = time.perf_counter()
+    tokenizer = policy.tokenizer
+    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(samples)]
+    tastes: list[list[float]] = [[] for _ in prompts]
+    kls, nll, tokens, texts = [], 0.0, 0, []
+    for k in range(0, len(rows), batch):
+        chunk = rows[k:k + batch]
+        rollout = sample(policy.peft_model, tokenizer, [p for _, p in chunk], max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, seed=seed + k)
+        mask = rollout.response_mask
+        ref = policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length, temperature)
+        kls += ((rollout.logprobs - ref.logprobs) * mask).sum(1).tolist()
+        ref1 = ref if temperature == 1.0 else policy.reference(rollout.query_response, rollout.attention_mask,
+                                                               rollout.context_length, 1.0)
+        nll -= float((ref1.logprobs * mask).sum())
+        tokens += int(mask.sum())
+        for (i, _), ids, n in zip(chunk, rollout.responses.tolist(), mask.sum(1).long().tolist()):
+            text = tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
+            tastes[i].append(float(preference(text)))
+            texts.append(text)
+    return {"per_prompt": [statistics.fmean(t) for t in tastes], "kl": kls,
+            "base_perplexity": math.exp(nll / max(tokens, 1)), "distinct_bigrams": distinct_bigram_share(texts),
+            "mean_tokens": tokens / len(rows), "examples": texts[:: max(1, len(texts) // 6)][:6],
+            "seconds": time.perf_counter() - start}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import textwrap
 from dataclasses import dataclass, field
@@ -208,7 +209,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: s
         if env is not None:
             default = _parse_bool(env) if kind is bool else (kind(env) if env != "" else None)
         option = "--" + f.name.replace("_", "-")
-        help_text = f"{docs.get(f.name, '')} (default: {default!r}; env {env_name(f.name)})"
+        help_text = f"{docs.get(f.name, '')} (default: {default!r}; env {env_name(f.name)})".replace("%", "%%")
         if kind is bool:
             group.add_argument(option, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -395,6 +396,8 @@ class ObjectiveConfig:
     """What a round trains: ppo (reward model, PPO iterations, replay), or directly from the rated pages: dpo (pairs of one page's candidates rated differently, and picks), raft (likelihood of candidates rated above their page's mean) or kto (candidates rated above/below their rater's mean); a direct round runs --ppo-epochs passes of --mini-batch-size minibatches at --learning-rate."""
     beta: float = 0.1
     """DPO's and KTO's beta: the strength of their implicit KL bound to the base model (also scales the rewards/* statistics of every direct objective)."""
+    good_score: float = 1.0
+    """Normalised score (a rater's own standard deviations above their own mean) from which a rated candidate counts as good; what a direct objective makes likelier must be good: RAFT keeps good candidates above their page's mean, DPO's pairs from ratings need a good chosen one (picks always count), KTO's desirable ones are good (-inf: every candidate above its page's mean, or above its rater's mean for KTO)."""
     reward_model_fallback: str = "raft"
     """What a ppo round trains when its reward model does not order held-out pages better than chance (the 95% interval of its agreement with the raters must lie above 0.5, judged on at least 10 pages): dpo, raft or kto on the rated pages, wait (publish nothing until more feedback comes), or ppo (optimise it anyway: for experiments)."""
 
@@ -410,6 +413,8 @@ class ObjectiveConfig:
         if self.reward_model_fallback not in FALLBACKS:
             raise ValueError(f"--reward-model-fallback must be one of {', '.join(FALLBACKS)}, "
                              f"not {self.reward_model_fallback!r}")
+        if math.isnan(self.good_score) or self.good_score == math.inf:
+            raise ValueError(f"--good-score must be a number or -inf, not {self.good_score}")
         if not (0 < self.beta < float("inf")):
             raise ValueError(f"--beta must be a finite number > 0, not {self.beta}")
 

@@ -10,12 +10,18 @@ examples with the objective's loss (`objectives`), one optimizer step each throu
 
 What each learns from (one page: the candidates one rater asked for and saw side by side):
 
-- dpo: pairs (chosen, rejected) of one page's candidates rated differently (`page_pairs`), and the
-  preferences (picks), which win over a contradicting rating pair;
-- raft: the candidates rated strictly above their page's mean (`above_page_mean`), made likelier;
-- kto: every rated candidate alone, desirable when its per-rater normalised score is above 0 (its
-  rater's own mean), undesirable below 0, left out at exactly 0; weights from `kto_weights`, the
-  reference point z0 from mismatched pairs (`kto_mismatched`) under the current policy, per minibatch.
+- dpo: pairs (chosen, rejected) of one page's candidates rated differently whose chosen one is good
+  (`page_pairs`), and the preferences (picks), which win over a contradicting rating pair;
+- raft: the good candidates rated strictly above their page's mean (`above_page_mean`), made likelier;
+- kto: every rated candidate alone, desirable when it is good and above its rater's own mean
+  (normalised score > 0), undesirable below that mean, otherwise left out; weights from
+  `kto_weights`, the reference point z0 from mismatched pairs (`kto_mismatched`) under the current
+  policy, per minibatch.
+
+Good: a per-rater normalised score (`feedback.normalize_ratings`: the rater's own standard
+deviations from their own mean) of at least `--good-score`. What a direct objective makes likelier
+must be good in absolute terms, not only rated above the others of its page: on a page of poor
+candidates a rater's 2 against a 1 is mostly noise.
 
 With a `Team` every process builds the same examples and takes the same minibatches (one shared
 shuffle), so the averaged gradients equal one process's; each samples its own KL batch.
@@ -62,14 +68,16 @@ WAITING_FOR = {
 """What a direct round waits for when the feedback gives its objective nothing to learn from."""
 
 
-def examples(objective: str, feedback: RatedFeedback) -> Examples | None:
+def examples(objective: str, feedback: RatedFeedback, good: float = -math.inf) -> Examples | None:
     """Return the objective's examples from all rated pages of `feedback`, or None when there are none.
 
+    `good`: the normalised score from which a rated candidate counts as good (`--good-score`): what
+    an objective learns to make likelier must be good, not only better than its page's others.
     Generations without stored response tokens cannot be laid out and are left out.
     """
     usable = [bool(g.token_ids) for g in feedback.generations]
     build = {"dpo": _dpo_examples, "raft": _raft_examples, "kto": _kto_examples}[objective]
-    found = build(feedback, usable)
+    found = build(feedback, usable, good)
     return found if found is not None and len(found) else None
 
 
@@ -77,28 +85,31 @@ def _sequences_of(feedback: RatedFeedback, rows: Sequence[int]) -> list[tuple[st
     return [(feedback.prompts[r], list(feedback.generations[r].token_ids)) for r in rows]
 
 
-def _dpo_examples(feedback: RatedFeedback, usable: list[bool]) -> Examples:
-    """DPO's pairs: the raters' orderings of one page's candidates (`RatedFeedback.orderings`)."""
-    pairs = [(c, r) for c, r in feedback.orderings() if usable[c] and usable[r]]
+def _dpo_examples(feedback: RatedFeedback, usable: list[bool], good: float) -> Examples:
+    """DPO's pairs: the raters' orderings of one page's candidates (`RatedFeedback.orderings`), a rating
+    pair only when its chosen candidate is good; picks always."""
+    pairs = [(c, r) for c, r in feedback.orderings(min_chosen=good) if usable[c] and usable[r]]
     rows = sorted({row for pair in pairs for row in pair})
     position = {row: i for i, row in enumerate(rows)}
     return Examples("dpo", _sequences_of(feedback, rows), [(position[c], position[r]) for c, r in pairs])
 
 
-def _raft_examples(feedback: RatedFeedback, usable: list[bool]) -> Examples:
-    """RAFT's kept samples: the candidates rated strictly above their page's mean (`above_page_mean`)."""
-    keep = above_page_mean(feedback.scores, feedback.page_ids).tolist()
+def _raft_examples(feedback: RatedFeedback, usable: list[bool], good: float) -> Examples:
+    """RAFT's kept samples: the good candidates rated strictly above their page's mean (`above_page_mean`)."""
+    keep = above_page_mean(feedback.scores, feedback.page_ids, min_score=good).tolist()
     rows = [row for row, kept in enumerate(keep) if kept and usable[row]]
     return Examples("raft", _sequences_of(feedback, rows), [(i,) for i in range(len(rows))])
 
 
-def _kto_examples(feedback: RatedFeedback, usable: list[bool]) -> Examples | None:
-    """KTO's labelled outputs (normalised score > 0 desirable, < 0 undesirable) and their mismatched partners.
+def _kto_examples(feedback: RatedFeedback, usable: list[bool], good: float) -> Examples | None:
+    """KTO's labelled outputs and their mismatched partners: desirable the good ones above their rater's mean
+    (normalised score > 0 and >= `good`), undesirable those below it (< 0); the rest are left out.
 
     None when no pairing exists (one prompt holds more than half the outputs: `kto_mismatched`).
     """
     scores = feedback.scores.tolist()
-    rows = [row for row, s in enumerate(scores) if usable[row] and math.isfinite(s) and s != 0]
+    rows = [row for row, s in enumerate(scores)
+            if usable[row] and math.isfinite(s) and (s < 0 or (s > 0 and s >= good))]
     if not rows:
         return None
     try:

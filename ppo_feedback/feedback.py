@@ -100,14 +100,15 @@ class RatedFeedback:
                 pages[g.page_id].append(row)
         return dict(pages)
 
-    def orderings(self) -> list[tuple[int, int]]:
+    def orderings(self, min_chosen: float | None = None) -> list[tuple[int, int]]:
         """Return the sorted (chosen row, rejected row) orderings the raters stated, page by page.
 
-        Every two candidates of one page rated differently (`page_pairs`), and every preference (a
-        pick), which replaces a rating pair that contradicts it: the rater compared those two side
-        by side. DPO trains on these; the reward model is judged by how many it gets right.
+        Every two candidates of one page rated differently (`page_pairs`; with `min_chosen`, only
+        those whose higher one has at least that normalised score), and every preference (a pick),
+        which replaces a rating pair that contradicts it: the rater compared those two side by side.
+        DPO trains on these; the reward model is judged by how many it gets right.
         """
-        pairs = set(page_pairs(self.scores, self.page_ids))
+        pairs = set(page_pairs(self.scores, self.page_ids, min_chosen=min_chosen))
         for chosen, rejected in self.pairs:
             pairs.discard((rejected, chosen))
             pairs.add((chosen, rejected))

@@ -358,11 +358,12 @@ def reinforce_loss(seq_logprobs: torch.Tensor, advantages: torch.Tensor) -> torc
 
 
 def page_pairs(scores: Sequence[float] | torch.Tensor, page_ids: Sequence[Hashable] | torch.Tensor,
-               picks: Sequence[int] | None = None) -> list[tuple[int, int]]:
+               picks: Sequence[int] | None = None, min_chosen: float | None = None) -> list[tuple[int, int]]:
     """Return the sorted (chosen, rejected) candidate index pairs a page's ratings and picks state.
 
     Every two candidates of one page rated differently give (higher, lower); equal or unrated (NaN)
-    scores give no pair. ``picks``: indices of candidates a rater picked as their page's best, at most
+    scores give no pair. With ``min_chosen`` a rating pair's higher candidate must also score at least
+    that (good in absolute terms: two poor candidates rated 1 and 2 are mostly the rater's noise). ``picks``: indices of candidates a rater picked as their page's best, at most
     one per page; each gives (pick, other) for every other candidate of its page. Where a pick
     contradicts the ratings (another candidate of its page rated higher), the pick wins: it is the
     rater's direct comparison of the candidates side by side, where a rating on a coarse scale judges
@@ -371,7 +372,8 @@ def page_pairs(scores: Sequence[float] | torch.Tensor, page_ids: Sequence[Hashab
     s, pages = _candidates(scores, page_ids)
     page_of = {i: rows for rows in pages for i in rows}
     s = s.tolist()
-    pairs = {(i, j) for rows in pages for i in rows for j in rows if s[i] > s[j]}  # NaN compares False: no pair
+    good = [min_chosen is None or x >= min_chosen for x in s]  # NaN compares False
+    pairs = {(i, j) for rows in pages for i in rows for j in rows if s[i] > s[j] and good[i]}  # NaN: no pair
     picked: set[int] = set()
     for pick in picks or ():
         pick = _index(pick)

@@ -256,7 +256,7 @@ class Worker:
             return plan
         verdict = report.agreement.summary()
         fallback = self.objective.reward_model_fallback
-        found = None if fallback == "wait" else examples(fallback, feedback)
+        found = None if fallback == "wait" else examples(fallback, feedback, self.objective.good_score)
         if found is None:
             self._distrusted = (feedback_end, verdict)
             return replace(plan, wait_reason=f"{verdict}; waiting for more feedback")
@@ -306,7 +306,7 @@ class Worker:
         end, objective = self.feedback_end(cursor), self.objective.objective
         if self._examples_at is None or self._examples_at[:2] != (end, objective):
             feedback = read_feedback(self.store, self.reward_config.prior_weight)
-            self._examples_at = (end, objective, examples(objective, feedback))
+            self._examples_at = (end, objective, examples(objective, feedback, self.objective.good_score))
         return self._examples_at[2]
 
     def publish(self, parent: int, plan: RoundPlan, stats: dict[str, float]) -> tuple[int | None, str | None]:

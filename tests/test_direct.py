@@ -53,6 +53,20 @@ def test_dpo_examples_none_without_differently_rated_candidates_on_one_page():
     assert "rated differently" in WAITING_FOR["dpo"]
 
 
+def test_what_is_made_likelier_must_be_good():
+    # page 1: 2.0 > 0.4 > -1.0; page 2: 0.6 > 0.2 > -0.5 (no candidate good at 1.0); page 3: a pick of -0.3
+    scores, pages = [2.0, 0.4, -1.0, 0.6, 0.2, -0.5, -0.3, 0.1], [1, 1, 1, 2, 2, 2, 3, 3]
+    dpo = examples("dpo", feedback(scores, pages, pairs=[(6, 7)]), good=1.0)
+    # rating pairs only with the good 2.0 chosen; the pick stands although it is not good
+    assert [r for _, r in dpo.sequences] == [[1], [2], [3], [7], [8]] and dpo.items == [(0, 1), (0, 2), (3, 4)]
+    raft = examples("raft", feedback(scores, pages), good=1.0)
+    assert [r for _, r in raft.sequences] == [[1]]  # page 2's 0.6 is above its page's mean but not good
+    kto = examples("kto", feedback(scores, pages), good=1.0)
+    # desirable: 2.0 only; undesirable: every score below 0; 0.4, 0.6, 0.2, 0.1 are left out
+    assert [r for _, r in kto.sequences[:4]] == [[1], [3], [6], [7]] and kto.desirable == [True, False, False, False]
+    assert examples("raft", feedback([0.6, 0.2, -0.8], [1, 1, 1]), good=1.0) is None
+
+
 def test_raft_keeps_candidates_above_their_page_mean_with_tokens():
     found = examples("raft", feedback([2.0, 0.0, 1.0, 0.5, 0.5, 3.0, -3.0], [1, 1, 1, 2, 2, 3, 3], empty={5}))
     # page 1 mean 1: row 0 only; page 2 equal: none; page 3: row 5 is above but has no tokens
@@ -94,8 +108,9 @@ def test_direct_round_publishes_a_policy_that_prefers_the_better_rated(tmp_path,
                                                                       objective):
     from ppo_feedback.feedback import read_feedback
 
-    worker = make_worker(tmp_path, tiny_model_dir, rated_store, objective=ObjectiveConfig(objective=objective),
-                         ppo_epochs=4)
+    # rated_store's better candidates are normalised to +0.75 (4 ratings a rater, shrunk to the global mean)
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective=objective, good_score=0.5), ppo_epochs=4)
     assert worker.run_round() == 1
     version = rated_store.get_version(1)
     assert version.status == "published"
@@ -115,7 +130,8 @@ def test_direct_round_publishes_a_policy_that_prefers_the_better_rated(tmp_path,
 
 
 def test_direct_round_with_a_non_finite_loss_is_discarded(tmp_path, tiny_model_dir, rated_store):
-    worker = make_worker(tmp_path, tiny_model_dir, rated_store, objective=ObjectiveConfig(objective="dpo"))
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", good_score=0.5))
     before = [p.detach().clone() for p in worker.policy.trainable_parameters()]
     real_loss = worker.direct.loss
     worker.direct.loss = lambda *a: (real_loss(*a)[0] * math.nan, {})
@@ -148,8 +164,8 @@ def test_direct_round_waits_when_no_page_tells_candidates_apart(tmp_path, tiny_m
 def test_worker_process_trains_raft_from_the_command_line(tmp_path, tiny_model_dir, rated_store):
     from test_worker import start, wait_for, worker_cmd
 
-    proc = start(worker_cmd(tmp_path, tiny_model_dir, "--min-new-feedback", "8", "--objective", "raft"),
-                 tmp_path / "worker.log")
+    proc = start(worker_cmd(tmp_path, tiny_model_dir, "--min-new-feedback", "8", "--objective", "raft",
+                            "--good-score", "0.5"), tmp_path / "worker.log")
     try:
         wait_for(lambda: rated_store.serving_version() >= 1, 240, proc, "version 1")
         metrics = rated_store.get_version(1).metrics

@@ -340,6 +340,15 @@ def test_page_pairs_from_ratings_by_hand():
     assert page_pairs(scores, pages) == [(0, 1), (0, 2), (5, 4)]
 
 
+def test_page_pairs_with_a_good_chosen_by_hand():
+    scores = [5.0, 3.0, 2.0, NAN, 2.0, 4.0]
+    pages = [0, 0, 0, 0, 1, 1]
+    # only pairs whose higher candidate scores at least 4: 5 over 3 and 2, 4 over 2; 3 over 2 is left out
+    assert page_pairs(scores, pages, min_chosen=4.0) == [(0, 1), (0, 2), (5, 4)]
+    assert page_pairs(scores, pages, min_chosen=5.0) == [(0, 1), (0, 2)]
+    assert page_pairs(scores, pages, picks=[4], min_chosen=9.0) == [(4, 5)]  # a pick needs no minimum
+
+
 def test_page_pairs_with_picks_by_hand():
     scores = [5.0, 3.0, 3.0, NAN, 2.0, 4.0, 1.0]
     pages = [0, 0, 0, 0, 1, 1, 2]
