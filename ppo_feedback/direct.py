@@ -61,11 +61,12 @@ class Examples:
 
 
 WAITING_FOR = {
-    "dpo": "two candidates of one page rated differently, or a pick",
-    "raft": "a candidate rated above its page's mean",
-    "kto": "candidates rated away from their rater's mean, on prompts none of which has over half of them",
+    "dpo": "a good candidate rated above another of its page, or a pick",
+    "raft": "a good candidate rated above its page's mean",
+    "kto": "good candidates and ones rated below their rater's mean, on prompts none of which has over half of them",
 }
-"""What a direct round waits for when the feedback gives its objective nothing to learn from."""
+"""What a direct round waits for when the feedback gives its objective nothing to learn from (good:
+rated at least `--good-score` of its rater's standard deviations above their mean)."""
 
 
 def examples(objective: str, feedback: RatedFeedback, good: float = -math.inf) -> Examples | None:

@@ -50,7 +50,7 @@ def test_dpo_examples_pair_one_pages_candidates_and_picks_win():
 
 def test_dpo_examples_none_without_differently_rated_candidates_on_one_page():
     assert examples("dpo", feedback([1.0, 1.0, 2.0], [1, 1, 2])) is None  # page 1 equal, page 2 alone
-    assert "rated differently" in WAITING_FOR["dpo"]
+    assert "rated above another of its page" in WAITING_FOR["dpo"]
 
 
 def test_what_is_made_likelier_must_be_good():
