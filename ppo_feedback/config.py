@@ -393,9 +393,13 @@ FALLBACKS = ("dpo", "raft", "kto", "wait", "ppo")
 @dataclass
 class ObjectiveConfig:
     objective: str = "ppo"
-    """What a round trains: ppo (reward model, PPO iterations, replay), or directly from the rated pages: dpo (pairs of one page's candidates rated differently, and picks), raft (likelihood of candidates rated above their page's mean) or kto (candidates rated above/below their rater's mean); a direct round runs --ppo-epochs passes of --mini-batch-size minibatches at --learning-rate."""
+    """What a round trains: ppo (reward model, PPO iterations, replay), or directly from the rated pages: dpo (pairs of one page's candidates rated differently with a good chosen one, and picks), raft (likelihood of good candidates rated above their page's mean) or kto (good candidates and those rated below their rater's mean); a direct round runs --direct-epochs passes of --direct-batch-size minibatches at --learning-rate."""
     beta: float = 0.1
     """DPO's and KTO's beta: the strength of their implicit KL bound to the base model (also scales the rewards/* statistics of every direct objective)."""
+    direct_epochs: int = 2
+    """Passes over all of a direct round's examples (every rated page so far), in shuffled minibatches."""
+    direct_batch_size: int = 8
+    """Examples per optimizer step of a direct round (DPO: pairs; RAFT: kept candidates; KTO: labelled candidates)."""
     good_score: float = 1.0
     """Normalised score (a rater's own standard deviations above their own mean) from which a rated candidate counts as good; what a direct objective makes likelier must be good: RAFT keeps good candidates above their page's mean, DPO's pairs from ratings need a good chosen one (picks always count), KTO's desirable ones are good (-inf: every candidate above its page's mean, or above its rater's mean for KTO)."""
     reward_model_fallback: str = "raft"
@@ -413,6 +417,8 @@ class ObjectiveConfig:
         if self.reward_model_fallback not in FALLBACKS:
             raise ValueError(f"--reward-model-fallback must be one of {', '.join(FALLBACKS)}, "
                              f"not {self.reward_model_fallback!r}")
+        if self.direct_epochs < 1 or self.direct_batch_size < 1:
+            raise ValueError("--direct-epochs and --direct-batch-size must be >= 1")
         if math.isnan(self.good_score) or self.good_score == math.inf:
             raise ValueError(f"--good-score must be a number or -inf, not {self.good_score}")
         if not (0 < self.beta < float("inf")):

@@ -3,7 +3,7 @@
 A direct round learns from the stored feedback itself, without a reward model or fresh samples to
 score: `examples` makes the objective's examples from the rated pages (`RatedFeedback`), and
 `DirectTrainer.step` lays them out (`rollout_of`), takes their reference log-probabilities once
-(adapter off, no grad), runs `ppo_epochs` passes of shuffled minibatches of `mini_batch_size`
+(adapter off, no grad), runs `--direct-epochs` passes of shuffled minibatches of `--direct-batch-size`
 examples with the objective's loss (`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
 `batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`).
@@ -133,7 +133,7 @@ class DirectTrainer:
         self.ppo, self.config, self.policy = ppo, config, ppo.policy
 
     def step(self, found: Examples, prompts: Sequence[str]) -> dict[str, float]:
-        """Train on `found` for `ppo_epochs` passes, then measure the KL on `prompts`; return the round's stats.
+        """Train on `found` for `epochs` passes, then measure the KL on `prompts`; return the round's stats.
 
         Raises FloatingPointError, before that minibatch's step, on a non-finite loss.
         """
@@ -142,10 +142,11 @@ class DirectTrainer:
         reference = self.sequence_logprobs(layout, range(len(found.sequences)), reference=True)  # (S,)
         generator = torch.Generator().manual_seed(c.seed + self.ppo.iteration)  # one shuffle for the whole team
         history: dict[str, list[float]] = defaultdict(list)
-        for epoch in range(c.ppo_epochs):
+        size = self.config.direct_batch_size
+        for epoch in range(self.config.direct_epochs):
             order = torch.randperm(len(found), generator=generator).tolist()
-            for start in range(0, len(order), c.mini_batch_size):
-                loss, stats = self.loss(found, layout, reference, order[start:start + c.mini_batch_size])
+            for start in range(0, len(order), size):
+                loss, stats = self.loss(found, layout, reference, order[start:start + size])
                 self.ppo.optimize(loss)
                 history[f"loss/{found.objective}"].append(float(loss.detach()))
                 for name, value in stats.items():
@@ -163,14 +164,14 @@ class DirectTrainer:
     def sequence_logprobs(self, layout: Rollout, rows: Sequence[int], *, reference: bool = False,
                           average: bool = False) -> torch.Tensor:
         """Return the (len(rows),) sequence log-probabilities of `rows` of the layout: the policy's, or the
-        reference's (adapter off, no grad, `mini_batch_size` rows a forward)."""
+        reference's (adapter off, no grad, `direct_batch_size` rows a forward)."""
         T = self.ppo.config.sampling.temperature
         index = torch.as_tensor(list(rows), dtype=torch.long, device=layout.query_response.device)
         if not reference:
             out = self.policy(layout.query_response[index], layout.attention_mask[index], layout.context_length, T)
             return sequence_logprobs(out.logprobs, layout.response_mask[index], average=average)
         pieces = []
-        for chunk in index.split(self.ppo.config.mini_batch_size):
+        for chunk in index.split(self.config.direct_batch_size):
             ref = self.policy.reference(layout.query_response[chunk], layout.attention_mask[chunk],
                                         layout.context_length, T)
             pieces.append(sequence_logprobs(ref.logprobs, layout.response_mask[chunk], average=average))
@@ -230,7 +231,7 @@ class DirectTrainer:
         its kept samples `rewards/chosen`; `objective/kl` and `val/mean_length`: of fresh samples.
         """
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        last = f"@{self.ppo.config.ppo_epochs - 1}"
+        last = f"@{self.config.direct_epochs - 1}"
         stats = {name: mean(values) for name, values in history.items() if "@" not in name}
         stats.update({name[:-len(last)]: mean(values) for name, values in history.items() if name.endswith(last)})
         rewards = ("rewards/margins", "rewards/chosen", "rewards/rejected")

@@ -110,7 +110,7 @@ def test_direct_round_publishes_a_policy_that_prefers_the_better_rated(tmp_path,
 
     # rated_store's better candidates are normalised to +0.75 (4 ratings a rater, shrunk to the global mean)
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective=objective, good_score=0.5), ppo_epochs=4)
+                         objective=ObjectiveConfig(objective=objective, good_score=0.5, direct_epochs=4))
     assert worker.run_round() == 1
     version = rated_store.get_version(1)
     assert version.status == "published"
