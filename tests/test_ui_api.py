@@ -95,6 +95,47 @@ def test_generate_stream_gives_the_texts_so_far_then_the_recorded_page(ben, env)
         ben.submit("Hello", 0, api_name="/generate_stream").result()
 
 
+def test_a_streaming_client_that_cancels_frees_the_model(ben, env, monkeypatch):
+    """Gradio closes the endpoint's generator when its client cancels (or its page closes), which releases the
+    weights the page held; nothing is recorded."""
+    import threading
+    import time
+
+    import ppo_feedback.serving as serving_module
+
+    closed = threading.Event()
+    real = serving_module.stream_candidates
+
+    def slow(*args, **kwargs):
+        steps = real(*args, **kwargs)
+        try:
+            while True:
+                try:
+                    texts = next(steps)
+                except StopIteration as stop:
+                    return stop.value
+                time.sleep(0.5)
+                yield texts
+        finally:
+            closed.set()
+
+    monkeypatch.setattr(serving_module, "stream_candidates", slow)
+    before = env["store"].counts()["generations"]
+    job = ben.submit("Cancel me halfway", 2, api_name="/generate_stream")
+    deadline = time.monotonic() + 60
+    while not job.outputs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.outputs() and not closed.is_set()
+    job.cancel()
+    assert closed.wait(10)
+    monkeypatch.undo()
+    done = []
+    thread = threading.Thread(target=lambda: done.append(env["serving"].generate("After the cancel", 1, rater="t")))
+    thread.start()
+    thread.join(30)
+    assert done and env["store"].counts()["generations"] == before + 1  # the weights were free again
+
+
 @pytest.mark.parametrize("prompt, n, message", [
     ("   ", 2, "empty"),
     ("x" * (SAMPLING.max_prompt_chars + 1), 2, "limit is 200"),
