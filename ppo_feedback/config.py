@@ -53,7 +53,7 @@ class ModelConfig:
     hub_timeout: float = 3.0
     """Seconds to wait for the model hub before falling back to offline models."""
     dtype: str = "auto"
-    """Precision of the frozen base weights: auto (bfloat16 on a CUDA GPU that has it, else float32), float32, bfloat16 or float16; LoRA, value head and log-probabilities stay float32."""
+    """Precision of the frozen base weights: auto (bfloat16 on a CUDA GPU that has it and on a CPU with native bfloat16, flag avx512_bf16 or amx_bf16 in /proc/cpuinfo; else float32), float32, bfloat16 or float16; LoRA, value head and log-probabilities stay float32."""
 
     def validate(self) -> None:
         """Raise ValueError on an impossible setting."""
@@ -209,7 +209,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: s
         if env is not None:
             default = _parse_bool(env) if kind is bool else (kind(env) if env != "" else None)
         option = "--" + f.name.replace("_", "-")
-        help_text = f"{docs.get(f.name, '')} (default: {default!r}; env {env_name(f.name)})".replace("%", "%%")
+        help_text = f"{docs.get(f.name, '')} (default: {default!r}; env {env_name(f.name)})".replace("%", "%%")  # argparse formats help
         if kind is bool:
             group.add_argument(option, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -372,6 +372,8 @@ class WorkerConfig:
     """Name of this worker in the lease (default host:pid)."""
     tensorboard: Optional[str] = None
     """Also write every PPO iteration's metrics to this TensorBoard log directory."""
+    worker_nice: int = 10
+    """Niceness the worker adds to its own process at start (os.nice), so that pages being generated on the same machine get the CPU first; 0 keeps the priority it was started with."""
 
     def validate(self) -> None:
         """Raise ValueError on an impossible setting."""
@@ -383,6 +385,8 @@ class WorkerConfig:
             raise ValueError("--replay-samples must be >= 0")
         if self.lease_ttl <= 0 or self.wait_interval <= 0 or self.max_kl <= 0:
             raise ValueError("--lease-ttl, --wait-interval and --max-kl must be > 0")
+        if not 0 <= self.worker_nice <= 19:
+            raise ValueError(f"--worker-nice must be in 0..19 (0: no change), not {self.worker_nice}")
 
 
 OBJECTIVES = ("ppo", "dpo", "raft", "kto")

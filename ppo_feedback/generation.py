@@ -9,13 +9,21 @@ issue #2358). So a recorded log-probability always equals a fresh forward's, top
 from __future__ import annotations
 
 import inspect
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from types import MethodType
+from typing import Any, Optional, TypeVar
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import DynamicCache
 
 from .policy import position_ids_for, split_causal_lm
+
+T = TypeVar("T")
+
 
 class PromptError(ValueError):
     """A prompt that cannot be generated from: empty, or too long for the model."""
@@ -147,40 +155,96 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
 
 
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
-           value_head: torch.nn.Module | None = None) -> Rollout:
-    """Return a Rollout of one sampled response per prompt, with behaviour logprobs (and values, given a head).
+SKINNY_ROWS = range(2, 9)
+"""How many rows (batch x new tokens) a linear layer computes as weight @ input^T in a decode step (see
+`skinny_linears`); one row is a matrix-vector product, which F.linear already streams."""
 
-    One batch for all prompts, with the KV cache. Each step runs the trunk once and applies the LM
-    head (and the value head) to the newest position only, so no (B, R, V) tensor is ever held.
+
+def _skinny_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's forward for a few rows: (weight @ x^T)^T, which MKL streams like a matrix-vector product."""
+    rows = x.numel() // x.shape[-1]
+    if rows not in SKINNY_ROWS:
+        return F.linear(x, self.weight, self.bias)
+    y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()  # (rows, out)
+    if self.bias is not None:
+        y += self.bias
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@contextmanager
+def skinny_linears(linears: list[nn.Linear]) -> Iterator[None]:
+    """Compute the given linear layers as weight @ input^T while inside (a decode step); yields nothing.
+
+    On the CPU, MKL multiplies a few rows by a weight's transpose (what `F.linear` asks for) at a
+    fraction of the speed it streams the weight against the rows as columns; the product is the
+    same up to float rounding. Never held across a `yield` of `decode`, so other code (and other
+    threads resuming the generator) see the layers unchanged.
+    """
+    for layer in linears:
+        layer.forward = MethodType(_skinny_linear, layer)
+    try:
+        yield
+    finally:
+        for layer in linears:
+            del layer.forward
+
+
+def _skinny_candidates(model: nn.Module) -> list[nn.Linear]:
+    """Return the plain float32 CPU linear layers of `model`, the ones `skinny_linears` speeds up."""
+    return [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
+            and m.weight.dtype == torch.float32]
+
+
+class _Prefill:
+    """A batch's prompts, encoded once per distinct prompt: the candidates of a page share one prefill."""
+
+    def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, device, positions: int | None):
+        self.batch = encode_prompts(tokenizer, prompts, max_new_tokens, device, positions)
+        distinct = list(dict.fromkeys(prompts))
+        self.rows = torch.tensor([distinct.index(p) for p in prompts], device=device)  # (B,) row of each prompt
+        first = [prompts.index(p) for p in distinct]
+        self.input_ids = self.batch["input_ids"][first]  # (U, P) the distinct prompts, padded as the batch is
+        self.attention_mask = self.batch["attention_mask"][first]
+
+
+@torch.no_grad()
+def decode(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
+           top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+           value_head: torch.nn.Module | None = None) -> Generator[torch.Tensor, None, Rollout]:
+    """Sample one response per prompt, yielding each step's (B,) new token ids; return the Rollout.
+
+    One batch for all prompts, with the KV cache; identical prompts (a page's candidates) share one
+    prefill, its cache copied to their rows. Each step runs the trunk once and applies the LM head
+    (and the value head) to the newest position only, so no (B, R, V) tensor is ever held.
     With `stop_at_eos=False` every response has exactly `max_new_tokens` tokens; otherwise rows
-    that said EOS are fed padding until all have, and their later slots are masked out.
+    that said EOS are fed (and yield) padding until all have, and their later slots are masked out.
+    Behaviour log-probabilities are log softmax(logits / temperature) at the drawn tokens.
     """
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
     trunk, lm_head = split_causal_lm(model)
     device = lm_head.weight.device
-    batch = encode_prompts(tokenizer, prompts, max_new_tokens, device, max_positions(model))
+    prefill = _Prefill(tokenizer, prompts, max_new_tokens, device, max_positions(model))
     eos = tokenizer.eos_token_id if stop_at_eos else None
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = DynamicCache()
-    cache_kw = _cache_keyword(trunk)
-    attention_mask = batch["attention_mask"]
-    position_ids = position_ids_for(attention_mask)
-    hidden = trunk(input_ids=batch["input_ids"], attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]  # (B, H)
-    next_position = position_ids[:, -1:] + 1  # (B, 1)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    cache, cache_kw = DynamicCache(), _cache_keyword(trunk)
+    hidden = trunk(input_ids=prefill.input_ids, attention_mask=prefill.attention_mask,
+                   position_ids=position_ids_for(prefill.attention_mask), use_cache=True,
+                   **{cache_kw: cache}).last_hidden_state[:, -1][prefill.rows]  # (B, H)
+    cache.batch_select_indices(prefill.rows)
+    context = prefill.batch["attention_mask"]
+    B, P = context.shape
+    attention_mask = torch.cat([context, context.new_ones(B, max_new_tokens)], dim=1)  # (B, P + R), sliced per step
+    next_position = position_ids_for(context)[:, -1:] + 1  # (B, 1)
+    linears = _skinny_candidates(model)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logprobs, values = [], [], []
-    for _ in range(max_new_tokens):
-        logits = lm_head(hidden).float()
+    for step in range(max_new_tokens):
+        with skinny_linears(linears):
+            logits = lm_head(hidden).float()
         logp = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)  # (B, V)
         probs = logp.exp()
-        if top_p < 1.0:
-            probs = _nucleus(probs, top_p)
-        token = draw(probs, generator)  # (B,)
+        token = draw(_nucleus(probs, top_p) if top_p < 1.0 else probs, generator)  # (B,)
         token = token.masked_fill(done, tokenizer.pad_token_id)
         tokens.append(token)
         logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
@@ -188,35 +252,82 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempera
             values.append(value_head(hidden.to(value_head.weight.dtype)).squeeze(-1))
         if eos is not None:
             done |= token == eos
-            if done.all():
-                break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        hidden = trunk(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                       use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]
+        yield token
+        if step == max_new_tokens - 1 or (eos is not None and bool(done.all())):
+            break
+        with skinny_linears(linears):
+            hidden = trunk(input_ids=token[:, None], attention_mask=attention_mask[:, :P + step + 1],
+                           position_ids=next_position, use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]
         next_position = next_position + 1
     responses = torch.stack(tokens, dim=1)  # (B, R)
     response_mask = first_eos_mask(responses, eos)
-    query_response = torch.cat([batch["input_ids"], responses], dim=1)
-    full_mask = torch.cat([batch["attention_mask"], torch.ones_like(responses)], dim=1)
-    return Rollout(query_response=query_response, attention_mask=full_mask,
-                   context_length=batch["input_ids"].shape[1], response_mask=response_mask,
-                   logprobs=torch.stack(logprobs, dim=1) * response_mask,
+    return Rollout(query_response=torch.cat([prefill.batch["input_ids"], responses], dim=1),
+                   attention_mask=attention_mask[:, :P + responses.shape[1]], context_length=P,
+                   response_mask=response_mask, logprobs=torch.stack(logprobs, dim=1) * response_mask,
                    values=torch.stack(values, dim=1) * response_mask if values else None, temperature=temperature)
 
 
-def generate(model, tokenizer, prompt: str, n: int, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, seed: int | None = None) -> list[Candidate]:
-    """Return n sampled candidates for one prompt, each with text, token ids and behaviour logprobs."""
+def finish(steps: Generator[Any, None, T]) -> T:
+    """Run a generator to its end, ignoring what it yields; return its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
+           top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+           value_head: torch.nn.Module | None = None) -> Rollout:
+    """Return a Rollout of one sampled response per prompt, with behaviour logprobs (and values, given a head).
+
+    `decode` run to its end: the same batch, cache, draws and log-probabilities, nothing streamed.
+    """
+    return finish(decode(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed, stop_at_eos=stop_at_eos, value_head=value_head))
+
+
+def text_of(tokenizer, token_ids: list[int]) -> str:
+    """Return the text a candidate shows for its token ids: special tokens dropped, outer whitespace stripped."""
+    return tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+
+def stream_candidates(model, tokenizer, prompt: str, n: int, max_new_tokens: int, temperature: float = 1.0,
+                      top_p: float = 1.0, seed: int | None = None) -> Generator[list[str], None, list[Candidate]]:
+    """Sample n candidates for one prompt in one batch, yielding all n texts so far after every decode
+    step; return the candidates, each with text, token ids and behaviour logprobs.
+
+    A text so far ends at its candidate's EOS and drops a trailing U+FFFD (a character whose bytes
+    are not all sampled yet).
+    """
     if n < 1:
         raise ValueError("n must be >= 1")
-    rollout = sample(model, tokenizer, [prompt] * n, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_p=top_p, seed=seed)
+    steps = decode(model, tokenizer, [prompt] * n, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_p=top_p, seed=seed)
+    eos = tokenizer.eos_token_id
+    so_far: list[list[int]] = [[] for _ in range(n)]
+    while True:
+        try:
+            token = next(steps)
+        except StopIteration as stop:
+            rollout = stop.value
+            break
+        for ids, new in zip(so_far, token.tolist()):
+            if not ids or ids[-1] != eos:
+                ids.append(new)
+        yield [text_of(tokenizer, ids).rstrip("\ufffd") for ids in so_far]
     candidates = []
     for row in range(n):
         length = int(rollout.response_mask[row].sum())
         ids = rollout.responses[row, :length].tolist()
-        finished = length > 0 and ids[-1] == tokenizer.eos_token_id
-        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        candidates.append(Candidate(text=text, token_ids=ids, logprobs=rollout.logprobs[row, :length].tolist(),
-                                    finished=finished))
+        candidates.append(Candidate(text=text_of(tokenizer, ids), token_ids=ids,
+                                    logprobs=rollout.logprobs[row, :length].tolist(),
+                                    finished=length > 0 and ids[-1] == eos))
     return candidates
+
+
+def generate(model, tokenizer, prompt: str, n: int, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int | None = None) -> list[Candidate]:
+    """Return n sampled candidates for one prompt, each with text, token ids and behaviour logprobs
+    (`stream_candidates` run to its end)."""
+    return finish(stream_candidates(model, tokenizer, prompt, n, max_new_tokens, temperature, top_p, seed))

@@ -82,13 +82,35 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """Return the base weights' torch dtype for `dtype` on `device`; auto is bfloat16 on a CUDA GPU that has it.
+CPUINFO = Path("/proc/cpuinfo")
+"""Where `resolve_dtype` reads the CPU's flags (Linux)."""
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU flags of native bfloat16 arithmetic; without them torch emulates bfloat16 on the CPU, far slower than float32."""
 
-    Raises ModelSpecError for float16 on the CPU, where its matrix products run far slower than float32's.
+
+def cpu_has_native_bf16(cpuinfo: str | Path | None = None) -> bool:
+    """Return whether the CPU that `cpuinfo` (default CPUINFO) describes has a native bfloat16 flag
+    (NATIVE_BF16_FLAGS); False when the file cannot be read (not Linux)."""
+    try:
+        text = Path(cpuinfo or CPUINFO).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = {flag for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+             for flag in line.partition(":")[2].split()}
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def resolve_dtype(dtype: str, device: torch.device, cpuinfo: str | Path | None = None) -> torch.dtype:
+    """Return the base weights' torch dtype for `dtype` on `device`.
+
+    auto is bfloat16 on a CUDA GPU that supports it and on a CPU with native bfloat16
+    (`cpu_has_native_bf16(cpuinfo)`), float32 otherwise. Raises ModelSpecError for float16 on the
+    CPU, where its matrix products run far slower than float32's.
     """
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16(cpuinfo) else torch.float32
     if dtype == "float16" and device.type == "cpu":
         raise ModelSpecError("--dtype float16 is very slow on the CPU: use bfloat16 or float32")
     return getattr(torch, dtype)  # one of config.DTYPES
@@ -254,6 +276,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
     quantization = _quantization_config(config.quantize, device)
     resolved = resolve_model_spec(config)
     kwargs: dict = {"dtype": resolve_dtype(config.dtype, device)}
+    if config.dtype == "auto" and device.type == "cpu" and kwargs["dtype"] == torch.bfloat16:
+        log.info("base weights in bfloat16: this CPU has native bfloat16 (--dtype float32 to keep float32)")
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device.index or 0})
     try:

@@ -28,7 +28,7 @@ import torch
 from db.records import BASE_VERSION, Generation, NewGeneration
 from .adapters import AdapterState, AdapterStore, VersionLifecycle
 from .config import LoraSettings, ModelConfig, SamplingConfig
-from .generation import Candidate, generate
+from .generation import Candidate, generate, stream_candidates
 from .policy import PolicyWithValueHead
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,15 @@ class SwapEvent:
     error: str | None  # why it was refused, when not ok
     locked_s: float  # seconds generation was paused for the weight copy (0 when refused before it)
     at: datetime
+
+
+@dataclass(frozen=True)
+class PageProgress:
+    """One update of a page being generated: each candidate's text so far, and at the end the page as recorded."""
+
+    texts: list[str]  # one per candidate, in order
+    version: int  # the adapter version generating them
+    generations: list[Generation] | None = None  # the recorded page, on the last update only
 
 
 class ServingModel:
@@ -125,18 +134,16 @@ class ServingModel:
                               temperature=s.temperature, top_p=s.top_p, seed=seed)
         return [displayable(c) for c in candidates]
 
-    def generate(self, prompt: str | None, n: int | None = None, *, rater: str, prompt_id: int | None = None,
-                 seed: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, page_id: int | None = None) -> list[Generation]:
-        """Sample n candidates with the served version and record them as one page; return the stored generations.
+    def generate_stream(self, prompt: str | None, n: int | None = None, *, rater: str, prompt_id: int | None = None,
+                        seed: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                        top_p: float | None = None, page_id: int | None = None) -> Iterator[PageProgress]:
+        """Sample n candidates with the served version in one batch and record them as one page, streaming:
+        yield a PageProgress after every decode step (each candidate's text so far), then one with the
+        recorded generations.
 
-        The request is a page of its own, asked for by `rater` (`store.record_generations`); with
-        `page_id` the candidates join that page instead (the page's rater and prompt must match),
-        for a page that fills its candidates in over several requests. Each record has its id,
-        `page_id`, text and `adapter_version`, the version that produced it. Without `prompt_id`
-        the prompt is a rater's own and is added to the store (source "rater") once it could be
-        generated from; with it, the stored prompt is used (`prompt` may be None, and if given must
-        be the same text). Raises PromptError, ValueError or StoreError on bad input.
+        The weights lock is held from the first step to the last, so a swap waits for the page; closing
+        the generator (a client that went away) releases it at the step it is in. Arguments and errors
+        as `generate`'s.
         """
         if not isinstance(rater, str) or not rater.strip():
             raise ValueError("a generation request needs the rater's name")
@@ -150,16 +157,44 @@ class ServingModel:
             raise ValueError("give a prompt or a prompt_id")
         with self._request_turn():
             version = self._version
-            candidates = self._sample(prompt, settings, seed)
+            stream = stream_candidates(self.policy.peft_model, self.tokenizer, prompt, settings.num_candidates,
+                                       settings.max_new_tokens, settings.temperature, settings.top_p, seed)
+            while True:
+                try:
+                    texts = next(stream)
+                except StopIteration as stop:
+                    candidates = [displayable(c) for c in stop.value]
+                    break
+                yield PageProgress([displayable_text(t) for t in texts], version)
         if prompt_id is None:
             prompt_id = self.store.add_prompt(prompt, source="rater")
         params = {"temperature": settings.temperature, "top_p": settings.top_p,
                   "max_new_tokens": settings.max_new_tokens, "seed": seed}
         log.info("rater %r: %d generations of prompt %d with version %d", rater.strip(), len(candidates),
                  prompt_id, version)
-        return self.store.record_generations(
+        generations = self.store.record_generations(
             prompt_id, version, [NewGeneration(c.text, c.token_ids, c.logprobs, params) for c in candidates],
             rater=rater, page_id=page_id)
+        yield PageProgress([g.text for g in generations], version, generations)
+
+    def generate(self, prompt: str | None, n: int | None = None, *, rater: str, prompt_id: int | None = None,
+                 seed: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, page_id: int | None = None) -> list[Generation]:
+        """Sample n candidates with the served version and record them as one page; return the stored generations.
+
+        The request is a page of its own, asked for by `rater` (`store.record_generations`); with
+        `page_id` the candidates join that page instead (the page's rater and prompt must match),
+        for a page that fills its candidates in over several requests. Each record has its id,
+        `page_id`, text and `adapter_version`, the version that produced it. Without `prompt_id`
+        the prompt is a rater's own and is added to the store (source "rater") once it could be
+        generated from; with it, the stored prompt is used (`prompt` may be None, and if given must
+        be the same text). Raises PromptError, ValueError or StoreError on bad input.
+        `generate_stream` run to its end.
+        """
+        *_, last = self.generate_stream(prompt, n, rater=rater, prompt_id=prompt_id, seed=seed,
+                                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        page_id=page_id)
+        return last.generations
 
     def generate_with_version(self, prompt: str, version: int, seed: int | None = None, *, n: int = 1,
                               max_new_tokens: int | None = None, temperature: float | None = None,
@@ -319,7 +354,12 @@ def displayable(candidate: Candidate) -> Candidate:
     """
     if "\x00" not in candidate.text:
         return candidate
-    return dataclasses.replace(candidate, text=candidate.text.replace("\x00", NUL_REPLACEMENT))
+    return dataclasses.replace(candidate, text=displayable_text(candidate.text))
+
+
+def displayable_text(text: str) -> str:
+    """Return text with every NUL character replaced by U+FFFD (see `displayable`)."""
+    return text.replace("\x00", NUL_REPLACEMENT)
 
 
 @contextmanager

@@ -495,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg, lora, sampling = (from_namespace(cls, args) for cls in (ModelConfig, LoraSettings, SamplingConfig))
         ppo_config, worker_cfg = ppo_config_from(args, sampling), from_namespace(WorkerConfig, args)
         reward_cfg, objective = from_namespace(RewardConfig, args), from_namespace(ObjectiveConfig, args)
+        lower_priority(worker_cfg.worker_nice)
         loaded = load_model(model_cfg)
     except (ValueError, ModelSpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -517,6 +518,17 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stopped; trainable weights sha256 %s", weights_checksum(policy))
     store.close()
     return 0
+
+
+def lower_priority(increment: int) -> int:
+    """Add `increment` to this process's niceness (os.nice; nothing where the OS has none, or for 0); return
+    the niceness it runs at, so that the page's decoding on the same cores comes first."""
+    if increment and hasattr(os, "nice"):
+        niceness = os.nice(increment)
+        log.info("worker runs at niceness %d (--worker-nice %d): pages being generated come first", niceness,
+                 increment)
+        return niceness
+    return os.nice(0) if hasattr(os, "nice") else 0
 
 
 def data_parallel_accelerator(device: torch.device):

@@ -7,6 +7,22 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite's numbers are float32's on any CPU: `--dtype auto` would pick bfloat16 on one with native
+# bfloat16 (its own test gives resolve_dtype a cpuinfo file), in this process and in the app and worker
+# processes tests start (their options read PPO_FEEDBACK_*).
+os.environ.setdefault("PPO_FEEDBACK_DTYPE", "float32")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def float32_on_any_cpu(tmp_path_factory):
+    """`--dtype auto` resolves as on a CPU without native bfloat16 for the whole session."""
+    from ppo_feedback import modeling
+
+    cpuinfo = tmp_path_factory.mktemp("cpu") / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    saved, modeling.CPUINFO = modeling.CPUINFO, cpuinfo
+    yield
+    modeling.CPUINFO = saved
 
 
 @pytest.fixture(scope="session")

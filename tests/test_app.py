@@ -145,6 +145,25 @@ def test_the_worker_refuses_an_option_it_does_not_know(capsys):
     assert exited.value.code == 2 and "unrecognized arguments: --port 7860" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, added", [([], 10), (["--worker-nice", "3"], 3), (["--worker-nice", "0"], 0)])
+def test_the_worker_lowers_its_priority_before_it_loads_the_model(options, added, capsys):
+    """The page comes first: the worker process adds --worker-nice (default 10) to its niceness at start."""
+    code = ("import os, sys, ppo_feedback.modeling as modeling\n"
+            "def load_model(config):\n"
+            "    print('niceness', os.nice(0), flush=True)\n"
+            "    raise modeling.ModelSpecError('stop here')\n"
+            "modeling.load_model = load_model\n"
+            "from ppo_feedback.worker import main\n"
+            "sys.exit(main(['--db', 'unused.db', *sys.argv[1:]]))\n")
+    done = subprocess.run([sys.executable, "-c", code, *options], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2 and "stop here" in done.stderr, done.stderr[-2000:]
+    assert f"niceness {min(19, os.nice(0) + added)}" in done.stdout
+    worker = pytest.importorskip("ppo_feedback.worker")
+    assert worker.main(["--db", "unused.db", "--worker-nice", "20"]) == 2  # refused before anything is niced
+    assert "--worker-nice must be in 0..19" in capsys.readouterr().err
+
+
 def test_app_passes_the_worker_exactly_the_options_it_knows():
     """The worker refuses unknown options, so app.py gives it its own options only, with the app's values."""
     worker = pytest.importorskip("ppo_feedback.worker")

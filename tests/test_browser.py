@@ -180,6 +180,34 @@ def test_prompts_and_generations_render_as_text(page, browser, tmp_path):
         store.close()
 
 
+def test_the_cards_show_the_text_as_it_is_generated(page, tmp_path):
+    """A page's candidates stream into their cards: partial text is on the page before the final message."""
+    texts = ["The sea is wide and the sea is deep, and it sings me to sleep.",
+             "Waves roll in, waves roll out, that is what the tide is about."]
+    store = new_store(tmp_path / "feedback.db", ["Write a short poem about the sea."])
+    serving = ScriptedServing(store, texts, tmp_path / "adapters", step_s=0.4, chars=6)
+    launched = launch(serving, store, SAMPLING.__class__(**{**SAMPLING.__dict__, "num_candidates": 2}))
+    try:
+        page.goto(launched.url)
+        wait_for_value(page, "#prompt", "v.length > 0")
+        page.click("#generate")
+        # some text in card A while the message still says the page is being generated
+        page.wait_for_function("""() => {
+            const value = s => document.querySelector(`${s} textarea, ${s} input[type=text]`)?.value ?? '';
+            return value('#candidate-text-0').length > 0 && value('#rate-message').startsWith('Generating');
+        }""")
+        partial = text_of(page, "#candidate-text-0")
+        assert texts[0].startswith(partial) and len(partial) < len(texts[0])
+        shoot(page, "streaming.png")
+        wait_for_value(page, "#rate-message", "v.startsWith('2 candidates from base model')")
+        assert [text_of(page, f"#candidate-text-{i}") for i in range(2)] == texts
+        page.wait_for_function("() => /· base model$/.test(document.querySelector('#candidate-0 label span')"
+                               "?.textContent.trim() ?? '')")
+    finally:
+        launched.close()
+        store.close()
+
+
 def test_only_admins_see_the_operate_tab(live, browser):
     users = write_users(live["root"] / "users.json")
     launched = launch(live["serving"], live["store"], users=users)

@@ -150,3 +150,65 @@ def test_rollout_of_stored_responses_lays_them_out_as_sampled(policy):
     assert empty.response_mask[0].sum() == 0 and empty.response_mask[1].sum() == len(responses[1])
     with pytest.raises(ValueError, match="logprobs"):
         rollout_of(policy.tokenizer, PROMPTS[:1], [responses[0]], temperature=1.0, device="cpu", logprobs=[[0.0]])
+
+
+def test_decode_yields_each_steps_tokens_and_returns_what_sample_returns(policy):
+    from ppo_feedback.generation import decode
+
+    steps = decode(policy.peft_model, policy.tokenizer, PROMPTS, max_new_tokens=10, seed=2, stop_at_eos=False,
+                   value_head=policy.value_head)
+    yielded = []
+    while True:
+        try:
+            yielded.append(next(steps))
+        except StopIteration as stop:
+            rollout = stop.value
+            break
+    assert len(yielded) == 10 and torch.equal(torch.stack(yielded, dim=1), rollout.responses)
+    again = sample(policy.peft_model, policy.tokenizer, PROMPTS, max_new_tokens=10, seed=2, stop_at_eos=False,
+                   value_head=policy.value_head)
+    assert torch.equal(again.query_response, rollout.query_response)
+    assert torch.equal(again.logprobs, rollout.logprobs) and torch.equal(again.values, rollout.values)
+
+
+def test_a_pages_candidates_share_one_prefill_and_stay_exact(policy, monkeypatch):
+    """Identical prompts are prefilled once (one row), their cache copied; logprobs still equal a fresh forward's."""
+    trunk = policy.trunk
+    batch_sizes = []
+    forward = trunk.forward
+
+    def counting(*args, **kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(trunk, "forward", counting)
+    prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[2], PROMPTS[2], PROMPTS[0]]
+    rollout = sample(policy.peft_model, policy.tokenizer, prompts, max_new_tokens=12, seed=1, stop_at_eos=False,
+                     value_head=policy.value_head)
+    monkeypatch.undo()
+    assert batch_sizes[0] == (2, rollout.context_length)  # the prefill: two distinct prompts
+    assert all(shape == (5, 1) for shape in batch_sizes[1:])  # then one token per row a step
+    assert torch.equal(rollout.query_response[:, :rollout.context_length],
+                       rollout_of(policy.tokenizer, prompts, [[]] * 5, temperature=1.0,
+                                  device="cpu").query_response[:, :rollout.context_length])
+    assert not torch.equal(rollout.responses[0], rollout.responses[2])  # the copies sample on their own
+    with torch.no_grad():
+        fresh = policy(rollout.query_response, rollout.attention_mask, rollout.context_length, 1.0)
+    assert torch.allclose(fresh.logprobs, rollout.logprobs, atol=1e-4)
+    assert torch.allclose(fresh.values, rollout.values, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 40])
+def test_skinny_linears_compute_the_same_product_and_put_the_layers_back(rows):
+    from ppo_feedback.generation import skinny_linears
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 96), torch.nn.Linear(64, 32, bias=False)]
+    x = torch.randn(rows, 1, 64)
+    with torch.no_grad():
+        expected = [layer(x) for layer in layers]
+        with skinny_linears(layers):
+            assert all("forward" in vars(layer) for layer in layers)
+            got = [layer(x) for layer in layers]
+    assert all(g.shape == e.shape and torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))
+    assert all("forward" not in vars(layer) for layer in layers)

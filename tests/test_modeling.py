@@ -108,8 +108,25 @@ def test_bad_quantize_and_device_values(tmp_path):
         ModelConfig(device="tpu").validate()
 
 
-def test_dtype_auto_is_bfloat16_only_on_a_cuda_gpu_that_has_it(monkeypatch, tmp_path):
-    assert modeling.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+CPUINFO_EPYC = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\n"
+CPUINFO_SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+CPUINFO_COOPER_LAKE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+CPUINFO_ARM = "processor\t: 0\nFeatures\t: fp asimd bf16\n"  # Arm names its flags Features; bf16 there is not these
+
+
+@pytest.mark.parametrize("cpuinfo, native", [(CPUINFO_EPYC, False), (CPUINFO_SAPPHIRE_RAPIDS, True),
+                                             (CPUINFO_COOPER_LAKE, True), (CPUINFO_ARM, False),
+                                             ("flags: avx512_bf16_x\n", False), (None, False)])
+def test_dtype_auto_is_bfloat16_on_a_cuda_gpu_or_a_cpu_that_has_it(monkeypatch, tmp_path, cpuinfo, native):
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:  # None: no such file (not Linux)
+        path.write_text(cpuinfo)
+    assert modeling.cpu_has_native_bf16(path) is native
+    expected = torch.bfloat16 if native else torch.float32
+    assert modeling.resolve_dtype("auto", torch.device("cpu"), cpuinfo=path) == expected
+    assert modeling.resolve_dtype("float32", torch.device("cpu"), cpuinfo=path) == torch.float32
+    monkeypatch.setattr(modeling, "CPUINFO", path)  # the default file
+    assert modeling.resolve_dtype("auto", torch.device("cpu")) == expected
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert modeling.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
@@ -118,6 +135,10 @@ def test_dtype_auto_is_bfloat16_only_on_a_cuda_gpu_that_has_it(monkeypatch, tmp_
         modeling.resolve_dtype("float16", torch.device("cpu"))
     with pytest.raises(ValueError, match="--dtype"):
         cfg(tmp_path, model="x", dtype="fp8").validate()
+
+
+def test_the_suite_runs_float32_whatever_the_cpu(tiny_loaded):
+    assert tiny_loaded.model.get_output_embeddings().weight.dtype == torch.float32
 
 
 def test_bfloat16_base_keeps_lora_and_logits_in_float32(tiny_model_dir, tmp_path):

@@ -77,8 +77,17 @@ def test_a_sampled_nul_character_is_recorded_and_shown_as_a_replacement_characte
     def sample_nul(model, tokenizer, prompt, n, *args, **kwargs):
         return [Candidate(f"a\x00b{i}\x00", [5, 0, 6, 0], [-1.0] * 4, False) for i in range(n)]
 
+    def stream_nul(model, tokenizer, prompt, n, *args, **kwargs):
+        yield [f"a\x00b{i}" for i in range(n)]
+        return sample_nul(model, tokenizer, prompt, n)
+
     monkeypatch.setattr(serving_module, "generate", sample_nul)
-    items = FeedbackApp(serving, store, FAST).generate("Once upon a time", 2, "ana")  # the page's /generate
+    monkeypatch.setattr(serving_module, "stream_candidates", stream_nul)
+    app = FeedbackApp(serving, store, FAST)
+    partial, items = app.generate_stream("Once upon a time", 2, "ana")  # the page's Generate button
+    assert [i["text"] for i in partial] == ["a\ufffdb0", "a\ufffdb1"]
+    assert [i["text"] for i in items] == ["a\ufffdb0\ufffd", "a\ufffdb1\ufffd"]
+    items = app.generate("Once upon a time", 2, "ana")  # the page's /generate
     assert [i["text"] for i in items] == ["a\ufffdb0\ufffd", "a\ufffdb1\ufffd"]
     for item in items:
         stored = store.get_generation(item["generation_id"])
@@ -152,31 +161,47 @@ def test_generation_keeps_working_during_swaps(serving, store, store_dir, traine
     assert all(e.ok for e in serving.events) and len(serving.events) == 20
 
 
-def test_a_request_in_flight_finishes_on_the_old_weights(serving, store, store_dir, trainer_policy, monkeypatch):
+def test_a_request_in_flight_finishes_on_the_old_weights(serving, store, store_dir, trainer_policy):
     publish_trained(store_dir, trainer_policy, store, seed=1, parent=0)
     serving.poll_once()
     publish_trained(store_dir, trainer_policy, store, seed=2, parent=1)
-    started, release = threading.Event(), threading.Event()
-    sample = serving._sample
-
-    def slow_sample(*args):
-        started.set()
-        release.wait(10)
-        return sample(*args)
-
-    monkeypatch.setattr(serving, "_sample", slow_sample)
-    result = {}
-    request = threading.Thread(target=lambda: result.update(out=serving.generate("Hello", 1, rater="ana")))
-    request.start()
-    assert started.wait(10)
+    stream = serving.generate_stream("Hello", 2, rater="ana", seed=1, max_new_tokens=6)
+    assert next(stream).generations is None  # the first step is decoded: the page holds the weights
     swapper = threading.Thread(target=serving.poll_once)
     swapper.start()
     time.sleep(0.2)
-    assert swapper.is_alive() and serving.version == 1  # the swap waits for the request
-    release.set()
-    request.join(30)
+    assert swapper.is_alive() and serving.version == 1  # the swap waits for the page
+    *_, last = stream
     swapper.join(30)
-    assert result["out"][0].adapter_version == 1 and serving.version == 2
+    assert [g.adapter_version for g in last.generations] == [1, 1] and serving.version == 2
+
+
+def test_a_stream_closed_midway_frees_the_weights_and_records_nothing(serving, store, store_dir, trainer_policy):
+    publish_trained(store_dir, trainer_policy, store, seed=1, parent=0)
+    stream = serving.generate_stream("Hello", 2, rater="ana", seed=1, max_new_tokens=6)
+    next(stream)
+    swapper = threading.Thread(target=serving.poll_once)
+    swapper.start()
+    time.sleep(0.2)
+    assert swapper.is_alive()
+    stream.close()  # the client went away (Gradio closes the generator)
+    swapper.join(10)
+    assert not swapper.is_alive() and serving.version == 1
+    assert store.counts()["generations"] == 0
+    assert serving.generate("Hello", 1, rater="ana")[0].adapter_version == 1
+
+
+def test_a_streamed_page_shows_each_text_growing_then_records_it(serving, store):
+    updates = list(serving.generate_stream("Once upon a time", 3, rater="ana", seed=4, max_new_tokens=8))
+    *partial, last = updates
+    assert 1 <= len(partial) <= 8 and all(u.generations is None and len(u.texts) == 3 for u in partial)
+    assert [g.text for g in last.generations] == last.texts and {g.adapter_version for g in last.generations} == {0}
+    assert len({g.page_id for g in last.generations}) == 1 and store.counts()["generations"] == 3
+    for row, generation in enumerate(last.generations):
+        texts = [u.texts[row] for u in partial]
+        assert all(generation.text.startswith(t) for t in texts), (texts, generation.text)
+        assert texts[-1] == generation.text  # the last step shows the whole text
+    assert len(partial) == max(len(store.get_generation(g.id).token_ids) for g in last.generations)  # a step a token
 
 
 def test_rollback_makes_serving_go_back(serving, store, store_dir, trainer_policy):

@@ -375,6 +375,24 @@ def test_short_load_run_is_exactly_once_with_a_worker_killed_and_restarted(tiny_
     assert report["worker"]["killed"] and report["worker"]["restarted"]
 
 
+@pytest.mark.slow
+def test_the_serving_bench_streams_pages_idle_and_while_a_ppo_process_trains(tiny_model_dir):
+    """bench/serving.py end to end on the tiny model: its last line is the JSON the issue asks for."""
+    done = subprocess.run([sys.executable, "bench/serving.py", "--model", str(tiny_model_dir), "--pages", "2",
+                           "--candidates", "2", "--max-new-tokens", "4", "--repeats", "1", "--threads", "1"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("first_token_s", "page_s", "page_s_training", "tokens_per_s", "hf_generate_page_s",
+                "hf_generate_tokens_per_s"):
+        assert result[key] > 0, key
+    assert result["first_token_s"] <= result["page_s"] and result["page_tokens"] <= 4
+    assert result["logprob_gap_nats_per_token"] < 1e-4  # float32: the recorded log-probabilities are exact
+    assert result["training"][0]["nice"] == 10 and result["training"][0]["iteration_s_alone"] > 0
+    assert set(result["goals"]) == {"first_token_s", "page_s", "page_s_training", "tokens_per_s_vs_hf_generate"}
+    assert all(isinstance(goal["met"], bool) for goal in result["goals"].values())
+
+
 def test_distinct_bigram_share_counts_repeated_word_pairs_once():
     from bench.learning_curve import distinct_bigram_share
 

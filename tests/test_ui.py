@@ -148,23 +148,36 @@ def test_one_submit_stores_ratings_comment_and_best_as_preferences(app, store):
     assert pairs == {(ids[0], ids[1]), (ids[0], ids[2])}
 
 
-@pytest.mark.parametrize("stream_after_s", [-1.0, 1e9], ids=["one by one", "first, then the rest"])
-def test_the_generate_button_records_one_page_however_it_fills_it_in(store, tmp_path, monkeypatch, stream_after_s):
+def test_the_generate_button_streams_the_texts_into_the_cards_then_records_one_page(store, tmp_path):
     from ppo_feedback.page import handlers
     from test_ui_support import ScriptedServing
 
-    monkeypatch.setattr(handlers, "STREAM_AFTER_S", stream_after_s)
-    serving = ScriptedServing(store, ["one", "two", "three"], tmp_path / "adapters")
+    texts = ["one two three four", "five six seven", "eight nine"]
+    serving = ScriptedServing(store, texts, tmp_path / "adapters", chars=5)
     feedback_app = FeedbackApp(serving, store, SamplingConfig(max_prompt_chars=100, max_candidates=4))
     try:
         updates = list(handlers.generate_handler(feedback_app)("A prompt", 4, None))
     finally:
         feedback_app.close()
-    assert len(updates) == (5 if stream_after_s < 0 else 2)  # the cards, each candidate's progress, the end
-    ids = updates[-1][1]
+    max_n = 4
+
+    def card_texts(update):  # message, ids, the columns, then the texts
+        return [t.value if isinstance(t, gr.Textbox) else None for t in update[2 + max_n:2 + 2 * max_n]]
+
+    assert [t.visible for t in updates[0][2:2 + max_n]] == [True] * 4 and card_texts(updates[0]) == [""] * 4
+    partial = updates[1:-1]
+    assert len(partial) == 3  # 18 characters, 5 a step
+    assert card_texts(partial[0]) == ["one t", "five ", "eight", "one t"]
+    assert card_texts(partial[-1]) == ["one two three f", "five six seven", "eight nine", "one two three f"]
+    assert not any(isinstance(u[1], list) for u in partial)  # no generation ids before the page is recorded
+    final = updates[-1]
+    assert final[0].startswith("4 candidates from base model")
+    assert card_texts(final) == [*texts, texts[0]]
+    ids = final[1]
     [page_id] = {store.get_generation(g).page_id for g in ids}
     assert [g.id for g in store.page_generations(page_id)] == ids and len(ids) == 4
     assert store.get_page(page_id).rater == LOCAL_USER
+    assert store.counts()["generations"] == 4  # nothing recorded before the end
 
 
 @pytest.mark.parametrize("scores, best, comment, message", [

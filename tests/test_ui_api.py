@@ -58,7 +58,8 @@ def test_the_page_with_logins_refuses_strangers(env):
 
 def test_endpoints_are_named_in_the_api(ben):
     named = ben.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    assert {"/next_prompt", "/generate", "/rate", "/prefer", "/status", "/export_adapter"} <= set(named)
+    assert {"/next_prompt", "/generate", "/generate_stream", "/rate", "/prefer", "/status",
+            "/export_adapter"} <= set(named)
 
 
 def test_next_prompt_gives_the_least_rated_prompt_the_rater_has_not_rated(ben, env):
@@ -78,6 +79,61 @@ def test_generate_records_candidates_with_their_version(ben, env):
     stored = env["store"].get_generation(result[0]["generation_id"])
     assert stored.text == result[0]["text"] and stored.adapter_version == result[0]["version"]
     assert env["store"].get_prompt(stored.prompt_id).source == "rater"
+
+
+def test_generate_stream_gives_the_texts_so_far_then_the_recorded_page(ben, env):
+    job = ben.submit("Tell me a story", 3, api_name="/generate_stream")
+    updates = list(job)  # gradio_client yields each streamed output
+    *partial, final = updates
+    assert partial and all(len(u) == 3 and all(set(c) == {"text", "version"} for c in u) for u in partial)
+    assert len(final) == 3 and all(set(item) == ITEM_KEYS for item in final)
+    assert job.outputs()[-1] == final
+    for row, item in enumerate(final):
+        assert env["store"].get_generation(item["generation_id"]).text == item["text"]
+        assert all(item["text"].startswith(u[row]["text"]) for u in partial)
+    with pytest.raises(Exception, match="Ask for 1 to 4"):
+        ben.submit("Hello", 0, api_name="/generate_stream").result()
+
+
+def test_a_streaming_client_that_cancels_frees_the_model(ben, env, monkeypatch):
+    """Gradio closes the endpoint's generator when its client cancels (or its page closes), which releases the
+    weights the page held; nothing is recorded."""
+    import threading
+    import time
+
+    import ppo_feedback.serving as serving_module
+
+    closed = threading.Event()
+    real = serving_module.stream_candidates
+
+    def slow(*args, **kwargs):
+        steps = real(*args, **kwargs)
+        try:
+            while True:
+                try:
+                    texts = next(steps)
+                except StopIteration as stop:
+                    return stop.value
+                time.sleep(0.5)
+                yield texts
+        finally:
+            closed.set()
+
+    monkeypatch.setattr(serving_module, "stream_candidates", slow)
+    before = env["store"].counts()["generations"]
+    job = ben.submit("Cancel me halfway", 2, api_name="/generate_stream")
+    deadline = time.monotonic() + 60
+    while not job.outputs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.outputs() and not closed.is_set()
+    job.cancel()
+    assert closed.wait(10)
+    monkeypatch.undo()
+    done = []
+    thread = threading.Thread(target=lambda: done.append(env["serving"].generate("After the cancel", 1, rater="t")))
+    thread.start()
+    thread.join(30)
+    assert done and env["store"].counts()["generations"] == before + 1  # the weights were free again
 
 
 @pytest.mark.parametrize("prompt, n, message", [

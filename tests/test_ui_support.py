@@ -5,6 +5,7 @@ No tests here; the page runs in this process with `prevent_thread_lock`, on a fr
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ppo_feedback.auth import User, UserDirectory, hash_password, write_users_fi
 from ppo_feedback.config import LoraSettings, ModelConfig, SamplingConfig
 from ppo_feedback.generation import Candidate
 from ppo_feedback.page import FeedbackApp, build_demo, launch_options
+from ppo_feedback.serving import PageProgress
 
 LORA = LoraSettings(lora_r=4, lora_alpha=8)
 SAMPLING = SamplingConfig(num_candidates=3, max_candidates=4, max_new_tokens=8, max_prompt_chars=200)
@@ -90,23 +92,34 @@ def publish_version(model_dir, store: FeedbackStore, adapters: Path, seed: int, 
 
 
 class ScriptedServing:
-    """A stand-in for ServingModel that 'generates' fixed texts (for the injection test), recording them as usual."""
+    """A stand-in for ServingModel that 'generates' fixed texts, streamed a few characters a step (`step_s`
+    seconds apart), recording them as usual."""
 
-    def __init__(self, store: FeedbackStore, texts: list[str], adapters: Path):
+    def __init__(self, store: FeedbackStore, texts: list[str], adapters: Path, step_s: float = 0.0, chars: int = 8):
         self.store = store
         self.texts = texts
         self.adapters = AdapterStore(adapters)
         self.version = 0
         self.last_swap_error = None
         self.base_model = "scripted <b>model</b>"
+        self.step_s = step_s
+        self.chars = chars
         self._calls = 0
 
-    def generate(self, prompt, n=None, *, rater, prompt_id=None, seed=None, page_id=None, **_):
-        prompt_id = self.store.add_prompt(prompt, source="rater") if prompt_id is None else prompt_id
+    def generate_stream(self, prompt, n=None, *, rater, prompt_id=None, seed=None, page_id=None, **_):
         texts = [self.texts[(self._calls + i) % len(self.texts)] for i in range(n or 1)]
-        self._calls += len(texts)  # the page may ask one candidate at a time: keep cycling through the texts
-        return self.store.record_generations(prompt_id, self.version, [NewGeneration(t) for t in texts],
-                                            rater=rater, page_id=page_id)
+        self._calls += len(texts)  # keep cycling through the texts
+        for end in range(self.chars, max(map(len, texts)), self.chars):
+            time.sleep(self.step_s)
+            yield PageProgress([t[:end] for t in texts], self.version)
+        prompt_id = self.store.add_prompt(prompt, source="rater") if prompt_id is None else prompt_id
+        generations = self.store.record_generations(prompt_id, self.version, [NewGeneration(t) for t in texts],
+                                                    rater=rater, page_id=page_id)
+        yield PageProgress(texts, self.version, generations)
+
+    def generate(self, prompt, n=None, **kwargs):
+        *_, last = self.generate_stream(prompt, n, **kwargs)
+        return last.generations
 
     def generate_with_version(self, prompt, version, seed=None, **_):
         return [Candidate(text=self.texts[0], token_ids=[], logprobs=[], finished=True)]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import gradio as gr
 
@@ -59,6 +59,11 @@ class Api:
         """Generate n candidates with the serving version and record them as one page: [{"generation_id", "prompt_id", "page_id", "text", "version"}]."""
         return self.app.generate(prompt, n, self.app.rater(request, rater))
 
+    def generate_stream(self, prompt: str, n: int = SamplingConfig.num_candidates, rater: str = "",
+                        request: gr.Request = None) -> Iterator[list]:
+        """As /generate, streamed: [{"text", "version"}] (each candidate's text so far) after every decoded token, then the /generate records."""
+        yield from self.app.generate_stream(prompt, n, self.app.rater(request, rater))
+
     def rate(self, generation_id: int, score: int, comment: str = "", rater: str = "",
              request: gr.Request = None) -> dict:
         """Rate a generation 1..5 with an optional comment: {"ok": true}."""
@@ -90,6 +95,7 @@ class Api:
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("next_prompt"),
     Endpoint("generate", queue="model", defaults=lambda app: {"n": app.sampling.num_candidates}),
+    Endpoint("generate_stream", queue="model", defaults=lambda app: {"n": app.sampling.num_candidates}),
     Endpoint("rate"),
     Endpoint("prefer"),
     Endpoint("status"),
@@ -116,19 +122,32 @@ def endpoint_function(api: Api, endpoint: Endpoint) -> Callable:
     if endpoint.admin_action:
         parameters.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request,
                                             default=None))
-    signature = inspect.Signature(parameters, return_annotation=inspect.signature(method).return_annotation)
+    returns = inspect.signature(method).return_annotation
+    streams = inspect.isgeneratorfunction(method)
+    if streams:  # Gradio reads a streaming endpoint's output type from what each step yields
+        returns = get_args(get_type_hints(method)["return"])[0]
+    signature = inspect.Signature(parameters, return_annotation=returns)
 
-    @functools.wraps(method)
-    def call(*args, **kwargs):
+    def arguments(args, kwargs) -> dict[str, Any]:
         bound = signature.bind(*args, **kwargs)  # bound against the served signature: the row's defaults apply
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         if endpoint.admin_action:
             api.app.require_admin(arguments.pop("request"), endpoint.admin_action)
-        return method(**arguments)
+        return arguments
+
+    if streams:
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            yield from method(**arguments(args, kwargs))
+    else:
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            return method(**arguments(args, kwargs))
 
     call.__signature__ = signature
-    call.__annotations__ = {**method.__annotations__, **({"request": gr.Request} if endpoint.admin_action else {})}
+    call.__annotations__ = {**method.__annotations__, "return": returns,
+                            **({"request": gr.Request} if endpoint.admin_action else {})}
     return shown_errors(call)
 
 

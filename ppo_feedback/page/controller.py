@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,12 @@ def training_summary(metrics: dict[str, Any]) -> dict[str, Any] | None:
     if judged is None and objective == "ppo" and "objective/scores" not in metrics:
         return None
     return {"objective": objective, "reward_model": judged}
+
+
+def page_records(generations) -> list[dict[str, Any]]:
+    """Return the API records of recorded generations: {"generation_id", "prompt_id", "page_id", "text", "version"}."""
+    return [{"generation_id": g.id, "prompt_id": g.prompt_id, "page_id": g.page_id, "text": g.text,
+             "version": g.adapter_version} for g in generations]
 
 
 def version_label(version: int) -> str:
@@ -151,15 +158,22 @@ class FeedbackApp:
             return {"prompt_id": None, "text": None}
         return {"prompt_id": prompt.id, "text": prompt.text}
 
-    def generate(self, prompt: str, n: int, rater: str, seed: int | None = None,
-                 page_id: int | None = None) -> list[dict[str, Any]]:
-        """Sample and record n candidates with the serving version as one page (or onto `page_id`,
-        one of this rater's pages of this prompt); return their API records."""
+    def generate(self, prompt: str, n: int, rater: str, seed: int | None = None) -> list[dict[str, Any]]:
+        """Sample and record n candidates with the serving version as one page; return their API records."""
         prompt = self.check_prompt(prompt)
         n = self.check_n(n)
-        generations = self.serving.generate(prompt, n, rater=rater, seed=seed, page_id=page_id)
-        return [{"generation_id": g.id, "prompt_id": g.prompt_id, "page_id": g.page_id, "text": g.text,
-                 "version": g.adapter_version} for g in generations]
+        return page_records(self.serving.generate(prompt, n, rater=rater, seed=seed))
+
+    def generate_stream(self, prompt: str, n: int, rater: str, seed: int | None = None) -> Iterator[list[dict[str, Any]]]:
+        """Sample n candidates with the serving version in one batch, yielding [{"text", "version"}] (each
+        candidate's text so far) after every decode step, then, recorded as one page, their API records."""
+        prompt = self.check_prompt(prompt)
+        n = self.check_n(n)
+        for progress in self.serving.generate_stream(prompt, n, rater=rater, seed=seed):
+            if progress.generations is not None:
+                yield page_records(progress.generations)
+            else:
+                yield [{"text": text, "version": progress.version} for text in progress.texts]
 
     def rate(self, generation_id: Any, score: Any, comment: str | None, rater: str) -> dict[str, Any]:
         """Store one rating (1..5, optional comment); return {"ok": True}."""

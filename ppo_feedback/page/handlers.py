@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,6 @@ from .inputs import md_escape, shown_errors
 from .layout import Page
 
 log = logging.getLogger(__name__)
-
-STREAM_AFTER_S = 0.75
-"""When one candidate takes longer than this, the rest are generated and shown one at a time."""
-
 
 def wire_page(app: FeedbackApp, page: Page, demo: gr.Blocks) -> None:
     """Connect every part of the page to the controller (inside `demo`); returns nothing."""
@@ -149,7 +144,7 @@ def wire_status(app: FeedbackApp, page: Page, demo: gr.Blocks) -> None:
 # ---------------------------------------------------------------------------------- rating
 
 def wire_rating(app: FeedbackApp, page: Page) -> None:
-    """Next prompt, Generate (candidates shown as they come) and Submit on the Rate tab."""
+    """Next prompt, Generate (the candidates' text streamed into their cards) and Submit on the Rate tab."""
     rate, max_n = page.rate, app.sampling.max_candidates
 
     @shown_errors
@@ -189,45 +184,34 @@ def wire_rating(app: FeedbackApp, page: Page) -> None:
 
 
 def generate_handler(app: FeedbackApp):
-    """Return the Generate button's handler: a generator that shows the cards, then the candidates,
-    one at a time when one candidate takes longer than STREAM_AFTER_S, else all together."""
+    """Return the Generate button's handler: a generator that shows the cards, streams every candidate's
+    text into them as the tokens come (one batch for the page), then the recorded page and the message."""
     max_n = app.sampling.max_candidates
+
+    def texts(records: list[dict[str, Any]], labelled: bool) -> list:
+        updates = [gr.Textbox(value=r["text"], label=f"{LETTERS[i]} · {version_label(r['version'])}") if labelled
+                   else gr.Textbox(value=r["text"]) for i, r in enumerate(records)]
+        return updates + [gr.skip()] * (max_n - len(records))
 
     @shown_errors
     def on_generate(prompt_text: str, n: float, request: gr.Request) -> Iterator[tuple]:
         rater = app.rater(request)
         prompt_text = app.check_prompt(prompt_text)
         n = app.check_n(n)
-        cards: list[dict[str, Any]] = []
-
-        def update(note: str, first: bool = False) -> tuple:
-            column_updates = [gr.Column(visible=i < n) for i in range(max_n)] if first else [gr.skip()] * max_n
-            text_updates = []
-            for i in range(max_n):
-                if i < len(cards):
-                    c = cards[i]
-                    text_updates.append(gr.Textbox(value=c["text"], label=f"{LETTERS[i]} · {version_label(c['version'])}"))
-                elif i < n:
-                    text_updates.append(gr.Textbox(value="", label=f"{LETTERS[i]} · generating…"))
-                else:
-                    text_updates.append(gr.skip() if not first else gr.Textbox(value=""))
-            radio_updates = [gr.Radio(value=None) for _ in range(max_n)] if first else [gr.skip()] * max_n
-            best_update = gr.Radio(choices=list(LETTERS[:n]), value=None) if first else gr.skip()
-            return (note, [c["generation_id"] for c in cards], *column_updates, *text_updates, *radio_updates,
-                    best_update)
-
-        yield update(f"Generating {n} candidate{'s' if n != 1 else ''}…", first=True)
-        started = time.perf_counter()
-        cards += app.generate(prompt_text, 1, rater)
-        one_by_one = time.perf_counter() - started > STREAM_AFTER_S
-        while len(cards) < n:  # the rest join the first card's page: one page, however it is filled in
-            if one_by_one:
-                yield update(f"Generated {len(cards)} of {n}…")
-            cards += app.generate(prompt_text, 1 if one_by_one else n - len(cards), rater,
-                                  page_id=cards[0]["page_id"])
-        versions = sorted({c["version"] for c in cards})
-        yield update(f"{n} candidate{'s' if n != 1 else ''} from {', '.join(map(version_label, versions))}: "
-                     "rate each 1–5, pick the best if you like, then submit.")
+        yield (f"Generating {n} candidate{'s' if n != 1 else ''}…", [],
+               *[gr.Column(visible=i < n) for i in range(max_n)],
+               *[gr.Textbox(value="", label=f"{LETTERS[i]} · generating…" if i < n else LETTERS[i])
+                 for i in range(max_n)],
+               *[gr.Radio(value=None) for _ in range(max_n)], gr.Radio(choices=list(LETTERS[:n]), value=None))
+        unchanged = [gr.skip()] * (2 * max_n + 1)  # columns, ratings and the best pick stay as they are
+        for records in app.generate_stream(prompt_text, n, rater):
+            if "generation_id" not in records[0]:  # text so far
+                yield (gr.skip(), gr.skip(), *unchanged[:max_n], *texts(records, False), *unchanged[max_n:])
+                continue
+            versions = sorted({r["version"] for r in records})
+            yield (f"{n} candidate{'s' if n != 1 else ''} from {', '.join(map(version_label, versions))}: "
+                   "rate each 1–5, pick the best if you like, then submit.", [r["generation_id"] for r in records],
+                   *unchanged[:max_n], *texts(records, True), *unchanged[max_n:])
 
     return on_generate
 
