@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.load import app_command, child_env, free_port, stop_process, wait_for_app  # noqa: E402
+from bench.load import app_command, child_env, free_port, split_at_dashes, stop_process, wait_for_app  # noqa: E402
 from ppo_feedback.config import LoraSettings, from_namespace  # noqa: E402
 
 HELD_OUT_PROMPTS = [
@@ -147,12 +147,8 @@ def evaluate_policy(policy, prompts: list[str], preference, *, samples: int, max
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    given = list(argv)
-    passthrough: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1:]
+    given = list(sys.argv[1:] if argv is None else argv)
+    argv, passthrough = split_at_dashes(given)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preference", default="keyword:you")

@@ -45,6 +45,15 @@ if str(ROOT) not in sys.path:
 WORKER_ID = "bench-worker"
 
 
+def split_at_dashes(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """Return (a bench's own arguments, the app's or worker's options after `--`) of `argv` (None: sys.argv[1:])."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
 def free_port() -> int:
     """Return a free TCP port on the loopback interface."""
     with socket.socket() as s:
@@ -299,11 +308,7 @@ def run_load(*, model: str = "tiny", workdir: str | Path | None = None, raters: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+    argv, extra = split_at_dashes(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny (built locally), smollm2-135m or a model spec")
     parser.add_argument("--raters", type=int, default=16)

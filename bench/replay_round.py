@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.learning_curve import evaluate_policy, held_out_prompts  # noqa: E402
+from bench.load import split_at_dashes  # noqa: E402
 
 
 def build_worker(run: dict, db: Path, adapters: Path, options: list[str]):
@@ -58,11 +59,7 @@ def build_worker(run: dict, db: Path, adapters: Path, options: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    options: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, options = argv[:cut], argv[cut + 1:]
+    argv, options = split_at_dashes(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a bench/learning_curve.py --out folder")
     parser.add_argument("--rounds", type=int, default=3, help="rounds trained on all of the run's feedback")
