@@ -122,7 +122,7 @@ class Worker:
         self.initial = AdapterState.initial(policy)
         self.loaded_version: int | None = None
         self._reference_features: torch.Tensor | None = None
-        self._examples_at: tuple[Cursor, str, Examples | None] | None = None  # direct_examples' cache
+        self._examples_at: tuple[Cursor, Examples | None] | None = None  # direct_examples' cache
         self._distrusted: tuple[Cursor, str] | None = None  # (feedback end, verdict) of an untrusted reward model
         self.stop_requested = threading.Event()
         self.heartbeat: Heartbeat | None = None  # process 0's, while it holds the lease
@@ -303,11 +303,11 @@ class Worker:
 
         Read once per state of the feedback (keyed by the cursor after the newest rating or preference
         since `cursor`), so a waiting worker and the round it then prepares do not reread it all."""
-        end, objective = self.feedback_end(cursor), self.objective.objective
-        if self._examples_at is None or self._examples_at[:2] != (end, objective):
+        end = self.feedback_end(cursor)
+        if self._examples_at is None or self._examples_at[0] != end:
             feedback = read_feedback(self.store, self.reward_config.prior_weight)
-            self._examples_at = (end, objective, examples(objective, feedback, self.objective.good_score))
-        return self._examples_at[2]
+            self._examples_at = (end, examples(self.objective.objective, feedback, self.objective.good_score))
+        return self._examples_at[1]
 
     def publish(self, parent: int, plan: RoundPlan, stats: dict[str, float]) -> tuple[int | None, str | None]:
         """Publish the trained adapter with the round's metrics; return (its version, None) or (None, why not)."""
