@@ -400,6 +400,8 @@ class ObjectiveConfig:
     """What a round trains: ppo (reward model, PPO iterations, replay), or directly from the rated pages: dpo (pairs of one page's candidates rated differently with a good chosen one, and picks), raft (likelihood of good candidates rated above their page's mean) or kto (good candidates and those rated below their rater's mean); a direct round runs --direct-epochs passes of --direct-batch-size minibatches at --learning-rate."""
     beta: float = 0.1
     """DPO's and KTO's beta: the strength of their implicit KL bound to the base model (also scales the rewards/* statistics of every direct objective)."""
+    rpo_alpha: float = 0.0
+    """DPO's added weight on the chosen responses' negative log-likelihood per token (RPO, Pang et al. 2024; 1.0 in the paper; 0: plain DPO): keeps what the raters chose likely, so DPO does not drift onto text neither candidate resembles."""
     direct_epochs: int = 2
     """Passes over all of a direct round's examples (every rated page so far), in shuffled minibatches."""
     direct_batch_size: int = 8
@@ -425,6 +427,8 @@ class ObjectiveConfig:
             raise ValueError("--direct-epochs and --direct-batch-size must be >= 1")
         if math.isnan(self.good_score) or self.good_score == math.inf:
             raise ValueError(f"--good-score must be a number or -inf, not {self.good_score}")
+        if not (0 <= self.rpo_alpha < float("inf")):
+            raise ValueError(f"--rpo-alpha must be a finite number >= 0, not {self.rpo_alpha}")
         if not (0 < self.beta < float("inf")):
             raise ValueError(f"--beta must be a finite number > 0, not {self.beta}")
 

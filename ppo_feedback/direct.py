@@ -11,7 +11,8 @@ examples with the objective's loss (`objectives`), one optimizer step each throu
 What each learns from (one page: the candidates one rater asked for and saw side by side):
 
 - dpo: pairs (chosen, rejected) of one page's candidates rated differently whose chosen one is good
-  (`page_pairs`), and the preferences (picks), which win over a contradicting rating pair;
+  (`page_pairs`), and the preferences (picks), which win over a contradicting rating pair; with
+  `--rpo-alpha` > 0 the chosen ones' likelihood is held up too (RPO, `chosen_nll`);
 - raft: the good candidates rated strictly above their page's mean (`above_page_mean`), made likelier;
 - kto: every rated candidate alone, desirable when it is good and above its rater's own mean
   (normalised score > 0), undesirable below that mean, otherwise left out; weights from
@@ -38,8 +39,8 @@ import torch
 from .config import ObjectiveConfig
 from .feedback import RatedFeedback
 from .generation import Rollout, max_positions, rollout_of
-from .objectives import (above_page_mean, dpo_loss, kto_kl_estimate, kto_loss, kto_mismatched, kto_weights,
-                         raft_loss, sequence_logprobs)
+from .objectives import (above_page_mean, chosen_nll, dpo_loss, kto_kl_estimate, kto_loss, kto_mismatched,
+                         kto_weights, raft_loss, sequence_logprobs)
 from .trainer import PPOTrainer
 
 
@@ -184,7 +185,11 @@ class DirectTrainer:
         if found.objective == "dpo":
             chosen, rejected = [list(column) for column in zip(*items)]
             logps = self.sequence_logprobs(layout, chosen + rejected)
-            return dpo_loss(logps[:len(chosen)], logps[len(chosen):], reference[chosen], reference[rejected], beta)
+            loss, stats = dpo_loss(logps[:len(chosen)], logps[len(chosen):], reference[chosen], reference[rejected], beta)
+            if self.config.rpo_alpha > 0:  # RPO: the chosen ones' likelihood held up too
+                nll = chosen_nll(logps[:len(chosen)], layout.response_mask[chosen].sum(1))
+                loss, stats["loss/nll"] = loss + self.config.rpo_alpha * nll, nll.detach()
+            return loss, stats
         rows = [item[0] for item in items]
         if found.objective == "raft":
             index = torch.as_tensor(rows, device=layout.query_response.device)

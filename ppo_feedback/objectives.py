@@ -8,7 +8,8 @@ tokens; padding is ignored even when it holds NaN or inf. Sequence tensors are `
 reference's log-probabilities, the KTO reference point and every advantage are constants: they are
 detached here, so no gradient reaches them.
 
-- `dpo_loss`: pairs (chosen, rejected) of one prompt; `page_pairs` makes them from a page's ratings and pick.
+- `dpo_loss`: pairs (chosen, rejected) of one prompt; `page_pairs` makes them from a page's ratings and pick;
+  `chosen_nll`, RPO's negative log-likelihood of the chosen responses added to it.
 - `kto_loss`: single outputs labelled desirable or undesirable, with `kto_kl_estimate` (the reference
   point z0), `kto_mismatched` (which response to pair with which prompt for it) and `kto_weights` (λ_D, λ_U).
 - `raft_loss`: the length-normalised likelihood of kept samples; `above_page_mean` chooses them.
@@ -21,6 +22,8 @@ References:
 
 - Rafailov, Sharma, Mitchell, Ermon, Manning, Finn 2023, "Direct Preference Optimization: Your
   Language Model is Secretly a Reward Model", arXiv:2305.18290 (DPO).
+- Pang, Yuan, He, Cho, Sukhbaatar, Weston 2024, "Iterative Reasoning Preference Optimization",
+  arXiv:2404.19733 (RPO: DPO plus the chosen responses' negative log-likelihood, weighted by alpha).
 - Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO",
   https://ericmitchell.ai/cdpo.pdf (conservative DPO: label smoothing for flipped labels).
 - Ethayarajh, Xu, Muennighoff, Jurafsky, Kiela 2024, "KTO: Model Alignment as Prospect Theoretic
@@ -157,6 +160,21 @@ def dpo_loss(
         "rewards/margins": _mean_detached(h),
     }
     return losses.mean(), stats
+
+
+def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """RPO's added term: the chosen responses' negative log-likelihood per token, 0-dim.
+
+    ``nll = −Σ_i logπ_θ(y_w,i) / Σ_i |y_w,i|`` over the ``(N,)`` sequence log-probabilities of the chosen
+    responses and their ``(N,)`` token counts (a mean over all the batch's chosen tokens, as TRL's "sft"
+    loss). RPO minimises ``dpo_loss + α·nll``: DPO alone can lower the chosen responses' likelihood too
+    (only the margin matters), moving probability onto text neither response resembles; the NLL holds
+    the chosen ones up. Raises ValueError on a shape mismatch or a count that is not positive.
+    """
+    _sequences(policy_chosen_logps=policy_chosen_logps, chosen_lengths=chosen_lengths)
+    if not bool((chosen_lengths > 0).all()):
+        raise ValueError(f"every chosen response needs at least one token; lengths {chosen_lengths.tolist()}")
+    return -policy_chosen_logps.sum() / chosen_lengths.sum()
 
 
 # ----------------------------------------------------------------------------- KTO

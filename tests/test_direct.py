@@ -34,6 +34,8 @@ def test_objective_option_refuses_unknown_names_and_bad_beta():
         ObjectiveConfig(objective="ipo").validate()
     with pytest.raises(ValueError, match="--beta"):
         ObjectiveConfig(objective="dpo", beta=0.0).validate()
+    with pytest.raises(ValueError, match="--rpo-alpha"):
+        ObjectiveConfig(objective="dpo", rpo_alpha=-1.0).validate()
     assert main(["--objective", "ipo", "--db", "unused.db"]) == 2  # refused before any model loads
     assert not ObjectiveConfig().direct and ObjectiveConfig(objective="kto").direct
 
@@ -127,6 +129,29 @@ def test_direct_round_publishes_a_policy_that_prefers_the_better_rated(tmp_path,
     mine_w, base_w = page_logprobs(worker, worse)
     gain = (mine_b - base_b) - (mine_w - base_w)  # (pages,) how much likelier the better one became, relatively
     assert bool((gain > 0).all()), gain  # on every page
+
+
+def test_rpo_holds_up_the_chosen_candidates_likelihood_more_than_dpo(tmp_path, tiny_model_dir, rated_store):
+    from dataclasses import replace
+
+    from db.records import Cursor
+    from ppo_feedback.feedback import read_feedback
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_epochs=4))
+    plan, start = worker.prepare(Cursor()), worker.snapshot()
+    fb = read_feedback(rated_store)
+    chosen = [rows[int(fb.scores[rows].argmax())] for rows in fb.rated_pages().values()]
+    gain, stats = {}, {}
+    for alpha in (0.0, 1.0):  # the same round from the same start, without and with the NLL term
+        worker.restore(start)
+        worker.direct.config = replace(worker.direct.config, rpo_alpha=alpha)
+        stats[alpha] = worker.train(plan)
+        mine, base = page_logprobs(worker, chosen)
+        gain[alpha] = mine - base
+    assert "loss/nll" not in stats[0.0] and stats[1.0]["loss/nll"] > 0
+    assert stats[1.0]["loss/dpo"] > stats[1.0]["loss/nll"]  # the round's loss holds both terms
+    assert bool((gain[1.0] > gain[0.0]).all()), gain  # every chosen candidate became likelier with RPO
 
 
 def test_direct_round_with_a_non_finite_loss_is_discarded(tmp_path, tiny_model_dir, rated_store):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from ppo_feedback.objectives import (
     above_page_mean,
+    chosen_nll,
     dpo_loss,
     kto_kl_estimate,
     kto_loss,
@@ -88,6 +89,19 @@ def test_dpo_loss_by_hand():
     expected = [-0.5 * sigmoid(-1.0) / 2, -0.5 * sigmoid(0.5) / 2]
     close(pc.grad, expected)
     close(pr.grad, [-g for g in expected])
+
+
+def test_chosen_nll_by_hand():
+    logps = t([-2.0, -4.0]).requires_grad_()
+    # over all chosen tokens: -(-2 - 4) / (1 + 3) = 1.5; d / d logpi_i = -1 / 4 for each
+    nll = chosen_nll(logps, t([1.0, 3.0]))
+    close(nll, 1.5)
+    nll.backward()
+    close(logps.grad, [-0.25, -0.25])
+    with pytest.raises(ValueError, match="at least one token"):
+        chosen_nll(t([-1.0, -1.0]), t([2.0, 0.0]))
+    with pytest.raises(ValueError, match="one shape"):
+        chosen_nll(t([-1.0, -1.0]), t([2.0]))
 
 
 def test_conservative_dpo_by_hand_and_its_optimum():
