@@ -6,7 +6,8 @@ score: `examples` makes the objective's examples from the rated pages (`RatedFee
 (adapter off, no grad), runs `--direct-epochs` passes of shuffled minibatches of `--direct-batch-size`
 examples with the objective's loss (`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
-`batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`).
+`batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`); with
+`--direct-target-kl` it measures that after every pass and stops early once it is above the target.
 
 What each learns from (one page: the candidates one rater asked for and saw side by side):
 
@@ -134,7 +135,9 @@ class DirectTrainer:
         self.ppo, self.config, self.policy = ppo, config, ppo.policy
 
     def step(self, found: Examples, prompts: Sequence[str]) -> dict[str, float]:
-        """Train on `found` for `epochs` passes, then measure the KL on `prompts`; return the round's stats.
+        """Train on `found` for `--direct-epochs` passes, then measure the KL of fresh samples of `prompts`;
+        return the round's stats. With `--direct-target-kl` the KL is measured after every pass and the
+        passes stop once it is above the target.
 
         Raises FloatingPointError, before that minibatch's step, on a non-finite loss.
         """
@@ -142,18 +145,23 @@ class DirectTrainer:
         layout = self.layout(found)
         reference = self.sequence_logprobs(layout, range(len(found.sequences)), reference=True)  # (S,)
         generator = torch.Generator().manual_seed(c.seed + self.ppo.iteration)  # one shuffle for the whole team
-        history: dict[str, list[float]] = defaultdict(list)
-        size = self.config.direct_batch_size
-        for epoch in range(self.config.direct_epochs):
+        size, target = self.config.direct_batch_size, self.config.direct_target_kl
+        losses: list[float] = []
+        for done in range(1, self.config.direct_epochs + 1):
+            last_pass: dict[str, list[float]] = defaultdict(list)
             order = torch.randperm(len(found), generator=generator).tolist()
             for start in range(0, len(order), size):
                 loss, stats = self.loss(found, layout, reference, order[start:start + size])
                 self.ppo.optimize(loss)
-                history[f"loss/{found.objective}"].append(float(loss.detach()))
+                losses.append(float(loss.detach()))
                 for name, value in stats.items():
-                    history[f"{name}@{epoch}"].append(float(value))
+                    last_pass[name].append(float(value))
+            if target is not None or done == self.config.direct_epochs:
+                kl, length = self.kl(prompts)  # fresh samples: after the last pass, or after each one to stop early
+                if target is not None and kl > target:
+                    break
         self.ppo.iteration += 1
-        return self.stats(found, history, prompts)
+        return self.stats(found, losses, last_pass, kl=kl, length=length, passes=done)
 
     def layout(self, found: Examples) -> Rollout:
         """Return every sequence of `found` laid out as the sampler lays out its own, on the policy's device."""
@@ -227,21 +235,21 @@ class DirectTrainer:
         kl = ((logprobs - ref) * mask).sum(1).mean()
         return self.ppo.team.mean(kl), self.ppo.team.mean(mask.sum(1).mean())
 
-    def stats(self, found: Examples, history: dict[str, list[float]], prompts: Sequence[str]) -> dict[str, float]:
+    def stats(self, found: Examples, losses: list[float], last_pass: dict[str, list[float]], *, kl: float,
+              length: float, passes: int) -> dict[str, float]:
         """Return the round's statistics under TRL's names, averaged over the team.
 
-        `loss/<objective>`: the mean over all minibatches; `rewards/*`: means over the last pass's;
-        `objective/scores`: the last pass's mean implied reward margin `rewards/margins` (dpo, kto;
-        else kto's `rewards/chosen` or `rewards/rejected`, whichever it has), raft's mean implied reward of
-        its kept samples `rewards/chosen`; `objective/kl` and `val/mean_length`: of fresh samples.
+        `loss/<objective>`: the mean over all minibatches; `rewards/*` (and RPO's `loss/nll`): means over
+        the last pass's; `objective/scores`: the last pass's mean implied reward margin `rewards/margins`
+        (dpo, kto; else kto's `rewards/chosen` or `rewards/rejected`, whichever it has), raft's mean implied
+        reward of its kept samples `rewards/chosen`; `objective/kl` and `val/mean_length`: of fresh samples
+        after the last pass; `direct/passes`: the passes run (fewer than `--direct-epochs` when stopped on KL).
         """
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        last = f"@{self.config.direct_epochs - 1}"
-        stats = {name: mean(values) for name, values in history.items() if "@" not in name}
-        stats.update({name[:-len(last)]: mean(values) for name, values in history.items() if name.endswith(last)})
+        stats = {f"loss/{found.objective}": mean(losses), **{name: mean(v) for name, v in last_pass.items()}}
         rewards = ("rewards/margins", "rewards/chosen", "rewards/rejected")
         stats["objective/scores"] = next(stats[name] for name in rewards if name in stats)
-        stats["objective/kl"], stats["val/mean_length"] = self.kl(prompts)
-        stats.update({"direct/examples": float(len(found)), "lr": self.ppo.optimizer.param_groups[0]["lr"],
-                      "iteration": self.ppo.iteration})
+        stats["objective/kl"], stats["val/mean_length"] = kl, length
+        stats.update({"direct/examples": float(len(found)), "direct/passes": float(passes),
+                      "lr": self.ppo.optimizer.param_groups[0]["lr"], "iteration": self.ppo.iteration})
         return self.ppo.team.mean_stats(stats)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -34,6 +35,8 @@ def test_objective_option_refuses_unknown_names_and_bad_beta():
         ObjectiveConfig(objective="ipo").validate()
     with pytest.raises(ValueError, match="--beta"):
         ObjectiveConfig(objective="dpo", beta=0.0).validate()
+    with pytest.raises(ValueError, match="--direct-target-kl"):
+        ObjectiveConfig(objective="dpo", direct_target_kl=0.0).validate()
     with pytest.raises(ValueError, match="--rpo-alpha"):
         ObjectiveConfig(objective="dpo", rpo_alpha=-1.0).validate()
     assert main(["--objective", "ipo", "--db", "unused.db"]) == 2  # refused before any model loads
@@ -132,8 +135,6 @@ def test_direct_round_publishes_a_policy_that_prefers_the_better_rated(tmp_path,
 
 
 def test_rpo_holds_up_the_chosen_candidates_likelihood_more_than_dpo(tmp_path, tiny_model_dir, rated_store):
-    from dataclasses import replace
-
     from db.records import Cursor
     from ppo_feedback.feedback import read_feedback
 
@@ -152,6 +153,25 @@ def test_rpo_holds_up_the_chosen_candidates_likelihood_more_than_dpo(tmp_path, t
     assert "loss/nll" not in stats[0.0] and stats[1.0]["loss/nll"] > 0
     assert stats[1.0]["loss/dpo"] > stats[1.0]["loss/nll"]  # the round's loss holds both terms
     assert bool((gain[1.0] > gain[0.0]).all()), gain  # every chosen candidate became likelier with RPO
+
+
+def test_direct_round_stops_its_passes_once_fresh_samples_pass_the_target_kl(tmp_path, tiny_model_dir, rated_store):
+    from db.records import Cursor
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_epochs=4))
+    plan, start = worker.prepare(Cursor()), worker.snapshot()
+    full = worker.train(plan)
+    trained = [p.detach().clone() for p in worker.policy.trainable_parameters()]
+    assert full["direct/passes"] == 4
+    worker.restore(start)
+    worker.direct.config = replace(worker.direct.config, direct_target_kl=abs(full["objective/kl"]) / 1e6)
+    stopped = worker.train(plan)
+    assert stopped["direct/passes"] < 4 and stopped["objective/kl"] > worker.direct.config.direct_target_kl
+    worker.restore(start)
+    worker.direct.config = replace(worker.direct.config, direct_target_kl=1e9)  # never reached: every pass runs
+    assert worker.train(plan)["direct/passes"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(trained, worker.policy.trainable_parameters()))  # the same passes
 
 
 def test_direct_round_with_a_non_finite_loss_is_discarded(tmp_path, tiny_model_dir, rated_store):
