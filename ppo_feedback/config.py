@@ -389,19 +389,19 @@ class WorkerConfig:
             raise ValueError(f"--worker-nice must be in 0..19 (0: no change), not {self.worker_nice}")
 
 
-OBJECTIVES = ("ppo", "dpo", "raft", "kto")
-FALLBACKS = ("dpo", "raft", "kto", "wait", "ppo")
+OBJECTIVES = ("ppo", "dpo", "ipo", "raft", "kto")
+FALLBACKS = ("dpo", "ipo", "raft", "kto", "wait", "ppo")
 """What `--objective` accepts: PPO on a fitted reward model, or a direct objective (`ppo_feedback.direct`)."""
 
 
 @dataclass
 class ObjectiveConfig:
     objective: str = "ppo"
-    """What a round trains: ppo (reward model, PPO iterations, replay), or directly from the rated pages: dpo (pairs of one page's candidates rated differently with a good chosen one, and picks), raft (likelihood of good candidates rated above their page's mean) or kto (good candidates and those rated below their rater's mean); a direct round runs --direct-epochs passes of --direct-batch-size minibatches at --learning-rate."""
+    """What a round trains: ppo (reward model, PPO iterations, replay), or directly from the rated pages: dpo (pairs of one page's candidates rated differently with a good chosen one, and picks), ipo (the same pairs, IPO's squared loss), raft (likelihood of good candidates rated above their page's mean) or kto (good candidates and those rated below their rater's mean); a direct round runs --direct-epochs passes of --direct-batch-size minibatches at --learning-rate."""
     beta: float = 0.1
-    """DPO's and KTO's beta: the strength of their implicit KL bound to the base model (also scales the rewards/* statistics of every direct objective)."""
+    """DPO's and KTO's beta, IPO's tau (its per-token margin target is 1/(2 tau)): the strength of their implicit KL bound to the base model (also scales the rewards/* statistics of every direct objective)."""
     rpo_alpha: float = 0.0
-    """DPO's added weight on the chosen responses' negative log-likelihood per token (RPO, Pang et al. 2024; 1.0 in the paper; 0: plain DPO): keeps what the raters chose likely, so DPO does not drift onto text neither candidate resembles."""
+    """DPO's (and IPO's) added weight on the chosen responses' negative log-likelihood per token (RPO, Pang et al. 2024; 1.0 in the paper; 0: plain DPO): keeps what the raters chose likely, so DPO does not drift onto text neither candidate resembles."""
     direct_epochs: int = 2
     """Passes over all of a direct round's examples (every rated page so far), in shuffled minibatches."""
     direct_batch_size: int = 8
@@ -411,7 +411,7 @@ class ObjectiveConfig:
     good_score: float = 1.0
     """Normalised score (a rater's own standard deviations above their own mean) from which a rated candidate counts as good; what a direct objective makes likelier must be good: RAFT keeps good candidates above their page's mean, DPO's pairs from ratings need a good chosen one (picks always count), KTO's desirable ones are good (-inf: every candidate above its page's mean, or above its rater's mean for KTO)."""
     reward_model_fallback: str = "raft"
-    """What a ppo round trains when its reward model does not order held-out pages better than chance (the 95% interval of its agreement with the raters must lie above 0.5, judged on at least 10 pages): dpo, raft or kto on the rated pages, wait (publish nothing until more feedback comes), or ppo (optimise it anyway: for experiments)."""
+    """What a ppo round trains when its reward model does not order held-out pages better than chance (the 95% interval of its agreement with the raters must lie above 0.5, judged on at least 10 pages): dpo, ipo, raft or kto on the rated pages, wait (publish nothing until more feedback comes), or ppo (optimise it anyway: for experiments)."""
 
     @property
     def direct(self) -> bool:

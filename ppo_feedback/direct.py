@@ -1,4 +1,4 @@
-"""Direct objectives on the rated pages, beside PPO: DPO, RAFT and KTO rounds (`--objective`).
+"""Direct objectives on the rated pages, beside PPO: DPO, IPO, RAFT and KTO rounds (`--objective`).
 
 A direct round learns from the stored feedback itself, without a reward model or fresh samples to
 score: `examples` makes the objective's examples from the rated pages (`RatedFeedback`), and
@@ -14,6 +14,7 @@ What each learns from (one page: the candidates one rater asked for and saw side
 - dpo: pairs (chosen, rejected) of one page's candidates rated differently whose chosen one is good
   (`page_pairs`), and the preferences (picks), which win over a contradicting rating pair; with
   `--rpo-alpha` > 0 the chosen ones' likelihood is held up too (RPO, `chosen_nll`);
+- ipo: the same pairs with IPO's squared loss, whose margin stops at 1/(2·`--beta`) per token;
 - raft: the good candidates rated strictly above their page's mean (`above_page_mean`), made likelier;
 - kto: every rated candidate alone, desirable when it is good and above its rater's own mean
   (normalised score > 0), undesirable below that mean, otherwise left out; weights from
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -40,8 +41,8 @@ import torch
 from .config import ObjectiveConfig
 from .feedback import RatedFeedback
 from .generation import Rollout, max_positions, rollout_of
-from .objectives import (above_page_mean, chosen_nll, dpo_loss, kto_kl_estimate, kto_loss, kto_mismatched,
-                         kto_weights, raft_loss, sequence_logprobs)
+from .objectives import (above_page_mean, chosen_nll, dpo_loss, ipo_loss, kto_kl_estimate, kto_loss,
+                         kto_mismatched, kto_weights, raft_loss, sequence_logprobs)
 from .trainer import PPOTrainer
 
 
@@ -64,6 +65,7 @@ class Examples:
 
 WAITING_FOR = {
     "dpo": "a good candidate rated above another of its page, or a pick",
+    "ipo": "a good candidate rated above another of its page, or a pick",
     "raft": "a good candidate rated above its page's mean",
     "kto": "good candidates and ones rated below their rater's mean, on prompts none of which has over half of them",
 }
@@ -79,9 +81,9 @@ def examples(objective: str, feedback: RatedFeedback, good: float = -math.inf) -
     Generations without stored response tokens cannot be laid out and are left out.
     """
     usable = [bool(g.token_ids) for g in feedback.generations]
-    build = {"dpo": _dpo_examples, "raft": _raft_examples, "kto": _kto_examples}[objective]
+    build = {"dpo": _dpo_examples, "ipo": _dpo_examples, "raft": _raft_examples, "kto": _kto_examples}[objective]
     found = build(feedback, usable, good)
-    return found if found is not None and len(found) else None
+    return replace(found, objective=objective) if found is not None and len(found) else None
 
 
 def _sequences_of(feedback: RatedFeedback, rows: Sequence[int]) -> list[tuple[str, list[int]]]:
@@ -131,7 +133,7 @@ class DirectTrainer:
     def __init__(self, ppo: PPOTrainer, config: ObjectiveConfig):
         config.validate()
         if not config.direct:
-            raise ValueError("DirectTrainer trains dpo, raft or kto; ppo rounds use PPOTrainer")
+            raise ValueError("DirectTrainer trains dpo, ipo, raft or kto; ppo rounds use PPOTrainer")
         self.ppo, self.config, self.policy = ppo, config, ppo.policy
 
     def step(self, found: Examples, prompts: Sequence[str]) -> dict[str, float]:
@@ -190,10 +192,16 @@ class DirectTrainer:
              batch: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the objective's loss on the items `batch` (one policy forward) and its statistics by name."""
         beta, items = self.config.beta, [found.items[i] for i in batch]
-        if found.objective == "dpo":
+        if found.objective in ("dpo", "ipo"):
             chosen, rejected = [list(column) for column in zip(*items)]
             logps = self.sequence_logprobs(layout, chosen + rejected)
-            loss, stats = dpo_loss(logps[:len(chosen)], logps[len(chosen):], reference[chosen], reference[rejected], beta)
+            if found.objective == "dpo":
+                loss, stats = dpo_loss(logps[:len(chosen)], logps[len(chosen):], reference[chosen],
+                                       reference[rejected], beta)
+            else:
+                lengths = layout.response_mask.sum(1)
+                loss, stats = ipo_loss(logps[:len(chosen)], logps[len(chosen):], reference[chosen],
+                                       reference[rejected], lengths[chosen], lengths[rejected], beta)
             if self.config.rpo_alpha > 0:  # RPO: the chosen ones' likelihood held up too
                 nll = chosen_nll(logps[:len(chosen)], layout.response_mask[chosen].sum(1))
                 loss, stats["loss/nll"] = loss + self.config.rpo_alpha * nll, nll.detach()

@@ -9,7 +9,7 @@ reference's log-probabilities, the KTO reference point and every advantage are c
 detached here, so no gradient reaches them.
 
 - `dpo_loss`: pairs (chosen, rejected) of one prompt; `page_pairs` makes them from a page's ratings and pick;
-  `chosen_nll`, RPO's negative log-likelihood of the chosen responses added to it.
+  `chosen_nll`, RPO's negative log-likelihood of the chosen responses added to it; `ipo_loss` on the same pairs.
 - `kto_loss`: single outputs labelled desirable or undesirable, with `kto_kl_estimate` (the reference
   point z0), `kto_mismatched` (which response to pair with which prompt for it) and `kto_weights` (λ_D, λ_U).
 - `raft_loss`: the length-normalised likelihood of kept samples; `above_page_mean` chooses them.
@@ -24,6 +24,8 @@ References:
   Language Model is Secretly a Reward Model", arXiv:2305.18290 (DPO).
 - Pang, Yuan, He, Cho, Sukhbaatar, Weston 2024, "Iterative Reasoning Preference Optimization",
   arXiv:2404.19733 (RPO: DPO plus the chosen responses' negative log-likelihood, weighted by alpha).
+- Azar, Rowland, Piot, Guo, Calandriello, Valko, Munos 2023, "A General Theoretical Paradigm to
+  Understand Learning from Human Preferences", arXiv:2310.12036 (IPO, Eq. 17).
 - Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO",
   https://ericmitchell.ai/cdpo.pdf (conservative DPO: label smoothing for flipped labels).
 - Ethayarajh, Xu, Muennighoff, Jurafsky, Kiela 2024, "KTO: Model Alignment as Prospect Theoretic
@@ -158,6 +160,43 @@ def dpo_loss(
         "rewards/rejected": _mean_detached(rejected_rewards),
         "rewards/accuracies": _mean_detached((chosen_rewards > rejected_rewards).to(h.dtype)),
         "rewards/margins": _mean_detached(h),
+    }
+    return losses.mean(), stats
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    tau: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """IPO's squared loss over N pairs (Azar et al. 2023, Eq. 17, per token as TRL's); returns ``(loss, stats)``.
+
+    ``h = (logπ_θ(y_w) − logπ_ref(y_w)) / |y_w| − (logπ_θ(y_l) − logπ_ref(y_l)) / |y_l|``, the per-token
+    log-ratio margin; ``loss = mean((h − 1/(2τ))²)``. Where DPO's loss keeps falling as the margin grows
+    (so a few pairs trained for many passes drive the policy ever further from the reference), IPO's
+    is smallest at the margin ``1/(2τ)`` and pulls a pair back past it. ``stats``: DPO's four, with
+    ``τ`` in β's place over whole-sequence log-ratios, and ``ipo/margin``, the mean ``h``.
+    """
+    _sequences(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+               ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+               chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    tau = _positive("tau", tau)
+    if not bool((chosen_lengths > 0).all() and (rejected_lengths > 0).all()):
+        raise ValueError("every response needs at least one token")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps.detach()  # (N,)
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps.detach()  # (N,)
+    h = chosen_ratio / chosen_lengths - rejected_ratio / rejected_lengths  # (N,)
+    losses = (h - 1 / (2 * tau)) ** 2  # (N,)
+    stats = {
+        "rewards/chosen": _mean_detached(tau * chosen_ratio),
+        "rewards/rejected": _mean_detached(tau * rejected_ratio),
+        "rewards/accuracies": _mean_detached((chosen_ratio > rejected_ratio).to(h.dtype)),
+        "rewards/margins": _mean_detached(tau * (chosen_ratio - rejected_ratio)),
+        "ipo/margin": _mean_detached(h),
     }
     return losses.mean(), stats
 

@@ -31,15 +31,15 @@ def feedback(scores, page_ids, pairs=(), prompts=None, empty=()):
 def test_objective_option_refuses_unknown_names_and_bad_beta():
     from ppo_feedback.worker import main
 
-    with pytest.raises(ValueError, match="--objective must be one of ppo, dpo, raft, kto, not 'ipo'"):
-        ObjectiveConfig(objective="ipo").validate()
+    with pytest.raises(ValueError, match="--objective must be one of ppo, dpo, ipo, raft, kto, not 'orpo'"):
+        ObjectiveConfig(objective="orpo").validate()
     with pytest.raises(ValueError, match="--beta"):
         ObjectiveConfig(objective="dpo", beta=0.0).validate()
     with pytest.raises(ValueError, match="--direct-target-kl"):
         ObjectiveConfig(objective="dpo", direct_target_kl=0.0).validate()
     with pytest.raises(ValueError, match="--rpo-alpha"):
         ObjectiveConfig(objective="dpo", rpo_alpha=-1.0).validate()
-    assert main(["--objective", "ipo", "--db", "unused.db"]) == 2  # refused before any model loads
+    assert main(["--objective", "orpo", "--db", "unused.db"]) == 2  # refused before any model loads
     assert not ObjectiveConfig().direct and ObjectiveConfig(objective="kto").direct
 
 
@@ -51,6 +51,8 @@ def test_dpo_examples_pair_one_pages_candidates_and_picks_win():
     # rows used: 0..4 (row 5 is unrated and unpicked), laid out in row order
     assert [response for _, response in found.sequences] == [[1], [2], [3], [4], [5]]
     assert found.items == [(0, 1), (0, 2), (1, 2), (4, 3)]
+    same = examples("ipo", feedback([1.0, 0.0, -1.0, 1.0, -1.0, NAN], [7, 7, 7, 8, 8, 8], pairs=[(4, 3)]))
+    assert same.objective == "ipo" and same.items == found.items and same.sequences == found.sequences
 
 
 def test_dpo_examples_none_without_differently_rated_candidates_on_one_page():
@@ -108,7 +110,7 @@ def page_logprobs(worker, rows):
     return sequence_logprobs(mine, layout.response_mask), sequence_logprobs(base, layout.response_mask)
 
 
-@pytest.mark.parametrize("objective", ["dpo", "raft", "kto"])
+@pytest.mark.parametrize("objective", ["dpo", "ipo", "raft", "kto"])
 def test_direct_round_publishes_a_policy_that_prefers_the_better_rated(tmp_path, tiny_model_dir, rated_store,
                                                                       objective):
     from ppo_feedback.feedback import read_feedback

@@ -12,6 +12,7 @@ from ppo_feedback.objectives import (
     above_page_mean,
     chosen_nll,
     dpo_loss,
+    ipo_loss,
     kto_kl_estimate,
     kto_loss,
     kto_mismatched,
@@ -89,6 +90,29 @@ def test_dpo_loss_by_hand():
     expected = [-0.5 * sigmoid(-1.0) / 2, -0.5 * sigmoid(0.5) / 2]
     close(pc.grad, expected)
     close(pr.grad, [-g for g in expected])
+
+
+def test_ipo_loss_by_hand_and_its_margin_target():
+    pc, pr, rc, rr = dpo_example(grad=True)
+    # log-ratios: chosen [1, 0], rejected [-1, 1]; lengths chosen [1, 2], rejected [2, 1]
+    # per-token margin h = [1/1 - (-1)/2, 0/2 - 1/1] = [1.5, -1]; tau 0.5: target 1/(2*0.5) = 1
+    # loss = mean((h - 1)^2) = (0.25 + 4) / 2 = 2.125; d loss / d pc_i = 2 (h_i - 1) / (N * len_c_i)
+    loss, stats = ipo_loss(pc, pr, rc, rr, t([1.0, 2.0]), t([2.0, 1.0]), tau=0.5)
+    close(loss, 2.125)
+    close(stats["ipo/margin"], 0.25)
+    close(stats["rewards/margins"], 0.5 * (2 + -1) / 2)
+    close(stats["rewards/accuracies"], 0.5)
+    loss.backward()
+    close(pc.grad, [2 * (1.5 - 1) / 2 / 1, 2 * (-1 - 1) / 2 / 2])
+    close(pr.grad, [-2 * (1.5 - 1) / 2 / 2, -2 * (-1 - 1) / 2 / 1])
+    # unlike DPO's, the loss rises again past the target margin: a pair is pulled back towards the reference
+    at, past = (ipo_loss(t([m]), t([0.0]), t([0.0]), t([0.0]), t([1.0]), t([1.0]), tau=0.5)[0] for m in (1.0, 3.0))
+    close(at, 0.0)
+    assert float(past) > float(at)
+    with pytest.raises(ValueError, match="at least one token"):
+        ipo_loss(pc, pr, rc, rr, t([1.0, 0.0]), t([2.0, 1.0]), tau=0.5)
+    with pytest.raises(ValueError, match="tau"):
+        ipo_loss(pc, pr, rc, rr, t([1.0, 2.0]), t([2.0, 1.0]), tau=0.0)
 
 
 def test_chosen_nll_by_hand():

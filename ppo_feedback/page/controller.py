@@ -34,14 +34,14 @@ REWARD_METRIC = "objective/scores"
 KL_METRIC = "objective/kl"
 
 
-DIRECT_OBJECTIVES = ("dpo", "raft", "kto")
+DIRECT_OBJECTIVES = ("dpo", "ipo", "raft", "kto")
 
 
 def training_summary(metrics: dict[str, Any]) -> dict[str, Any] | None:
     """Return how a version was trained, from its metrics: {"objective", "reward_model"} (None when the
     metrics say neither).
 
-    `objective`: "dpo", "raft" or "kto" when a direct round trained it (its `loss/<objective>`), else
+    `objective`: "dpo", "ipo", "raft" or "kto" when a direct round trained it (its `loss/<objective>`), else
     "ppo"; `reward_model`: the fit's page-ordering judgement {"agreement", "low", "high", "pages",
     "trusted"} (agreement, low, high None when too few pages to judge), or None in a direct round
     that fitted none.
