@@ -610,10 +610,31 @@ class FeedbackStore:
         )
         return self._run(lambda s: [_submission(s, r) for r in s.scalars(stmt).all()], write=False)
 
-    def current_submissions(self) -> list[Submission]:
-        """Return every submission in force (status current), oldest first."""
-        stmt = select(m.Submission).where(m.Submission.status == "current").order_by(m.Submission.id)
+    def submissions(self, *, current_only: bool = True) -> list[Submission]:
+        """Return every submission in force (status current), or with `current_only` False every one
+        ever made (superseded and undone ones too), oldest first."""
+        stmt = select(m.Submission).order_by(m.Submission.id)
+        if current_only:
+            stmt = stmt.where(m.Submission.status == "current")
         return self._run(lambda s: [_submission(s, r) for r in s.scalars(stmt).all()], write=False)
+
+    def rating_revisions(self, after_id: int = 0, limit: int = 1000) -> list[RatedGeneration]:
+        """Return every rating row with id after `after_id` (at most `limit`), superseded and undone
+        ones included (`rating.current` says which), each with its generation and prompt, oldest first."""
+        after_id = check.integer(after_id, "rating id")
+        limit = check.integer(limit, "limit", minimum=1)
+        stmt = (
+            select(m.Rating, m.Generation, m.Prompt.text)
+            .join(m.Generation, m.Rating.generation_id == m.Generation.id)
+            .join(m.Prompt, m.Generation.prompt_id == m.Prompt.id)
+            .where(m.Rating.id > after_id)
+            .order_by(m.Rating.id)
+            .limit(limit)
+        )
+        return self._run(
+            lambda s: [RatedGeneration(_rating(r), _generation(g), t) for r, g, t in s.execute(stmt).tuples()],
+            write=False,
+        )
 
     def judgements(self) -> list[PageJudgement]:
         """Return the page-level facts of the submissions in force that have any (none-is-good, a tie,

@@ -187,10 +187,10 @@ def test_the_submissions_in_force_and_the_stamp_follow_undo(store):
     page, (a, *_) = _page(store)
     stamp = store.judgement_stamp()
     done = store.submit_page(page, "ana", {a: 4})
-    assert store.judgement_stamp() != stamp and [s.id for s in store.current_submissions()] == [done.id]
+    assert store.judgement_stamp() != stamp and [s.id for s in store.submissions()] == [done.id]
     stamp = store.judgement_stamp()
     store.undo_last_submission("ana", now=utcnow())
-    assert store.judgement_stamp() != stamp and store.current_submissions() == []
+    assert store.judgement_stamp() != stamp and store.submissions() == []
 
 
 def test_a_failure_in_the_middle_of_a_submission_stores_nothing(store, monkeypatch):
