@@ -67,6 +67,12 @@ class Base(DeclarativeBase):
     }
 
 
+def _current_index(name: str, *columns: str) -> Index:
+    """Return the unique index over `columns` of the rows in force (is_current true): one current row
+    per key, any number of superseded ones."""
+    return Index(name, *columns, unique=True, sqlite_where=text("is_current"), postgresql_where=text("is_current"))
+
+
 class Prompt(Base):
     __tablename__ = "prompts"
     __table_args__ = (CheckConstraint("source IN ('builtin', 'uploaded', 'rater')", name="source"),)
@@ -192,14 +198,7 @@ class Rating(Base):
     __tablename__ = "ratings"
     __table_args__ = (
         CheckConstraint("score BETWEEN 1 AND 5", name="score"),
-        Index(
-            "uq_ratings_current",
-            "generation_id",
-            "rater",
-            unique=True,
-            sqlite_where=text("is_current"),
-            postgresql_where=text("is_current"),
-        ),
+        _current_index("uq_ratings_current", "generation_id", "rater"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -220,15 +219,7 @@ class Preference(Base):
     __tablename__ = "preferences"
     __table_args__ = (
         CheckConstraint("chosen_generation_id <> rejected_generation_id", name="distinct"),
-        Index(
-            "uq_preferences_current",
-            "chosen_generation_id",
-            "rejected_generation_id",
-            "rater",
-            unique=True,
-            sqlite_where=text("is_current"),
-            postgresql_where=text("is_current"),
-        ),
+        _current_index("uq_preferences_current", "chosen_generation_id", "rejected_generation_id", "rater"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
