@@ -504,16 +504,7 @@ class FeedbackStore:
         flagged = _flags(flags)
         comment = check.comment(comment, MAX_COMMENT_CHARS)
         key = None if client_key is None else check.name(client_key, "submission key")
-        if not isinstance(tie, bool) or not isinstance(none_good, bool):
-            raise StoreError("tie and none_good must be true or false.")
-        if tie and len(best_ids) < 2:
-            raise StoreError("A tie needs two or more candidates judged equally best.")
-        if not tie and len(best_ids) > 1:
-            raise StoreError("Pick one best candidate, or mark two or more as a tie.")
-        if none_good and best_ids:
-            raise StoreError("A page where none is good has no best candidate.")
-        if not (rated or best_ids or none_good or flagged):
-            raise StoreError("Nothing to submit: rate, pick, tie, flag, or say none is good.")
+        _check_judgement(rated, best_ids, tie, none_good, flagged)
 
         def work(s: Session) -> Submission:
             self._serialize_feedback(s)
@@ -543,17 +534,7 @@ class FeedbackStore:
             s.flush()
             for generation_id, score in rated.items():
                 _add_rating(s, generation_id, rater, score, comment, now, guideline, row.id)
-            rejected = sorted(on_page - set(best_ids))
-            s.add_all(
-                m.Preference(chosen_generation_id=c, rejected_generation_id=r, rater=rater, created_at=now,
-                             is_current=True, submission_id=row.id)
-                for c in best_ids for r in rejected
-            )
-            if tie:
-                s.add_all(m.Tie(submission_id=row.id, generation_id=g) for g in best_ids)
-            s.add_all(m.Flag(submission_id=row.id, generation_id=g, kind=f.kind, reason=f.reason)
-                      for g, f in flagged.items())
-            s.flush()
+            _add_page_facts(s, row, best_ids, sorted(on_page - set(best_ids)), tie, flagged.values())
             return _submission(s, row, page.prompt_id)
 
         return self._run(work, conflicts=True)
@@ -1177,6 +1158,39 @@ def _add_rating(
     s.add(row)
     s.flush()
     return row
+
+
+def _check_judgement(
+    rated: dict[int, int], best: list[int], tie: object, none_good: object, flagged: dict[int, Flag]
+) -> None:
+    """Raise StoreError unless the parts of a submission fit together: one best, or a tie of two or more;
+    no best where none is good; something to submit at all."""
+    if not isinstance(tie, bool) or not isinstance(none_good, bool):
+        raise StoreError("tie and none_good must be true or false.")
+    if tie and len(best) < 2:
+        raise StoreError("A tie needs two or more candidates judged equally best.")
+    if not tie and len(best) > 1:
+        raise StoreError("Pick one best candidate, or mark two or more as a tie.")
+    if none_good and best:
+        raise StoreError("A page where none is good has no best candidate.")
+    if not (rated or best or none_good or flagged):
+        raise StoreError("Nothing to submit: rate, pick, tie, flag, or say none is good.")
+
+
+def _add_page_facts(
+    s: Session, row: m.Submission, best: list[int], others: list[int], tie: bool, flags: Iterable[Flag]
+) -> None:
+    """Add a submission's preferences (each best over each other candidate), its tie and its flags."""
+    s.add_all(
+        m.Preference(chosen_generation_id=c, rejected_generation_id=r, rater=row.rater, created_at=row.created_at,
+                     is_current=True, submission_id=row.id)
+        for c in best for r in others
+    )
+    if tie:
+        s.add_all(m.Tie(submission_id=row.id, generation_id=g) for g in best)
+    s.add_all(m.Flag(submission_id=row.id, generation_id=f.generation_id, kind=f.kind, reason=f.reason)
+              for f in flags)
+    s.flush()
 
 
 def _guideline_version(s: Session) -> int:
