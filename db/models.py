@@ -21,9 +21,12 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     text,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from db.records import FLAG_KINDS, SUBMISSION_STATUSES
 
 LEASE_ROW_ID = 1
 NAME_LENGTH = 200
@@ -62,6 +65,12 @@ class Base(DeclarativeBase):
         list[int]: JSON,
         list[float]: JSON,
     }
+
+
+def _current_index(name: str, *columns: str) -> Index:
+    """Return the unique index over `columns` of the rows in force (is_current true): one current row
+    per key, any number of superseded ones."""
+    return Index(name, *columns, unique=True, sqlite_where=text("is_current"), postgresql_where=text("is_current"))
 
 
 class Prompt(Base):
@@ -105,20 +114,91 @@ class Generation(Base):
     created_at: Mapped[datetime]
 
 
+class Guideline(Base):
+    """One version of the rating guidelines an admin wrote; the newest is in force (none: version 0)."""
+
+    __tablename__ = "guidelines"
+    __table_args__ = (CheckConstraint("version >= 1", name="version"),)
+
+    version: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    text: Mapped[str] = mapped_column(Text)
+    author: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    created_at: Mapped[datetime]
+
+
+class Submission(Base):
+    """One rater's judgement of one page, stored as a unit: its ratings and preferences point here;
+    its ties, flags, none-is-good and comment are its own. `status`: current, superseded (the rater
+    submitted the same page again) or undone; rows are never deleted."""
+
+    __tablename__ = "submissions"
+    __table_args__ = (
+        CheckConstraint(f"status IN {SUBMISSION_STATUSES}", name="status"),
+        CheckConstraint("guideline_version >= 0", name="guideline_version"),
+        UniqueConstraint("rater", "client_key", name="uq_submissions_rater_client_key"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    page_id: Mapped[int] = mapped_column(ForeignKey("pages.id"), index=True)
+    rater: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
+    client_key: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    guideline_version: Mapped[int]
+    none_good: Mapped[bool]
+    comment: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[datetime]
+    status_changed_at: Mapped[datetime | None]
+
+
+class Tie(Base):
+    """A candidate a submission judged equally best with the others of its tie (two or more rows)."""
+
+    __tablename__ = "ties"
+    __table_args__ = (UniqueConstraint("submission_id", "generation_id", name="uq_ties_submission_generation"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"), index=True)
+    generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id"), index=True)
+
+
+class Flag(Base):
+    """A candidate a submission flagged (offensive, broken, off-prompt or other) with a reason."""
+
+    __tablename__ = "flags"
+    __table_args__ = (
+        CheckConstraint(f"kind IN {FLAG_KINDS}", name="kind"),
+        UniqueConstraint("submission_id", "generation_id", name="uq_flags_submission_generation"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"), index=True)
+    generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Skip(Base):
+    """A prompt a rater skipped: never offered to them again by `next_prompt`."""
+
+    __tablename__ = "skips"
+    __table_args__ = (UniqueConstraint("rater", "prompt_id", name="uq_skips_rater_prompt"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    rater: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
+    created_at: Mapped[datetime]
+
+
 class Rating(Base):
-    """Every rating ever given; exactly one row per (generation, rater) has is_current true."""
+    """Every rating ever given; exactly one row per (generation, rater) has is_current true.
+
+    `submission_id`: the submission it came with (None: rated alone, /rate); `guideline_version`:
+    the guidelines in force when it was given (0: none written yet)."""
 
     __tablename__ = "ratings"
     __table_args__ = (
         CheckConstraint("score BETWEEN 1 AND 5", name="score"),
-        Index(
-            "uq_ratings_current",
-            "generation_id",
-            "rater",
-            unique=True,
-            sqlite_where=text("is_current"),
-            postgresql_where=text("is_current"),
-        ),
+        _current_index("uq_ratings_current", "generation_id", "rater"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -128,15 +208,18 @@ class Rating(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     is_current: Mapped[bool]
     created_at: Mapped[datetime]
+    submission_id: Mapped[int | None] = mapped_column(ForeignKey("submissions.id"), index=True)
+    guideline_version: Mapped[int] = mapped_column(server_default=text("0"))
 
 
 class Preference(Base):
+    """A stated "chosen over rejected"; at most one current row per (pair, rater). A later submission of
+    the same page, or undoing the submission it came with, makes it not current (kept)."""
+
     __tablename__ = "preferences"
     __table_args__ = (
         CheckConstraint("chosen_generation_id <> rejected_generation_id", name="distinct"),
-        UniqueConstraint(
-            "chosen_generation_id", "rejected_generation_id", "rater", name="uq_preferences_pair_rater"
-        ),
+        _current_index("uq_preferences_current", "chosen_generation_id", "rejected_generation_id", "rater"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -144,6 +227,8 @@ class Preference(Base):
     rejected_generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id"), index=True)
     rater: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
     created_at: Mapped[datetime]
+    is_current: Mapped[bool] = mapped_column(server_default=true())
+    submission_id: Mapped[int | None] = mapped_column(ForeignKey("submissions.id"), index=True)
 
 
 class AdapterVersion(Base):
@@ -189,3 +274,5 @@ class TrainingLease(Base):
     acquired_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
+    round_started_at: Mapped[datetime | None]
+    """When the newest training round began reading feedback (closes the undo window, see FeedbackStore.undo)."""

@@ -70,7 +70,9 @@ class Generation:
 
 @dataclass(frozen=True)
 class Rating:
-    """One rating revision; `current` is False once the rater rated the same generation again."""
+    """One rating revision; `current` is False once the rater rated the same generation again or
+    undid the submission it came with. `submission_id`: that submission (None: rated alone);
+    `guideline_version`: the guidelines in force when it was given (0: none)."""
 
     id: int
     generation_id: int
@@ -79,6 +81,8 @@ class Rating:
     comment: str | None
     current: bool
     created_at: datetime
+    submission_id: int | None = None
+    guideline_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,3 +200,69 @@ class VersionSummary:
     version: int
     mean_rating: float
     n_ratings: int
+
+
+FLAG_KINDS: tuple[str, ...] = ("offensive", "broken", "off_prompt", "other")
+"""What a flag on a candidate says is wrong with it ("other" needs a reason)."""
+SUBMISSION_STATUSES: tuple[str, ...] = ("current", "superseded", "undone")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A flag on one candidate: `kind` one of FLAG_KINDS, `reason` free text (required for "other")."""
+
+    generation_id: int
+    kind: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Guideline:
+    """One version of the rating guidelines (versions count from 1; 0 means none written yet)."""
+
+    version: int
+    text: str
+    author: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One rater's judgement of one page, stored as a unit (`FeedbackStore.submit_page`).
+
+    `scores`: (generation id, score) of the ratings it gave; `best`: the candidate picked as best, or
+    with `tie` the two or more judged equally best (each preferred over the page's others, no
+    preference among them); `none_good`: every candidate of the page judged undesirable; `status`:
+    current, superseded (the rater submitted the page again) or undone.
+    """
+
+    id: int
+    page_id: int
+    prompt_id: int
+    rater: str
+    client_key: str | None
+    guideline_version: int
+    none_good: bool
+    comment: str | None
+    status: str
+    created_at: datetime
+    status_changed_at: datetime | None
+    scores: tuple[tuple[int, int], ...] = ()
+    best: tuple[int, ...] = ()
+    tie: bool = False
+    flags: tuple[Flag, ...] = ()
+
+
+@dataclass(frozen=True)
+class PageJudgement:
+    """A current submission's page-level facts with the page's candidates, as the learners read them:
+    none-is-good, the tied candidates, the flagged ones."""
+
+    submission_id: int
+    page_id: int
+    rater: str
+    prompt_text: str
+    generations: tuple[Generation, ...]
+    none_good: bool
+    tied: tuple[int, ...]
+    flagged: tuple[int, ...]

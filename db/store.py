@@ -37,17 +37,22 @@ from db.records import (
     PROMPT_SOURCES,
     AdapterVersion,
     Cursor,
+    FLAG_KINDS,
     Feedback,
     FeedbackCounts,
+    Flag,
     Generation,
+    Guideline,
     MetricPoint,
     NewGeneration,
     Page,
+    PageJudgement,
     Preference,
     PreferencePair,
     Prompt,
     RatedGeneration,
     Rating,
+    Submission,
     VersionRecord,
     VersionSummary,
     WorkerStatus,
@@ -56,6 +61,9 @@ from db.records import (
 T = TypeVar("T")
 
 MAX_COMMENT_CHARS = 4000
+MAX_GUIDELINE_CHARS = 20_000
+UNDO_GRACE = timedelta(minutes=2)
+"""A submission can always be undone this long after it was made (later: until a training round starts)."""
 MAX_STATE_CHARS = 1000
 _MAX_ATTEMPTS = 8
 _IN_CHUNK = 500
@@ -163,7 +171,7 @@ class FeedbackStore:
 
     def next_prompt(self, rater: str) -> Prompt | None:
         """Return the active prompt with the fewest current ratings (oldest first on ties) among
-        those this rater has neither rated nor compared generations of; None when none is left."""
+        those this rater has not rated, compared, submitted or skipped; None when none is left."""
         rater = check.name(rater, "rater")
         rated = (
             select(m.Generation.prompt_id)
@@ -175,6 +183,11 @@ class FeedbackStore:
             .join(m.Preference, m.Preference.chosen_generation_id == m.Generation.id)
             .where(m.Preference.rater == rater)
         )
+        submitted = (
+            select(m.Page.prompt_id).join(m.Submission, m.Submission.page_id == m.Page.id)
+            .where(m.Submission.rater == rater)
+        )
+        skipped = select(m.Skip.prompt_id).where(m.Skip.rater == rater)
         counts = (
             select(m.Generation.prompt_id, func.count(m.Rating.id).label("n"))
             .join(m.Rating, m.Rating.generation_id == m.Generation.id)
@@ -185,7 +198,13 @@ class FeedbackStore:
         stmt = (
             select(m.Prompt)
             .outerjoin(counts, counts.c.prompt_id == m.Prompt.id)
-            .where(m.Prompt.active, m.Prompt.id.not_in(rated), m.Prompt.id.not_in(compared))
+            .where(
+                m.Prompt.active,
+                m.Prompt.id.not_in(rated),
+                m.Prompt.id.not_in(compared),
+                m.Prompt.id.not_in(submitted),
+                m.Prompt.id.not_in(skipped),
+            )
             .order_by(func.coalesce(counts.c.n, 0), m.Prompt.id)
             .limit(1)
         )
@@ -308,22 +327,9 @@ class FeedbackStore:
                 .where(m.Rating.generation_id == generation_id, m.Rating.rater == rater, m.Rating.is_current)
                 .with_for_update()
             ).one_or_none()
-            if current is not None:
-                if (current.score, current.comment) == (score, comment):
-                    return _rating(current)
-                current.is_current = False
-                s.flush()
-            row = m.Rating(
-                generation_id=generation_id,
-                rater=rater,
-                score=score,
-                comment=comment,
-                is_current=True,
-                created_at=utcnow(),
-            )
-            s.add(row)
-            s.flush()
-            return _rating(row)
+            if current is not None and (current.score, current.comment) == (score, comment):
+                return _rating(current)
+            return _rating(_add_rating(s, generation_id, rater, score, comment, utcnow(), _guideline_version(s)))
 
         return self._run(work, conflicts=True)
 
@@ -377,13 +383,15 @@ class FeedbackStore:
                         m.Preference.chosen_generation_id == chosen_id,
                         m.Preference.rejected_generation_id.in_(rejected),
                         m.Preference.rater == rater,
+                        m.Preference.is_current,
                     )
                 )
             }
             now = utcnow()
             new = [
                 m.Preference(
-                    chosen_generation_id=chosen_id, rejected_generation_id=r, rater=rater, created_at=now
+                    chosen_generation_id=chosen_id, rejected_generation_id=r, rater=rater, created_at=now,
+                    is_current=True,
                 )
                 for r in rejected
                 if r not in rows
@@ -416,7 +424,7 @@ class FeedbackStore:
             .join(chosen, m.Preference.chosen_generation_id == chosen.id)
             .join(rejected, m.Preference.rejected_generation_id == rejected.id)
             .join(m.Prompt, chosen.prompt_id == m.Prompt.id)
-            .where(m.Preference.id > cursor.preference_id)
+            .where(m.Preference.id > cursor.preference_id, m.Preference.is_current)
             .order_by(m.Preference.id)
             .limit(limit)
         )
@@ -461,6 +469,298 @@ class FeedbackStore:
         """Return the feedback cursor an adapter version was trained up to (version 0: the start)."""
         version = check.integer(version, "adapter version")
         return self._run(lambda s: _cursor_of(s, version), write=False)
+
+    # ------------------------------------------------------------- submissions
+
+    def submit_page(
+        self,
+        page_id: int,
+        rater: str,
+        scores: Mapping[int, int] | None = None,
+        best: Sequence[int] = (),
+        *,
+        tie: bool = False,
+        none_good: bool = False,
+        flags: Sequence[Flag] = (),
+        comment: str | None = None,
+        client_key: str | None = None,
+    ) -> Submission:
+        """Store one rater's judgement of one page in one transaction and return it.
+
+        `scores`: {generation id: 1..5}; `best`: the candidate picked as best (preferred over every
+        other of the page), or with `tie` two or more judged equally best (each preferred over the
+        others, none over another); `none_good`: every candidate undesirable (no best then);
+        `flags`: at most one per candidate; `comment` goes with the submission and its ratings.
+        Every generation named must be on the page. It supersedes the rater's earlier submission
+        of the page (its pick, tie, flags, none-is-good; ratings are superseded per generation).
+
+        With `client_key`, submitting again with the key this rater already used returns the stored
+        submission and writes nothing. Raises StoreError, writing nothing, on bad input.
+        """
+        page_id = check.record_id(page_id, "page")
+        rater = check.name(rater, "rater")
+        rated = _scores(scores)
+        best_ids = _distinct_ids(best, "best candidate")
+        flagged = _flags(flags)
+        comment = check.comment(comment, MAX_COMMENT_CHARS)
+        key = None if client_key is None else check.name(client_key, "submission key")
+        _check_judgement(rated, best_ids, tie, none_good, flagged)
+
+        def work(s: Session) -> Submission:
+            self._serialize_feedback(s)
+            if key is not None:
+                done = s.scalars(
+                    select(m.Submission).where(m.Submission.rater == rater, m.Submission.client_key == key)
+                ).one_or_none()
+                if done is not None:
+                    if done.page_id != page_id:
+                        raise StoreError(f"Submission key {key!r} was already used for page {done.page_id}.")
+                    return _submission(s, done)
+            page = _get(s, m.Page, page_id, "page")
+            on_page = set(s.scalars(select(m.Generation.id).where(m.Generation.page_id == page_id)))
+            for generation_id in [*rated, *best_ids, *flagged]:
+                if generation_id not in on_page:
+                    raise StoreError(f"Generation {generation_id} is not on page {page_id}.")
+            if best_ids and len(on_page) < 2:
+                raise StoreError("Picking the best one needs at least two candidates.")
+            now = utcnow()
+            _supersede_page(s, rater, page_id, on_page, now)
+            guideline = _guideline_version(s)
+            row = m.Submission(
+                page_id=page_id, rater=rater, client_key=key, guideline_version=guideline,
+                none_good=none_good, comment=comment, status="current", created_at=now, status_changed_at=None,
+            )
+            s.add(row)
+            s.flush()
+            for generation_id, score in rated.items():
+                _add_rating(s, generation_id, rater, score, comment, now, guideline, row.id)
+            _add_page_facts(s, row, best_ids, sorted(on_page - set(best_ids)), tie, flagged.values())
+            return _submission(s, row, page.prompt_id)
+
+        return self._run(work, conflicts=True)
+
+    def undo_last_submission(self, rater: str, *, now: datetime | None = None) -> Submission:
+        """Undo `rater`'s newest submission that is not undone yet and return it (status "undone").
+
+        Nothing is deleted: its ratings and preferences stop being current, and what it replaced is
+        current again (the ratings it superseded, the rater's earlier submission of that page). The
+        window: always within UNDO_GRACE of submitting, and after that until a training round
+        starts (`begin_round`). `now` is for tests. Raises StoreError, changing nothing, when there
+        is nothing to undo or the window has closed.
+        """
+        rater = check.name(rater, "rater")
+
+        def work(s: Session) -> Submission:
+            self._serialize_feedback(s)
+            row = s.scalars(
+                select(m.Submission)
+                .where(m.Submission.rater == rater, m.Submission.status != "undone")
+                .order_by(m.Submission.id.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                raise StoreError("Nothing to undo: no submission of yours is in force.")
+            at = now or utcnow()
+            _require_undo_window(s, row, at)
+            row.status, row.status_changed_at = "undone", at
+            for rating in s.scalars(
+                select(m.Rating).where(m.Rating.submission_id == row.id, m.Rating.is_current)
+            ).all():
+                rating.is_current = False
+                s.flush()
+                _restore_rating(s, rating)
+            s.execute(
+                update(m.Preference)
+                .where(m.Preference.submission_id == row.id)
+                .values(is_current=False)
+                .execution_options(synchronize_session=False)
+            )
+            s.flush()
+            _restore_page(s, row, at)
+            return _submission(s, row)
+
+        return self._run(work)
+
+    def my_submissions(self, rater: str, limit: int = 20) -> list[Submission]:
+        """Return `rater`'s newest submissions, newest first, at most `limit`, undone ones included
+        (their status says so): the history a rater picks a page to change from."""
+        rater = check.name(rater, "rater")
+        limit = check.integer(limit, "limit", minimum=1)
+        stmt = (
+            select(m.Submission).where(m.Submission.rater == rater).order_by(m.Submission.id.desc()).limit(limit)
+        )
+        return self._run(lambda s: [_submission(s, r) for r in s.scalars(stmt).all()], write=False)
+
+    def submissions(self, *, current_only: bool = True) -> list[Submission]:
+        """Return every submission in force (status current), or with `current_only` False every one
+        ever made (superseded and undone ones too), oldest first."""
+        stmt = select(m.Submission).order_by(m.Submission.id)
+        if current_only:
+            stmt = stmt.where(m.Submission.status == "current")
+        return self._run(lambda s: [_submission(s, r) for r in s.scalars(stmt).all()], write=False)
+
+    def rating_revisions(self, after_id: int = 0, limit: int = 1000) -> list[RatedGeneration]:
+        """Return every rating row with id after `after_id` (at most `limit`), superseded and undone
+        ones included (`rating.current` says which), each with its generation and prompt, oldest first."""
+        after_id = check.integer(after_id, "rating id")
+        limit = check.integer(limit, "limit", minimum=1)
+        stmt = (
+            select(m.Rating, m.Generation, m.Prompt.text)
+            .join(m.Generation, m.Rating.generation_id == m.Generation.id)
+            .join(m.Prompt, m.Generation.prompt_id == m.Prompt.id)
+            .where(m.Rating.id > after_id)
+            .order_by(m.Rating.id)
+            .limit(limit)
+        )
+        return self._run(
+            lambda s: [RatedGeneration(_rating(r), _generation(g), t) for r, g, t in s.execute(stmt).tuples()],
+            write=False,
+        )
+
+    def judgements(self) -> list[PageJudgement]:
+        """Return the page-level facts of the submissions in force that have any (none-is-good, a tie,
+        flags), each with its page's candidates and prompt, oldest first."""
+
+        def work(s: Session) -> list[PageJudgement]:
+            tied = _by_submission(s, m.Tie)
+            flagged = _by_submission(s, m.Flag)
+            rows = s.execute(
+                select(m.Submission, m.Prompt.text)
+                .join(m.Page, m.Submission.page_id == m.Page.id)
+                .join(m.Prompt, m.Page.prompt_id == m.Prompt.id)
+                .where(
+                    m.Submission.status == "current",
+                    or_(m.Submission.none_good, m.Submission.id.in_(set(tied) | set(flagged))),
+                )
+                .order_by(m.Submission.id)
+            ).tuples().all()
+            out = []
+            for row, prompt_text in rows:
+                generations = s.scalars(
+                    select(m.Generation).where(m.Generation.page_id == row.page_id).order_by(m.Generation.id)
+                )
+                out.append(PageJudgement(
+                    row.id, row.page_id, row.rater, prompt_text, tuple(_generation(g) for g in generations),
+                    row.none_good, tuple(tied.get(row.id, ())), tuple(flagged.get(row.id, ())),
+                ))
+            return out
+
+        return self._run(work, write=False)
+
+    def judgement_stamp(self) -> tuple[int, int]:
+        """Return (newest submission id, number of undone submissions): it changes whenever a submission
+        or an undo changes what the learners read, also where the feedback cursor does not move."""
+
+        def work(s: Session) -> tuple[int, int]:
+            newest = s.scalar(select(func.max(m.Submission.id))) or 0
+            undone = s.scalar(select(func.count(m.Submission.id)).where(m.Submission.status == "undone")) or 0
+            return newest, undone
+
+        return self._run(work, write=False)
+
+    def begin_round(self, holder: str) -> bool:
+        """Record that `holder`'s training round starts reading feedback now (this closes the undo
+        window of earlier submissions); return False, changing nothing, if it lost the lease."""
+        holder = check.name(holder, "lease holder")
+
+        def work(s: Session) -> bool:
+            stmt = (
+                update(m.TrainingLease)
+                .where(m.TrainingLease.id == m.LEASE_ROW_ID, m.TrainingLease.holder == holder)
+                .values(round_started_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            return _updated_one_row(s, stmt)
+
+        return self._run(work)
+
+    def skip_prompt(self, prompt_id: int, rater: str) -> bool:
+        """Record that `rater` skipped a prompt: `next_prompt` never offers it to them again; return
+        whether this is new (skipping twice changes nothing)."""
+        prompt_id = check.record_id(prompt_id, "prompt")
+        rater = check.name(rater, "rater")
+
+        def work(s: Session) -> bool:
+            _require(s, m.Prompt.id, prompt_id, "prompt")
+            found = s.scalar(select(m.Skip.id).where(m.Skip.rater == rater, m.Skip.prompt_id == prompt_id))
+            if found is not None:
+                return False
+            s.add(m.Skip(prompt_id=prompt_id, rater=rater, created_at=utcnow()))
+            return True
+
+        return self._run(work, conflicts=True)
+
+    def page_to_overlap(self, rater: str) -> Page | None:
+        """Return a page someone else submitted a judgement of that `rater` has not judged (no
+        submission, no rating of its candidates, its prompt not skipped, not their own page): the one
+        with the fewest raters so far, oldest first; None when there is none. Agreement between
+        raters is measured on such pages (the same generations, not only the same prompt)."""
+        rater = check.name(rater, "rater")
+        judged_by_me = select(m.Submission.page_id).where(m.Submission.rater == rater)
+        rated_by_me = (
+            select(m.Generation.page_id)
+            .join(m.Rating, m.Rating.generation_id == m.Generation.id)
+            .where(m.Rating.rater == rater)
+        )
+        skipped = select(m.Skip.prompt_id).where(m.Skip.rater == rater)
+        raters = func.count(func.distinct(m.Submission.rater))
+        stmt = (
+            select(m.Page)
+            .join(m.Submission, m.Submission.page_id == m.Page.id)
+            .where(
+                m.Submission.status == "current",
+                m.Submission.rater != rater,
+                or_(m.Page.rater.is_(None), m.Page.rater != rater),
+                m.Page.id.not_in(judged_by_me),
+                m.Page.id.not_in(rated_by_me),
+                m.Page.prompt_id.not_in(skipped),
+            )
+            .group_by(m.Page.id)
+            .order_by(raters, m.Page.id)
+            .limit(1)
+        )
+
+        def work(s: Session) -> Page | None:
+            row = s.scalars(stmt).first()
+            return None if row is None else _page(row)
+
+        return self._run(work, write=False)
+
+    # --------------------------------------------------------------- guidelines
+
+    def write_guidelines(self, text: str, author: str) -> Guideline:
+        """Store a new version of the rating guidelines (plain text), in force from now on; return it.
+        Writing the text in force again changes nothing and returns that version."""
+        text = check.text(text, "guidelines")
+        if len(text) > MAX_GUIDELINE_CHARS:
+            raise StoreError(f"The guidelines have {len(text)} characters; the limit is {MAX_GUIDELINE_CHARS}.")
+        author = check.name(author, "author")
+
+        def work(s: Session) -> Guideline:
+            newest = s.scalars(select(m.Guideline).order_by(m.Guideline.version.desc()).limit(1)).first()
+            if newest is not None and newest.text == text:
+                return _guideline(newest)
+            row = m.Guideline(version=(newest.version if newest else 0) + 1, text=text, author=author,
+                              created_at=utcnow())
+            s.add(row)
+            s.flush()
+            return _guideline(row)
+
+        return self._run(work, conflicts=True)
+
+    def guidelines(self, version: int | None = None) -> Guideline | None:
+        """Return the guidelines in force (or the given version); None when none were written."""
+        stmt = select(m.Guideline).order_by(m.Guideline.version.desc()).limit(1)
+        if version is not None:
+            stmt = select(m.Guideline).where(
+                m.Guideline.version == check.integer(version, "guideline version", minimum=1)
+            )
+
+        def work(s: Session) -> Guideline | None:
+            row = s.scalars(stmt).first()
+            return None if row is None else _guideline(row)
+
+        return self._run(work, write=False)
 
     # ----------------------------------------------------------- training lease
 
@@ -694,7 +994,7 @@ class FeedbackStore:
                 "generations": count(s, select(m.Generation.id)),
                 "ratings": count(s, select(m.Rating.id).where(m.Rating.is_current)),
                 "rating_revisions": count(s, select(m.Rating.id)),
-                "preferences": count(s, select(m.Preference.id)),
+                "preferences": count(s, select(m.Preference.id).where(m.Preference.is_current)),
                 "raters": count(s, raters),
                 "serving_version": serving,
                 "ratings_since_serving": since.ratings,
@@ -798,7 +1098,9 @@ def _count_since(s: Session, cursor: Cursor) -> FeedbackCounts:
     ratings = s.scalar(
         select(func.count(m.Rating.id)).where(m.Rating.id > cursor.rating_id, m.Rating.is_current)
     )
-    preferences = s.scalar(select(func.count(m.Preference.id)).where(m.Preference.id > cursor.preference_id))
+    preferences = s.scalar(
+        select(func.count(m.Preference.id)).where(m.Preference.id > cursor.preference_id, m.Preference.is_current)
+    )
     rated_prompts = s.scalar(
         select(func.count(func.distinct(m.Generation.prompt_id)))
         .join(m.Rating, m.Rating.generation_id == m.Generation.id)
@@ -826,6 +1128,242 @@ def _retryable(exc: DBAPIError, conflicts: bool) -> bool:
         return True
     unique = getattr(exc.orig, "sqlstate", None) == "23505" or "unique constraint failed" in message
     return conflicts and isinstance(exc, IntegrityError) and unique
+
+
+# ---------------------------------------------------------- submission helpers
+
+
+def _add_rating(
+    s: Session,
+    generation_id: int,
+    rater: str,
+    score: int,
+    comment: str | None,
+    now: datetime,
+    guideline: int,
+    submission_id: int | None = None,
+) -> m.Rating:
+    """Supersede `rater`'s current rating of the generation (if any) and add the new one; return it."""
+    s.execute(
+        update(m.Rating)
+        .where(m.Rating.generation_id == generation_id, m.Rating.rater == rater, m.Rating.is_current)
+        .values(is_current=False)
+        .execution_options(synchronize_session=False)
+    )
+    s.flush()
+    row = m.Rating(
+        generation_id=generation_id, rater=rater, score=score, comment=comment, is_current=True,
+        created_at=now, submission_id=submission_id, guideline_version=guideline,
+    )
+    s.add(row)
+    s.flush()
+    return row
+
+
+def _check_judgement(
+    rated: dict[int, int], best: list[int], tie: object, none_good: object, flagged: dict[int, Flag]
+) -> None:
+    """Raise StoreError unless the parts of a submission fit together: one best, or a tie of two or more;
+    no best where none is good; something to submit at all."""
+    if not isinstance(tie, bool) or not isinstance(none_good, bool):
+        raise StoreError("tie and none_good must be true or false.")
+    if tie and len(best) < 2:
+        raise StoreError("A tie needs two or more candidates judged equally best.")
+    if not tie and len(best) > 1:
+        raise StoreError("Pick one best candidate, or mark two or more as a tie.")
+    if none_good and best:
+        raise StoreError("A page where none is good has no best candidate.")
+    if not (rated or best or none_good or flagged):
+        raise StoreError("Nothing to submit: rate, pick, tie, flag, or say none is good.")
+
+
+def _add_page_facts(
+    s: Session, row: m.Submission, best: list[int], others: list[int], tie: bool, flags: Iterable[Flag]
+) -> None:
+    """Add a submission's preferences (each best over each other candidate), its tie and its flags."""
+    s.add_all(
+        m.Preference(chosen_generation_id=c, rejected_generation_id=r, rater=row.rater, created_at=row.created_at,
+                     is_current=True, submission_id=row.id)
+        for c in best for r in others
+    )
+    if tie:
+        s.add_all(m.Tie(submission_id=row.id, generation_id=g) for g in best)
+    s.add_all(m.Flag(submission_id=row.id, generation_id=f.generation_id, kind=f.kind, reason=f.reason)
+              for f in flags)
+    s.flush()
+
+
+def _guideline_version(s: Session) -> int:
+    """Return the version of the guidelines in force, 0 when none were written."""
+    return s.scalar(select(func.max(m.Guideline.version))) or 0
+
+
+def _supersede_page(s: Session, rater: str, page_id: int, on_page: set[int], now: datetime) -> None:
+    """Mark `rater`'s submission of the page in force, and their preferences among its candidates,
+    superseded; returns nothing."""
+    s.execute(
+        update(m.Submission)
+        .where(m.Submission.rater == rater, m.Submission.page_id == page_id, m.Submission.status == "current")
+        .values(status="superseded", status_changed_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    s.execute(
+        update(m.Preference)
+        .where(m.Preference.rater == rater, m.Preference.is_current,
+               m.Preference.chosen_generation_id.in_(on_page))
+        .values(is_current=False)
+        .execution_options(synchronize_session=False)
+    )
+    s.flush()
+
+
+def _require_undo_window(s: Session, row: m.Submission, at: datetime) -> None:
+    """Raise StoreError unless `row` may still be undone at `at`: within UNDO_GRACE of its time, or
+    while no training round has started since."""
+    if at - row.created_at < UNDO_GRACE:
+        return
+    started = s.scalar(select(m.TrainingLease.round_started_at).where(m.TrainingLease.id == m.LEASE_ROW_ID))
+    if started is not None and started > row.created_at:
+        raise StoreError(
+            f"Submission {row.id} can no longer be undone: a training round started after it "
+            f"(undo stays open {int(UNDO_GRACE.total_seconds())} s after submitting, then until a round starts)."
+        )
+
+
+def _restore_rating(s: Session, undone: m.Rating) -> None:
+    """Make current again the rating `undone` superseded: the rater's newest earlier rating of the
+    generation that no undone submission gave; returns nothing."""
+    still_given = or_(m.Rating.submission_id.is_(None), m.Rating.submission_id.not_in(
+        select(m.Submission.id).where(m.Submission.status == "undone")))
+    earlier = s.scalars(
+        select(m.Rating)
+        .where(m.Rating.generation_id == undone.generation_id, m.Rating.rater == undone.rater,
+               m.Rating.id < undone.id, still_given)
+        .order_by(m.Rating.id.desc())
+        .limit(1)
+    ).first()
+    if earlier is not None:
+        earlier.is_current = True
+        s.flush()
+
+
+def _restore_page(s: Session, undone: m.Submission, at: datetime) -> None:
+    """Put back what an undone submission superseded on its page: the rater's previous submission of
+    it (and its preferences), or else the preferences they gave there without a submission."""
+    previous = s.scalars(
+        select(m.Submission)
+        .where(m.Submission.rater == undone.rater, m.Submission.page_id == undone.page_id,
+               m.Submission.id < undone.id, m.Submission.status != "undone")
+        .order_by(m.Submission.id.desc())
+        .limit(1)
+    ).first()
+    on_page = select(m.Generation.id).where(m.Generation.page_id == undone.page_id)
+    restore = select(m.Preference).where(m.Preference.rater == undone.rater, ~m.Preference.is_current,
+                                         m.Preference.chosen_generation_id.in_(on_page))
+    if previous is not None:
+        previous.status, previous.status_changed_at = "current", at
+        restore = restore.where(m.Preference.submission_id == previous.id)
+    else:
+        restore = restore.where(m.Preference.submission_id.is_(None))
+    for row in s.scalars(restore.order_by(m.Preference.id)).all():
+        twin = s.scalar(select(m.Preference.id).where(
+            m.Preference.chosen_generation_id == row.chosen_generation_id,
+            m.Preference.rejected_generation_id == row.rejected_generation_id,
+            m.Preference.rater == row.rater, m.Preference.is_current))
+        if twin is None:
+            row.is_current = True
+            s.flush()
+
+
+def _by_submission(s: Session, model: type[m.Tie] | type[m.Flag]) -> dict[int, list[int]]:
+    """Return {submission id: generation ids} of the ties or flags of the submissions in force."""
+    stmt = (
+        select(model.submission_id, model.generation_id)
+        .join(m.Submission, m.Submission.id == model.submission_id)
+        .where(m.Submission.status == "current")
+        .order_by(model.generation_id)
+    )
+    out: dict[int, list[int]] = {}
+    for submission_id, generation_id in s.execute(stmt).tuples():
+        out.setdefault(submission_id, []).append(generation_id)
+    return out
+
+
+def _submission(s: Session, row: m.Submission, prompt_id: int | None = None) -> Submission:
+    """Return the record of a submission row with its ratings, best, tie and flags."""
+    if prompt_id is None:
+        prompt_id = s.scalar(select(m.Page.prompt_id).where(m.Page.id == row.page_id))
+    scores = s.execute(
+        select(m.Rating.generation_id, m.Rating.score).where(m.Rating.submission_id == row.id).order_by(m.Rating.id)
+    ).tuples().all()
+    tied = s.scalars(select(m.Tie.generation_id).where(m.Tie.submission_id == row.id).order_by(m.Tie.generation_id))
+    best = tuple(tied) or tuple(s.scalars(
+        select(m.Preference.chosen_generation_id).where(m.Preference.submission_id == row.id).distinct()
+    ))
+    flags = s.scalars(select(m.Flag).where(m.Flag.submission_id == row.id).order_by(m.Flag.generation_id))
+    return Submission(
+        row.id, row.page_id, cast(int, prompt_id), row.rater, row.client_key, row.guideline_version,
+        row.none_good, row.comment, row.status, row.created_at, row.status_changed_at,
+        tuple((g, score) for g, score in scores), best,
+        bool(s.scalar(select(m.Tie.id).where(m.Tie.submission_id == row.id).limit(1))),
+        tuple(Flag(f.generation_id, f.kind, f.reason) for f in flags),
+    )
+
+
+def _guideline(row: m.Guideline) -> Guideline:
+    return Guideline(row.version, row.text, row.author, row.created_at)
+
+
+def _scores(scores: Mapping[int, int] | None) -> dict[int, int]:
+    """Return {generation id: score} checked (JSON clients send ids as text keys: "12" is 12)."""
+    if scores is None:
+        return {}
+    if not isinstance(scores, Mapping):
+        raise StoreError(f"Scores must map generation ids to 1..5, not {type(scores).__name__}.")
+    out: dict[int, int] = {}
+    for key, value in scores.items():
+        generation_id = check.record_id(_id_key(key), "generation")
+        if generation_id in out:
+            raise StoreError(f"Generation {generation_id} is rated twice.")
+        out[generation_id] = check.score(value)
+    return out
+
+
+def _id_key(key: object) -> object:
+    """Return a mapping key as an int when it is decimal text (JSON object keys are text)."""
+    if isinstance(key, str) and key.strip().isdigit() and len(key.strip()) < 19:
+        return int(key.strip())
+    return key
+
+
+def _distinct_ids(ids: Sequence[int], what: str) -> list[int]:
+    """Return the ids checked, refusing repeats (a list, not a single id)."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise StoreError(f"The {what} ids must be a list, not {type(ids).__name__}.")
+    out = [check.record_id(i, "generation") for i in ids]
+    if len(set(out)) != len(out):
+        raise StoreError(f"A {what} is named twice.")
+    return out
+
+
+def _flags(flags: Sequence[Flag]) -> dict[int, Flag]:
+    """Return {generation id: Flag} checked: a known kind, a reason for "other", one flag a candidate."""
+    if isinstance(flags, (str, bytes)) or not isinstance(flags, Sequence):
+        raise StoreError(f"Flags must be a list, not {type(flags).__name__}.")
+    out: dict[int, Flag] = {}
+    for flag in flags:
+        if not isinstance(flag, Flag):
+            raise StoreError(f"Expected a Flag, not {type(flag).__name__}.")
+        generation_id = check.record_id(flag.generation_id, "generation")
+        if flag.kind not in FLAG_KINDS:
+            raise StoreError(f"Unknown flag {flag.kind!r}; expected one of {', '.join(FLAG_KINDS)}.")
+        reason = check.comment(flag.reason, MAX_COMMENT_CHARS)
+        if flag.kind == "other" and reason is None:
+            raise StoreError("A flag of kind 'other' needs a reason.")
+        if generation_id in out:
+            raise StoreError(f"Generation {generation_id} is flagged twice.")
+        out[generation_id] = Flag(generation_id, flag.kind, reason)
+    return out
 
 
 # ----------------------------------------------------------- input and output
@@ -922,7 +1460,8 @@ def _generation(row: m.Generation) -> Generation:
 
 def _rating(row: m.Rating) -> Rating:
     return Rating(
-        row.id, row.generation_id, row.rater, row.score, row.comment, row.is_current, row.created_at
+        row.id, row.generation_id, row.rater, row.score, row.comment, row.is_current, row.created_at,
+        row.submission_id, row.guideline_version,
     )
 
 

@@ -70,9 +70,16 @@ def integer(value: object, what: str, minimum: int = 0) -> int:
     return value
 
 
+MAX_ID = 2**63 - 1
+"""The largest id a database integer column holds (SQLite and PostgreSQL bigint)."""
+
+
 def record_id(value: object, what: str) -> int:
-    """Return a database id (a positive integer)."""
-    return integer(value, f"{what} id", minimum=1)
+    """Return a database id (a positive integer that fits a database integer)."""
+    value = integer(value, f"{what} id", minimum=1)
+    if value > MAX_ID:
+        raise StoreError(f"Unknown {what} id {value}.")
+    return value
 
 
 def score(value: object) -> int:

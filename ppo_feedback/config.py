@@ -129,11 +129,15 @@ class AppConfig:
     """Start the training worker (`python -m ppo_feedback.worker`) as a child process; --no-worker when it runs elsewhere."""
     poll_interval: float = 2.0
     """Seconds between the page's checks for a newly published adapter version to serve."""
+    overlap: float = 0.0
+    """Fraction (0..1) of pages offered to a second rater: a page another rater judged, the same generations, so raters' agreement can be measured (/agreement)."""
 
     def validate(self) -> None:
         """Raise ValueError on an impossible or unsafe setting."""
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, not {self.port}")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise ValueError(f"--overlap must be in 0..1, not {self.overlap}")
         if self.poll_interval <= 0:
             raise ValueError("--poll-interval must be > 0")
         if not self.auth_file and not self.insecure_no_auth and not is_loopback(self.host):

@@ -17,14 +17,17 @@ What each learns from (one page: the candidates one rater asked for and saw side
 - ipo: the same pairs with IPO's squared loss, whose margin stops at 1/(2·`--beta`) per token;
 - raft: the good candidates rated strictly above their page's mean (`above_page_mean`), made likelier;
 - kto: every rated candidate alone, desirable when it is good and above its rater's own mean
-  (normalised score > 0), undesirable below that mean, otherwise left out; weights from
+  (normalised score > 0), undesirable below that mean, otherwise left out; every candidate of a
+  none-is-good page and every flagged one is undesirable, rated or not; weights from
   `kto_weights`, the reference point z0 from mismatched pairs (`kto_mismatched`) under the current
   policy, per minibatch.
 
 Good: a per-rater normalised score (`feedback.normalize_ratings`: the rater's own standard
 deviations from their own mean) of at least `--good-score`. What a direct objective makes likelier
 must be good in absolute terms, not only rated above the others of its page: on a page of poor
-candidates a rater's 2 against a 1 is mostly noise.
+candidates a rater's 2 against a 1 is mostly noise. A candidate of a none-is-good page or a flagged
+one (`RatedFeedback.blocked`) is never made likelier: never DPO's chosen, RAFT's kept nor KTO's
+desirable; two candidates of one tie give DPO no pair.
 
 With a `Team` every process builds the same examples and takes the same minibatches (one shared
 shuffle), so the averaged gradients equal one process's; each samples its own KL batch.
@@ -100,21 +103,25 @@ def _dpo_examples(feedback: RatedFeedback, usable: list[bool], good: float) -> E
 
 
 def _raft_examples(feedback: RatedFeedback, usable: list[bool], good: float) -> Examples:
-    """RAFT's kept samples: the good candidates rated strictly above their page's mean (`above_page_mean`)."""
+    """RAFT's kept samples: the good candidates rated strictly above their page's mean (`above_page_mean`),
+    none of them `blocked`."""
     keep = above_page_mean(feedback.scores, feedback.page_ids, min_score=good).tolist()
-    rows = [row for row, kept in enumerate(keep) if kept and usable[row]]
+    blocked = feedback.blocked
+    rows = [row for row, kept in enumerate(keep) if kept and usable[row] and row not in blocked]
     return Examples("raft", _sequences_of(feedback, rows), [(i,) for i in range(len(rows))])
 
 
 def _kto_examples(feedback: RatedFeedback, usable: list[bool], good: float) -> Examples | None:
     """KTO's labelled outputs and their mismatched partners: desirable the good ones above their rater's mean
-    (normalised score > 0 and >= `good`), undesirable those below it (< 0); the rest are left out.
+    (normalised score > 0 and >= `good`) that are not `blocked`, undesirable those below it (< 0) and every
+    blocked one (a none-is-good page's candidates, flagged ones; rated or not); the rest are left out.
 
     None when no pairing exists (one prompt holds more than half the outputs: `kto_mismatched`).
     """
-    scores = feedback.scores.tolist()
-    rows = [row for row, s in enumerate(scores)
-            if usable[row] and math.isfinite(s) and (s < 0 or (s > 0 and s >= good))]
+    scores, blocked = feedback.scores.tolist(), feedback.blocked
+    desirable = [math.isfinite(s) and s > 0 and s >= good and row not in blocked for row, s in enumerate(scores)]
+    undesirable = [row in blocked or (math.isfinite(s) and s < 0) for row, s in enumerate(scores)]
+    rows = [row for row in range(len(scores)) if usable[row] and (desirable[row] or undesirable[row])]
     if not rows:
         return None
     try:
@@ -124,7 +131,7 @@ def _kto_examples(feedback: RatedFeedback, usable: list[bool], good: float) -> E
     own = _sequences_of(feedback, rows)
     mismatched = [(own[i][0], own[j][1]) for i, j in enumerate(partner)]  # prompt i, response of row j
     n = len(rows)
-    return Examples("kto", own + mismatched, [(i, n + i) for i in range(n)], [scores[r] > 0 for r in rows])
+    return Examples("kto", own + mismatched, [(i, n + i) for i in range(n)], [desirable[r] for r in rows])
 
 
 class DirectTrainer:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -73,14 +73,28 @@ def normalize_ratings(ratings: Sequence[tuple[str, float]], prior_weight: float 
 
 @dataclass
 class RatedFeedback:
-    """Every current rating and preference of a store, one row per distinct generation (sorted by id)."""
+    """Every current rating and preference of a store, one row per distinct generation (sorted by id),
+    with the page-level judgements in force: none-is-good pages, flagged candidates and ties."""
 
     generations: list  # db.records.Generation per row (its `page_id`: the page it was shown on)
     prompts: list[str]  # the row's prompt text
     scores: torch.Tensor  # (N,) float64 mean normalised score of the row's ratings; NaN when only in preferences
-    pairs: list[tuple[int, int]]  # (chosen row, rejected row) per preference
+    pairs: list[tuple[int, int]]  # (chosen row, rejected row) per preference (none with a `blocked` chosen)
     n_ratings: int
     raters: set[str]
+    undesirable: frozenset[int] = frozenset()  # rows on a page a rater judged none-is-good
+    flagged: frozenset[int] = frozenset()  # rows a rater flagged (offensive, broken, off-prompt, other)
+    ties: list[tuple[int, ...]] = field(default_factory=list)  # rows a rater judged equally best, per tie
+
+    @property
+    def blocked(self) -> frozenset[int]:
+        """Rows never made likelier (never DPO chosen, RAFT kept, KTO desirable, replayed, nor a reward
+        model's chosen): the undesirable and the flagged ones."""
+        return self.undesirable | self.flagged
+
+    def tied_pairs(self) -> set[tuple[int, int]]:
+        """Return every ordered (row, row) pair of two rows judged equally best in one tie: no preference."""
+        return {(i, j) for tie in self.ties for i in tie for j in tie if i != j}
 
     @property
     def page_ids(self) -> list[int]:
@@ -106,13 +120,15 @@ class RatedFeedback:
         Every two candidates of one page rated differently (`page_pairs`; with `min_chosen`, only
         those whose higher one has at least that normalised score), and every preference (a pick),
         which replaces a rating pair that contradicts it: the rater compared those two side by side.
-        DPO trains on these; the reward model is judged by how many it gets right.
+        None between two rows of one tie, none whose chosen row is `blocked` (a none-is-good page's
+        candidates, flagged ones). DPO trains on these; the reward model is judged by how many it gets right.
         """
         pairs = set(page_pairs(self.scores, self.page_ids, min_chosen=min_chosen))
         for chosen, rejected in self.pairs:
             pairs.discard((rejected, chosen))
             pairs.add((chosen, rejected))
-        return sorted(pairs)
+        blocked = self.blocked
+        return sorted(pairs - self.tied_pairs() - {p for p in pairs if p[0] in blocked})
 
     def relative_scores(self) -> torch.Tensor:
         """Return (N,) float64 scores minus the mean score of the row's siblings, NaN where unrated.
@@ -144,8 +160,8 @@ class RatedFeedback:
         displacement, Razin et al. 2024); rejection-sampling fine-tuning (RAFT, Dong et al. 2023)
         keeps only the good samples for the same reason.
         """
-        scores = self.relative_scores()
-        rows = [r for r in self.replayable(temperature) if scores[r] > 0]
+        scores, blocked = self.relative_scores(), self.blocked
+        rows = [r for r in self.replayable(temperature) if scores[r] > 0 and r not in blocked]
         generations = [self.generations[r] for r in rows]
         return Replay([self.prompts[r] for r in rows], [list(g.token_ids) for g in generations],
                       [list(g.logprobs) for g in generations], [float(scores[r]) for r in rows])
@@ -154,15 +170,19 @@ class RatedFeedback:
 def read_feedback(store, prior_weight: float = RewardConfig.prior_weight) -> RatedFeedback:
     """Return the store's current feedback as RatedFeedback; raise ValueError when there is none.
 
-    Reads `store.iter_feedback()` (current ratings only: a re-rating supersedes the old one),
-    normalises scores per rater over all of them (`normalize_ratings`) and averages the normalised
-    scores of a generation rated by several raters.
+    Reads `store.iter_feedback()` (current ratings and preferences only: a re-rating, a later
+    submission of the page or an undo supersedes the old rows), normalises scores per rater over all of
+    them (`normalize_ratings`) and averages the normalised scores of a generation rated by several
+    raters. Reads the judgements in force (`store.judgements()`): every candidate of a none-is-good page
+    is a row (rated or not) marked undesirable, flagged candidates are marked flagged, tied ones
+    are recorded as a tie; a preference whose chosen candidate is either is left out.
     """
     ratings, preferences = [], []
     for batch in store.iter_feedback():
         ratings.extend(batch.ratings)
         preferences.extend(batch.preferences)
-    if not ratings and not preferences:
+    judgements = store.judgements()
+    if not ratings and not preferences and not any(j.none_good for j in judgements):
         raise ValueError("no ratings or preferences to fit a reward model to")
     generations, prompts = {}, {}  # generation id -> Generation, generation id -> prompt text
     for rated in ratings:
@@ -170,8 +190,15 @@ def read_feedback(store, prior_weight: float = RewardConfig.prior_weight) -> Rat
     for pair in preferences:
         for g in (pair.chosen, pair.rejected):
             generations[g.id], prompts[g.id] = g, pair.prompt_text
+    for judgement in judgements:
+        if judgement.none_good:
+            for g in judgement.generations:
+                generations[g.id], prompts[g.id] = g, judgement.prompt_text
     ids = sorted(generations)
     row_of = {gid: i for i, gid in enumerate(ids)}
+    undesirable = frozenset(row_of[g.id] for j in judgements if j.none_good for g in j.generations)
+    flagged = frozenset(row_of[g] for j in judgements for g in j.flagged if g in row_of)
+    ties = [tuple(row_of[g] for g in j.tied if g in row_of) for j in judgements if j.tied]
     normalized = normalize_ratings([(r.rating.rater, r.rating.score) for r in ratings], prior_weight)
     totals: dict[int, list[float]] = defaultdict(list)
     for rated, z in zip(ratings, normalized):
@@ -179,10 +206,13 @@ def read_feedback(store, prior_weight: float = RewardConfig.prior_weight) -> Rat
     scores = torch.full((len(ids),), math.nan, dtype=torch.float64)
     for row, zs in totals.items():
         scores[row] = sum(zs) / len(zs)
+    pairs = [(row_of[p.chosen.id], row_of[p.rejected.id]) for p in preferences]
     return RatedFeedback(generations=[generations[g] for g in ids], prompts=[prompts[g] for g in ids],
-                         scores=scores, pairs=[(row_of[p.chosen.id], row_of[p.rejected.id]) for p in preferences],
+                         scores=scores, pairs=[p for p in pairs if p[0] not in undesirable | flagged],
                          n_ratings=len(ratings),
-                         raters={r.rating.rater for r in ratings} | {p.preference.rater for p in preferences})
+                         raters={r.rating.rater for r in ratings} | {p.preference.rater for p in preferences}
+                         | {j.rater for j in judgements if j.none_good},
+                         undesirable=undesirable, flagged=flagged, ties=[t for t in ties if len(t) > 1])
 
 
 # ------------------------------------------------------------------------------ the replay pool

@@ -122,7 +122,7 @@ class Worker:
         self.initial = AdapterState.initial(policy)
         self.loaded_version: int | None = None
         self._reference_features: torch.Tensor | None = None
-        self._examples_at: tuple[Cursor, Examples | None] | None = None  # direct_examples' cache
+        self._examples_at: tuple[tuple, Examples | None] | None = None  # direct_examples' cache
         self._distrusted: tuple[Cursor, str] | None = None  # (feedback end, verdict) of an untrusted reward model
         self.stop_requested = threading.Event()
         self.heartbeat: Heartbeat | None = None  # process 0's, while it holds the lease
@@ -239,6 +239,7 @@ class Worker:
         (`FitReport.trusted`) does not optimise it: its plan holds `--reward-model-fallback`'s
         examples instead, or a `wait_reason` (fallback "wait", or the fallback has no examples yet).
         """
+        self.store.begin_round(self.holder)  # submissions before now can no longer be undone (after their grace)
         feedback_end = self.feedback_end(cursor)
         total = self.store.count_feedback_since()
         version = self.adapters.next_version(self.store)
@@ -302,8 +303,9 @@ class Worker:
         """Return the direct objective's examples from all feedback in the store, None when it gives none.
 
         Read once per state of the feedback (keyed by the cursor after the newest rating or preference
-        since `cursor`), so a waiting worker and the round it then prepares do not reread it all."""
-        end = self.feedback_end(cursor)
+        since `cursor` and the store's `judgement_stamp`, which an undo or a submission without new rows
+        changes), so a waiting worker and the round it then prepares do not reread it all."""
+        end = (self.feedback_end(cursor), self.store.judgement_stamp())
         if self._examples_at is None or self._examples_at[0] != end:
             feedback = read_feedback(self.store, self.reward_config.prior_weight)
             self._examples_at = (end, examples(self.objective.objective, feedback, self.objective.good_score))

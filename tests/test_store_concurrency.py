@@ -128,3 +128,16 @@ def test_sigkill_mid_burst_keeps_every_returned_rating(store: FeedbackStore, sto
     if path is not None:
         with sqlite3.connect(path) as connection:
             assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def test_the_same_submission_sent_at_once_from_every_thread_is_stored_once(store: FeedbackStore,
+                                                                          store_url: str) -> None:
+    ids = _generations(store, 3)
+    page = store.get_generation(ids[0]).page_id
+
+    def submit(feedback_store: FeedbackStore, index: int) -> int:
+        return feedback_store.submit_page(page, "ana", {ids[0]: 5, ids[1]: 2}, [ids[0]], client_key="one-page").id
+
+    assert len(set(_in_threads(store_url, submit))) == 1  # every retry got the one stored submission
+    assert len(store.rating_history(ids[0])) == 1 and len(store.my_submissions("ana")) == 1
+    assert len(store.feedback_since().preferences) == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from db import FeedbackStore, NewGeneration
+from db import FeedbackStore, Flag, NewGeneration
 from db.export import export_jsonl
 from store_fixtures import store, store_url  # noqa: F401  (fixtures)
 
@@ -81,8 +81,9 @@ def test_unpaired_export(rated: FeedbackStore, tmp_path: Path) -> None:
 
 def test_ratings_export(rated: FeedbackStore, tmp_path: Path) -> None:
     path = tmp_path / "ratings.jsonl"
-    assert export_jsonl(rated, "ratings", path) == 6
+    assert export_jsonl(rated, "ratings", path) == 7  # alice's superseded 1 is kept, marked
     rows = _load(path, tmp_path)
+    assert [(r["score"], r["status"]) for r in rows[:2]] == [(1, "superseded"), (5, "current")]
     assert set(rows[0]) == {
         "rating_id",
         "prompt_id",
@@ -95,8 +96,16 @@ def test_ratings_export(rated: FeedbackStore, tmp_path: Path) -> None:
         "rater",
         "adapter_version",
         "created_at",
+        "status",
+        "guideline_version",
+        "submission_id",
+        "best",
+        "tie",
+        "none_good",
+        "flag",
+        "flag_reason",
     }
-    lovely = rows[0]
+    lovely = rows[1]
     assert (lovely["prompt"], lovely["completion"], lovely["score"], lovely["comment"], lovely["rater"]) == (
         EMOJI_PROMPT,
         "Hello! 😊",
@@ -105,10 +114,59 @@ def test_ratings_export(rated: FeedbackStore, tmp_path: Path) -> None:
         "alice",
     )
     assert lovely["adapter_version"] == 0 and lovely["created_at"].endswith("+00:00")
-    assert sorted(r["score"] for r in rows) == [1, 2, 3, 3, 4, 5]
+    assert sorted(r["score"] for r in rows) == [1, 1, 2, 3, 3, 4, 5]
     pages = {r["generation_id"]: r["page_id"] for r in rows}
     assert pages == {g.id: g.page_id for g in (rated.get_generation(i) for i in pages)}
     assert len(set(pages.values())) == 2  # one page per prompt here: each was one request
+
+
+@pytest.fixture
+def submitted(store: FeedbackStore) -> FeedbackStore:
+    """Page abcd: ana's submission under guidelines v1 (a 5, b 4, c 2; a and b tied best; d flagged),
+    carol's (c 5, picked), undone. Page xyz: ben's none-is-good submission (x 4, y 1, z unrated)."""
+    store.write_guidelines("Be fair.", "admin")
+    pages = {}
+    for texts in ("abcd", "xyz"):
+        prompt = store.add_prompt(f"Judge {texts}")
+        made = store.record_generations(prompt, 0, [NewGeneration(t) for t in texts], rater="ana")
+        pages[texts] = (made[0].page_id, {g.text: g.id for g in made})
+    page, ids = pages["abcd"]
+    store.submit_page(page, "ana", {ids["a"]: 5, ids["b"]: 4, ids["c"]: 2}, [ids["a"], ids["b"]], tie=True,
+                      flags=[Flag(ids["d"], "off_prompt", "talks about cats")])
+    store.submit_page(page, "carol", {ids["c"]: 5}, [ids["c"]])
+    store.undo_last_submission("carol")
+    page, ids = pages["xyz"]
+    store.submit_page(page, "ben", {ids["x"]: 4, ids["y"]: 1}, none_good=True)
+    return store
+
+
+def test_preference_export_leaves_out_ties_undone_and_blocked_chosen(submitted, tmp_path: Path) -> None:
+    path = tmp_path / "preference.jsonl"
+    assert export_jsonl(submitted, "preference", path) == 6
+    rows = [(r["chosen"], r["rejected"]) for r in _load(path, tmp_path)]
+    # the tie's picks (a and b over c and d), then the rating pairs a > c, b > c: never a over b (tied),
+    # nothing of carol's (undone), not x over y (none is good on that page)
+    assert rows == [("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("a", "c"), ("b", "c")]
+
+
+def test_unpaired_export_labels_none_is_good_and_flagged_undesirable(submitted, tmp_path: Path) -> None:
+    path = tmp_path / "unpaired.jsonl"
+    assert export_jsonl(submitted, "unpaired", path) == 6
+    labels = [(r["completion"], r["label"]) for r in _load(path, tmp_path)]
+    assert labels == [("a", True), ("b", True), ("c", False), ("x", False), ("y", False), ("z", False)]
+
+
+def test_ratings_export_keeps_every_fact_of_a_submission(submitted, tmp_path: Path) -> None:
+    path = tmp_path / "ratings.jsonl"
+    assert export_jsonl(submitted, "ratings", path) == 8
+    by = {(r["rater"], r["completion"]): r for r in _load(path, tmp_path)}
+    a, c, d = by["ana", "a"], by["ana", "c"], by["ana", "d"]
+    assert (a["tie"], a["best"], a["guideline_version"], a["status"]) == (True, True, 1, "current")
+    assert (c["tie"], c["best"]) == (False, False)
+    assert (d["score"], d["flag"], d["flag_reason"], d["rating_id"]) == (None, "off_prompt", "talks about cats", None)
+    assert (by["carol", "c"]["status"], by["carol", "c"]["score"]) == ("undone", 5)
+    assert [(by["ben", t]["score"], by["ben", t]["none_good"]) for t in "xyz"] == [(4, True), (1, True), (None, True)]
+    assert len({r["submission_id"] for r in by.values()}) == 3
 
 
 def test_rating_pairs_come_from_one_page(store: FeedbackStore, tmp_path: Path) -> None:
@@ -150,4 +208,4 @@ def test_command_line_from_another_directory(rated: FeedbackStore, store_url: st
     fresh = tmp_path / "new" / "feedback.db"
     result = _python_m_db("upgrade", "--db", str(fresh), cwd=elsewhere)
     assert result.returncode == 0, result.stderr
-    assert "revision 0003" in result.stderr and fresh.exists()
+    assert "revision 0004" in result.stderr and fresh.exists()

@@ -163,7 +163,7 @@ def test_upgrade_from_0001_keeps_every_row(empty_url: str) -> None:
     engine.dispose()
 
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == head_revision() == "0003"
+        assert store.schema_revision() == head_revision() == "0004"
         assert store.get_prompt(prompt).text == "Old prompt 🤖"
         assert store.get_generation(good).token_ids == (5, 6)
         history = store.rating_history(good)
@@ -212,7 +212,7 @@ def test_simultaneous_first_starts_migrate_once(empty_url: str) -> None:
         thread.join()
     assert errors == []
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == "0003"
+        assert store.schema_revision() == head_revision()
         assert store.acquire_lease("worker", 10)  # exactly one lease row
 
 
@@ -292,7 +292,7 @@ def test_upgrade_to_0003_puts_every_generation_on_a_page(empty_url: str) -> None
     engine.dispose()
 
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == "0003"
+        assert store.schema_revision() == head_revision()
         page_of = {name: {store.get_generation(g).page_id for g in ids} for name, ids in expected.items()}
         assert all(len(pages) == 1 for pages in page_of.values())
         # page ids follow the first generation's id
@@ -335,3 +335,51 @@ def test_downgrade_from_0003_keeps_generations_and_upgrades_again(empty_url: str
     with FeedbackStore(empty_url) as store:
         assert store.get_page(7).rater == "carol"
         assert store.feedback_since().preferences[0].chosen.page_id == 7
+
+
+def test_upgrade_to_0004_keeps_ratings_and_preferences_in_force(empty_url: str) -> None:
+    engine = make_engine(empty_url)
+    upgrade_schema(engine, "0002")
+    expected = _seed_0002(engine)
+    upgrade_schema(engine, "0003")
+    engine.dispose()
+
+    with FeedbackStore(empty_url) as store:
+        assert store.schema_revision() == "0004"
+        before = store.feedback_since()
+        assert len(before.ratings) == 9 and len(before.preferences) == 1  # every current row still in force
+        history = store.rating_history(expected["ana"][0])
+        assert [(r.rater, r.current, r.submission_id, r.guideline_version) for r in history] == [
+            ("ana", False, None, 0), ("ben", True, None, 0), ("ana", True, None, 0)]
+        assert store.my_submissions("carol") == [] and store.guidelines() is None
+        # carol's old pick is superseded by her first submission of that page, and back after an undo
+        carol = expected["carol"]
+        page = store.get_generation(carol[0]).page_id
+        store.submit_page(page, "carol", {carol[0]: 2}, [carol[1]])
+        assert [(p.chosen.id, p.rejected.id) for p in store.feedback_since().preferences] == [(carol[1], carol[0])]
+        store.undo_last_submission("carol")
+        assert [(p.chosen.id, p.rejected.id) for p in store.feedback_since().preferences] == [(carol[0], carol[1])]
+
+
+def test_downgrade_from_0004_keeps_ratings_and_the_preferences_in_force(empty_url: str) -> None:
+    with FeedbackStore(empty_url) as store:
+        prompt = store.add_prompt("p")
+        ids = [g.id for g in store.record_generations(prompt, 0, [NewGeneration("a"), NewGeneration("b")], rater="ana")]
+        page = store.get_generation(ids[0]).page_id
+        store.submit_page(page, "ana", {ids[0]: 4}, [ids[0]])
+        store.submit_page(page, "ana", {ids[0]: 2}, [ids[1]])  # the first pick is superseded
+        store.write_guidelines("be kind", "ana")
+    engine = make_engine(empty_url)
+    downgrade_schema(engine, "0003")
+    inspector = sa.inspect(engine)
+    assert not {"submissions", "ties", "flags", "skips", "guidelines"} & set(inspector.get_table_names())
+    with engine.connect() as connection:
+        scores = connection.execute(sa.select(RATINGS.c.score).order_by(RATINGS.c.id)).scalars().all()
+        pairs = connection.execute(
+            sa.select(PREFERENCES.c.chosen_generation_id, PREFERENCES.c.rejected_generation_id)
+        ).tuples().all()
+    assert scores == [4, 2] and pairs == [(ids[1], ids[0])]
+    engine.dispose()
+    with FeedbackStore(empty_url) as store:
+        assert store.schema_revision() == "0004"
+        assert [p.chosen.id for p in store.feedback_since().preferences] == [ids[1]]

@@ -252,3 +252,102 @@ def test_compare_uses_one_seed_for_every_version(env):
     assert first["base"] == base_only
     with pytest.raises(ValueError, match="empty"):
         app.compare(" ", None, seed=1)
+
+
+# ------------------------------------------------------------------------ submissions (issue 17)
+
+def _fresh_page(client, prompt: str, n: int = 3) -> tuple[int, list[int]]:
+    """Generate a page through the API; return (page id, its generation ids)."""
+    records = client.predict(prompt, n, api_name="/generate")
+    return records[0]["page_id"], [r["generation_id"] for r in records]
+
+
+def test_submit_is_one_unit_with_a_retry_safe_key_and_undo_restores(ben, env):
+    store = env["store"]
+    page, (a, b, c) = _fresh_page(ben, "Submit me as one unit")
+    result = ben.predict(page, {str(a): 5, str(b): 2}, [a], False, False,
+                         [{"generation_id": c, "kind": "broken", "reason": "cut off"}], "A wins", "key-1",
+                         api_name="/submit")
+    record = result["submission"]
+    assert result["ok"] and result["message"] == "Saved 2 ratings, a best pick, 1 flag."
+    assert (record["scores"], record["best"], record["status"]) == ({str(a): 5, str(b): 2}, [a], "current")
+    assert record["flags"] == [{"generation_id": c, "kind": "broken", "reason": "cut off"}]
+    again = ben.predict(page, {str(a): 5, str(b): 2}, [a], key="key-1", api_name="/submit")
+    assert again["submission"]["submission_id"] == record["submission_id"]  # a retry stores nothing new
+    assert len(store.rating_history(a)) == 1
+    tie = ben.predict(page, {str(a): 4}, [a, b], True, api_name="/submit")["submission"]
+    assert tie["tie"] and [s["status"] for s in ben.predict(2, api_name="/my_submissions")] == ["current", "superseded"]
+    undone = ben.predict(api_name="/undo")["undone"]
+    assert (undone["submission_id"], undone["status"]) == (tie["submission_id"], "undone")
+    assert [(r.score, r.current) for r in store.rating_history(a)] == [(5, True), (4, False)]  # nothing deleted
+    assert ben.predict(1, api_name="/my_submissions")[0]["status"] == "undone"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (lambda page, ids, other: (999999, {str(ids[0]): 3}), "Unknown page id 999999"),
+    (lambda page, ids, other: (page, {str(other): 3}), "is not on page"),
+    (lambda page, ids, other: (page, {str(ids[0]): 3}, [ids[0]], True), "A tie needs two or more"),
+    (lambda page, ids, other: (page, {str(ids[0]): 10**30}), "whole number from 1 to 5"),
+    (lambda page, ids, other: (page, {str(10**30): 3}), "Unknown generation id"),
+    (lambda page, ids, other: (10**30, {str(ids[0]): 3}), "Unknown page id"),
+    (lambda page, ids, other: (page, {str(ids[0]): "5"}), "whole number"),
+    (lambda page, ids, other: (page, {str(ids[0]): 2.5}), "whole number"),
+    (lambda page, ids, other: (page, [5]), "scores must be an object"),
+    (lambda page, ids, other: (page, {}, [ids[0]], False, True), "none is good has no best"),
+    (lambda page, ids, other: (page, {}, [], False, False, [{"generation_id": ids[0], "kind": "rude"}]),
+     "Unknown flag"),
+    (lambda page, ids, other: (page, {}, [], False, False, ["broken"]), "flags must be a list"),
+    (lambda page, ids, other: (page, {}), "Nothing to submit"),
+])
+def test_submit_refuses_bad_input_clearly_and_stores_nothing(ben, env, arguments, message):
+    page, ids = _fresh_page(ben, "Refuse bad submissions")
+    _, (other, *_) = _fresh_page(ben, "Another page", 1)
+    before = (env["store"].counts()["rating_revisions"], len(env["store"].my_submissions("ben", 100)))
+    with pytest.raises(Exception, match=message):
+        ben.predict(*arguments(page, ids, other), api_name="/submit")
+    assert (env["store"].counts()["rating_revisions"], len(env["store"].my_submissions("ben", 100))) == before
+
+
+def test_undo_with_nothing_to_undo_and_skip(local, env):
+    with pytest.raises(Exception, match="Nothing to undo"):
+        local.predict("nobody-yet", api_name="/undo")
+    offered = local.predict(rater="skipper", api_name="/next_prompt")
+    assert local.predict(offered["prompt_id"], "skipper", api_name="/skip") == {"ok": True, "new": True}
+    assert local.predict(offered["prompt_id"], "skipper", api_name="/skip") == {"ok": True, "new": False}
+    assert local.predict(rater="skipper", api_name="/next_prompt")["prompt_id"] != offered["prompt_id"]
+    with pytest.raises(Exception, match="whole number"):
+        local.predict("seven", "skipper", api_name="/skip")
+
+
+def test_guidelines_are_read_by_anyone_and_written_by_admins(ana, ben, env):
+    with pytest.raises(Exception, match="Only admins can write guidelines"):
+        ben.predict("Rate everything 5.", api_name="/write_guidelines")
+    written = ana.predict("Prefer honest answers.\nThen short ones.", api_name="/write_guidelines")
+    assert ben.predict(api_name="/guidelines") == written
+    assert (written["text"], written["author"]) == ("Prefer honest answers.\nThen short ones.", "ana")
+    page, (a, *_) = _fresh_page(ben, "Rated under guidelines", 2)
+    record = ben.predict(page, {str(a): 4}, api_name="/submit")["submission"]
+    assert record["guideline_version"] == written["version"] >= 1
+    assert env["store"].rating_history(a)[0].guideline_version == written["version"]
+
+
+def test_a_second_rater_is_offered_the_same_generations_and_agreement_is_for_admins(ana, ben, env):
+    app = env["app"]
+    page, (a, b) = _fresh_page(ana, "Judge me twice", 2)
+    ana.predict(page, {str(a): 5, str(b): 1}, [a], api_name="/submit")
+    assert ben.predict(api_name="/overlap_page")["page_id"] is None  # --overlap 0: never
+    app.overlap = 1.0
+    try:
+        offered = ben.predict(api_name="/overlap_page")
+    finally:
+        app.overlap = 0.0
+    assert offered["page_id"] is not None
+    shared = env["store"].page_to_overlap("ben")
+    assert offered["page_id"] == shared.id
+    ids = [c["generation_id"] for c in offered["candidates"]]
+    ben.predict(offered["page_id"], {str(ids[0]): 4}, api_name="/submit")
+    with pytest.raises(Exception, match="Only admins can see agreement"):
+        ben.predict("", api_name="/agreement")
+    result = ana.predict("ben", api_name="/agreement")
+    assert set(result) == {"overall", "pairs"} and all("ben" in p["raters"] for p in result["pairs"])
+    assert any(p["shared_generations"] >= 1 for p in result["pairs"])

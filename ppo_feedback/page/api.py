@@ -73,6 +73,41 @@ class Api:
         """Record that chosen_id is better than each of rejected_ids (same prompt): {"ok": true}."""
         return self.app.prefer(chosen_id, rejected_ids, self.app.rater(request, rater))
 
+    def submit(self, page_id: int, scores: dict, best: list[int] = [], tie: bool = False, none_good: bool = False,  # noqa: B006
+               flags: list[dict] = [], comment: str = "", key: str = "", rater: str = "",  # noqa: B006
+               request: gr.Request = None) -> dict:
+        """Store one page's judgement as one unit: scores {generation_id: 1..5}, best [id] (or two or more with tie), none_good, flags [{"generation_id", "kind", "reason"}], comment; key makes a retry safe: {"ok", "submission", "message"}."""
+        return self.app.submit_page(page_id, scores, best, tie, none_good, flags, comment, key,
+                                    self.app.rater(request, rater))
+
+    def undo(self, rater: str = "", request: gr.Request = None) -> dict:
+        """Undo my newest submission in force (2 minutes after it, and until a training round starts): {"ok", "undone"}."""
+        return self.app.undo(self.app.rater(request, rater))
+
+    def skip(self, prompt_id: int, rater: str = "", request: gr.Request = None) -> dict:
+        """Skip a prompt: /next_prompt never offers it to me again: {"ok", "new"}."""
+        return self.app.skip(prompt_id, self.app.rater(request, rater))
+
+    def my_submissions(self, limit: int = 20, rater: str = "", request: gr.Request = None) -> list:
+        """My newest submissions, newest first (undone ones marked by their status), to change one: [/submit's "submission"]."""
+        return self.app.my_submissions(limit, self.app.rater(request, rater))
+
+    def overlap_page(self, rater: str = "", request: gr.Request = None) -> dict:
+        """With probability --overlap, a page another rater judged that I have not: {"page_id", "prompt_id", "text", "candidates"} (nulls and [] otherwise)."""
+        return self.app.overlap_page(self.app.rater(request, rater))
+
+    def guidelines(self) -> dict:
+        """The rating guidelines in force: {"version", "text", "author", "created_at"} (version 0 and "" when none)."""
+        return self.app.guidelines()
+
+    def write_guidelines(self, text: str, request: gr.Request = None) -> dict:
+        """(admin) Write a new version of the rating guidelines (plain text): as /guidelines."""
+        return self.app.write_guidelines(text, self.app.rater(request, ""))
+
+    def agreement(self, rater: str = "") -> dict:
+        """(admin) Inter-rater agreement: {"overall", "pairs": [{"raters", "alpha", "shared_generations", "pick_agreement", "shared_pages"}]} (only rater's pairs if given)."""
+        return self.app.agreement(rater or "")
+
     def status(self) -> dict:
         """Serving and latest version, worker state, counts, and per version {"version", "mean_rating", "n_ratings"}."""
         record = dict(self.app.status())
@@ -98,28 +133,37 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("generate_stream", queue="model", defaults=lambda app: {"n": app.sampling.num_candidates}),
     Endpoint("rate"),
     Endpoint("prefer"),
+    Endpoint("submit"),
+    Endpoint("undo"),
+    Endpoint("skip"),
+    Endpoint("my_submissions"),
+    Endpoint("overlap_page"),
+    Endpoint("guidelines"),
     Endpoint("status"),
     Endpoint("export_adapter", admin_action="download adapters", queue="default",
              button=lambda page: (page.operate.adapter_button, [page.operate.version], [page.operate.adapter_file])),
     Endpoint("export_ratings", admin_action="export ratings", queue="default",
              button=lambda page: (page.operate.export_button, [page.operate.export_format],
                                   [page.operate.export_file])),
+    Endpoint("write_guidelines", admin_action="write guidelines", queue="default"),
+    Endpoint("agreement", admin_action="see agreement"),
     Endpoint("rollback", admin_action="roll back", queue="default"),
 )
 
 
 def endpoint_function(api: Api, endpoint: Endpoint) -> Callable:
     """Return the function Gradio serves for a row: its `Api` method with the row's defaults in the
-    signature Gradio reads, the admin check first (admin endpoints take the request for it), and bad
-    input shown as a readable error."""
+    signature Gradio reads, the admin check first (admin endpoints take the request for it, and pass it on
+    to a method that declares it: one that needs who acts), and bad input shown as a readable error."""
     method = getattr(api, endpoint.name)
     defaults = endpoint.defaults(api.app)
     declared = inspect.signature(method).parameters
-    if not set(defaults) <= set(declared) or (endpoint.admin_action and "request" in declared):
+    if not set(defaults) <= set(declared):
         raise TypeError(f"ENDPOINTS row {endpoint.name!r} does not fit Api.{endpoint.name}: defaults for "
-                        f"{sorted(set(defaults) - set(declared))}, or an admin method declaring its own request")
+                        f"{sorted(set(defaults) - set(declared))}")
+    own_request = "request" in declared
     parameters = [p.replace(default=defaults.get(p.name, p.default)) for p in inspect.signature(method).parameters.values()]
-    if endpoint.admin_action:
+    if endpoint.admin_action and not own_request:
         parameters.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request,
                                             default=None))
     returns = inspect.signature(method).return_annotation
@@ -133,7 +177,8 @@ def endpoint_function(api: Api, endpoint: Endpoint) -> Callable:
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         if endpoint.admin_action:
-            api.app.require_admin(arguments.pop("request"), endpoint.admin_action)
+            request = arguments["request"] if own_request else arguments.pop("request")
+            api.app.require_admin(request, endpoint.admin_action)
         return arguments
 
     if streams:

@@ -7,6 +7,7 @@ and the serving model, and returns the JSON records the API returns. It alone ow
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 import threading
@@ -20,11 +21,12 @@ import gradio as gr
 import pandas as pd
 
 from db.export import FORMATS, export_jsonl
-from db.records import BASE_VERSION
+from db.records import BASE_VERSION, Flag, Submission
+from ..agreement import agreement
 from ..auth import UserDirectory
 from ..config import SamplingConfig
 from ..export import export_zip
-from .inputs import Forbidden, as_int, parse_prompt_upload
+from .inputs import Forbidden, as_int, json_int, parse_prompt_upload
 
 LOCAL_USER = "local"
 """The rater (and admin) every action is attributed to when the page runs without a users file."""
@@ -65,6 +67,32 @@ def page_records(generations) -> list[dict[str, Any]]:
              "version": g.adapter_version} for g in generations]
 
 
+def submission_record(submission: Submission) -> dict[str, Any]:
+    """Return the API record of a submission: {"submission_id", "page_id", "prompt_id", "status", "scores"
+    ({generation id: score}), "best", "tie", "none_good", "flags" ([{"generation_id", "kind", "reason"}]),
+    "comment", "guideline_version", "created_at"}."""
+    return {"submission_id": submission.id, "page_id": submission.page_id, "prompt_id": submission.prompt_id,
+            "status": submission.status, "scores": {str(g): score for g, score in submission.scores},
+            "best": list(submission.best), "tie": submission.tie, "none_good": submission.none_good,
+            "flags": [{"generation_id": f.generation_id, "kind": f.kind, "reason": f.reason} for f in submission.flags],
+            "comment": submission.comment or "", "guideline_version": submission.guideline_version,
+            "created_at": submission.created_at.isoformat()}
+
+
+def submitted_message(submission: Submission) -> str:
+    """Return the short confirmation of what a submission stored."""
+    parts = [f"{len(submission.scores)} rating{'s' if len(submission.scores) != 1 else ''}"]
+    if submission.tie:
+        parts.append(f"a tie of {len(submission.best)}")
+    elif submission.best:
+        parts.append("a best pick")
+    if submission.none_good:
+        parts.append("none is good")
+    if submission.flags:
+        parts.append(f"{len(submission.flags)} flag{'s' if len(submission.flags) != 1 else ''}")
+    return "Saved " + ", ".join(parts) + "."
+
+
 def version_label(version: int) -> str:
     """Return how the page names a version: "base model" for 0, else "v3"."""
     return "base model" if version == BASE_VERSION else f"v{version}"
@@ -84,8 +112,11 @@ class FeedbackApp:
 
     def __init__(self, serving, store, sampling: SamplingConfig, *, users: UserDirectory | None = None,
                  adapters_dir: str | os.PathLike[str] | None = None, worker_note: str | None = None,
-                 model_cache_dir: str | None = None, title: str = "ppo-feedback"):
+                 model_cache_dir: str | None = None, title: str = "ppo-feedback", overlap: float = 0.0,
+                 rng: random.Random | None = None):
         self.serving = serving
+        self.overlap = overlap
+        self.rng = rng or random.Random()
         self.store = store
         self.sampling = sampling
         self.users = users
@@ -192,8 +223,8 @@ class FeedbackApp:
         """Store a rater's whole judgement of one set of candidates; return the confirmation to show.
 
         `scores[i]` rates `generation_ids[i]` (None: not rated); `best` is the index of the best
-        candidate (stored as preferred over every other shown one). The comment goes with each rating.
-        Everything is checked before anything is written.
+        candidate (stored as preferred over every other of its page). The comment goes with each rating.
+        Stored as one submission (`FeedbackStore.submit_page`): all or nothing, and undoable as one.
         """
         if not generation_ids:
             raise ValueError("Generate candidates first.")
@@ -210,14 +241,89 @@ class FeedbackApp:
             raise ValueError("Rate at least one candidate (1–5) or pick the best one.")
         if comment and comment.strip() and not rated:
             raise ValueError("A comment is stored with the ratings: rate at least one candidate.")
-        for gid, score in rated:
-            self.store.rate(gid, rater, score, comment or None)
+        page_id = self.store.get_generation(generation_ids[0]).page_id
+        best_ids = [] if best is None else [generation_ids[best]]
+        self.store.submit_page(page_id, rater, dict(rated), best_ids, comment=comment or None)
         parts = [f"{len(rated)} rating{'s' if len(rated) != 1 else ''}"]
         if best is not None:
-            rejected = [gid for i, gid in enumerate(generation_ids) if i != best]
-            self.store.pick_best(generation_ids[best], rejected, rater)
             parts.append(f"{LETTERS[best]} as the best")
         return "Saved " + " and ".join(parts) + "."
+
+    # ------------------------------------------------------------------------ submissions
+
+    def submit_page(self, page_id: Any, scores: Any, best: Any, tie: Any, none_good: Any, flags: Any,
+                    comment: str | None, key: str | None, rater: str) -> dict[str, Any]:
+        """Store one page's judgement as one unit (`FeedbackStore.submit_page`); return {"ok", "submission",
+        "message"}. JSON keys of `scores` are generation ids as text; `flags`: [{"generation_id", "kind",
+        "reason"}]. Bad input raises ValueError and stores nothing."""
+        if not isinstance(scores, dict):
+            raise ValueError("scores must be an object {generation id: score 1..5}.")
+        if not isinstance(best, (list, tuple)):
+            raise ValueError("best must be a list of generation ids.")
+        if not isinstance(tie, bool) or not isinstance(none_good, bool):
+            raise ValueError("tie and none_good must be true or false.")
+        if not isinstance(flags, (list, tuple)) or not all(isinstance(f, dict) for f in flags):
+            raise ValueError('flags must be a list of {"generation_id", "kind", "reason"}.')
+        for flag in flags:
+            if set(flag) - {"generation_id", "kind", "reason"} or not isinstance(flag.get("kind"), str):
+                raise ValueError('A flag is {"generation_id": int, "kind": text, "reason": text}.')
+        submission = self.store.submit_page(
+            json_int(page_id, "page id"), rater,
+            {as_int(k, "generation id"): json_int(v, "score") for k, v in scores.items()},
+            [json_int(g, "generation id") for g in best], tie=tie, none_good=none_good,
+            flags=[Flag(json_int(f.get("generation_id"), "generation id"), f["kind"], f.get("reason") or None)
+                   for f in flags],
+            comment=comment or None, client_key=key or None)
+        return {"ok": True, "submission": submission_record(submission), "message": submitted_message(submission)}
+
+    def undo(self, rater: str) -> dict[str, Any]:
+        """Undo the rater's newest submission in force; return {"ok", "undone": its record}."""
+        return {"ok": True, "undone": submission_record(self.store.undo_last_submission(rater))}
+
+    def skip(self, prompt_id: Any, rater: str) -> dict[str, Any]:
+        """Record that the rater skipped a prompt (never offered to them again); return {"ok", "new"}."""
+        return {"ok": True, "new": self.store.skip_prompt(json_int(prompt_id, "prompt id"), rater)}
+
+    def my_submissions(self, limit: Any, rater: str) -> list[dict[str, Any]]:
+        """Return the rater's newest submissions (undone ones too, marked), newest first, at most `limit` (1..100)."""
+        limit = json_int(limit, "limit")
+        if not 1 <= limit <= 100:
+            raise ValueError(f"Ask for 1 to 100 submissions, not {limit}.")
+        return [submission_record(s) for s in self.store.my_submissions(rater, limit)]
+
+    def guidelines(self) -> dict[str, Any]:
+        """Return the rating guidelines in force: {"version", "text", "author", "created_at"} (version 0, text
+        "" when none were written)."""
+        found = self.store.guidelines()
+        if found is None:
+            return {"version": 0, "text": "", "author": None, "created_at": None}
+        return {"version": found.version, "text": found.text, "author": found.author,
+                "created_at": found.created_at.isoformat()}
+
+    def write_guidelines(self, text: Any, author: str) -> dict[str, Any]:
+        """Store a new version of the guidelines (plain text); return it as `guidelines` does."""
+        if not isinstance(text, str):
+            raise ValueError("The guidelines must be text.")
+        self.store.write_guidelines(text, author)
+        return self.guidelines()
+
+    def overlap_page(self, rater: str) -> dict[str, Any]:
+        """With probability --overlap, return a page another rater judged that this rater has not:
+        {"page_id", "prompt_id", "text", "candidates": /generate records}; else (or when there is
+        none) all null and an empty list."""
+        page = self.store.page_to_overlap(rater) if self.overlap > 0 and self.rng.random() < self.overlap else None
+        if page is None:
+            return {"page_id": None, "prompt_id": None, "text": None, "candidates": []}
+        return {"page_id": page.id, "prompt_id": page.prompt_id, "text": self.store.get_prompt(page.prompt_id).text,
+                "candidates": page_records(self.store.page_generations(page.id))}
+
+    def agreement(self, rater: str = "") -> dict[str, Any]:
+        """Return inter-rater agreement (`ppo_feedback.agreement`): {"overall", "pairs"}; with `rater`, only
+        the pairs that include them."""
+        result = agreement(self.store)
+        if rater:
+            result["pairs"] = [p for p in result["pairs"] if rater in p["raters"]]
+        return result
 
     # ---------------------------------------------------------------------------- status
 

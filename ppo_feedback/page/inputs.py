@@ -66,6 +66,16 @@ def as_int(value: Any, what: str) -> int:
     raise ValueError(f"The {what} must be an integer, not {value!r}.")
 
 
+def json_int(value: Any, what: str) -> int:
+    """Return a JSON number that is a whole number as int (3 or 3.0); raise ValueError for anything else
+    (text, true/false, fractions, infinities)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"The {what} must be a whole number, not {value!r}.")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"The {what} must be a whole number, not {value!r}.")
+    return int(value)
+
+
 def md_escape(text: str) -> str:
     """Return text that Markdown shows literally (for names the operator chose)."""
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>&])", r"\\\1", text)
