@@ -57,9 +57,10 @@ class Launched:
 
 
 def launch(serving, store: FeedbackStore, sampling: SamplingConfig = SAMPLING, *, users: UserDirectory | None = None,
-           worker_note: str | None = None) -> Launched:
-    """Build the page around `serving` and serve it on a free port without blocking; return where."""
-    app = FeedbackApp(serving, store, sampling, users=users, worker_note=worker_note)
+           worker_note: str | None = None, **options) -> Launched:
+    """Build the page around `serving` (FeedbackApp `options` such as shuffle_seed, overlap) and serve it on a
+    free port without blocking; return where."""
+    app = FeedbackApp(serving, store, sampling, users=users, worker_note=worker_note, **options)
     demo = build_demo(app)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,

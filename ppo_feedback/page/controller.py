@@ -28,8 +28,8 @@ from ..agreement import agreement
 from ..auth import UserDirectory
 from ..config import SamplingConfig
 from ..export import export_zip
-from .cards import LETTERS, ShownPage, confirmation, derived_order, history_label, judgement_of, \
-    progress_line, shown_from_records, version_label
+from .cards import ShownPage, confirmation, derived_order, history_label, judgement_of, progress_line, \
+    shown_from_records
 from .inputs import Forbidden, as_int, json_int, parse_prompt_upload
 
 LOCAL_USER = "local"
