@@ -39,8 +39,8 @@ def derived_order(seed: int, page_id: int, n: int) -> list[int]:
 @dataclass
 class ShownPage:
     """The page the Rate tab shows: its candidates' ids and versions in card order (card i shows
-    `ids[i]`), the key that makes submitting it twice store it once, and whether its versions are
-    revealed (after it was submitted, or when reopened to change it)."""
+    `ids[i]`), the key that makes submitting it twice store it once, whether its versions are
+    revealed (after it was submitted, or when reopened to change it) and whether it was submitted."""
 
     page_id: int
     prompt_id: int
@@ -48,6 +48,7 @@ class ShownPage:
     versions: list[int]
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
     revealed: bool = False
+    submitted: bool = False
 
     def as_state(self) -> dict[str, Any]:
         """Return the plain dict the page keeps in its gr.State."""

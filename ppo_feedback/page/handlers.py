@@ -261,13 +261,15 @@ def wire_submissions(app: FeedbackApp, page: Page) -> None:
     def on_submit(values: dict, request: gr.Request):
         rater = app.rater(request)
         shown = ShownPage.from_state(values[rate.shown])
+        if shown.submitted:
+            raise ValueError("This page is stored. To change it, undo (u) or open it from your recent ratings.")
         n = len(shown.ids)
         _, confirmed = app.submit(shown, [values[r] for r in rate.radios[:n]], values[rate.best],
                                   values[rate.none_good], [(values[f], values[r]) for f, r in
                                                            zip(rate.flags[:n], rate.reasons[:n])],
                                   values[rate.comment], rater)
         gr.Info(confirmed, duration=4, title="Thank you")
-        shown.revealed = True
+        shown.revealed = shown.submitted = True
         offer = app.next_offer(rater)
         return (*refreshed(rater, f"{confirmed} Written by {reveal_line(shown)}. {offer_note(offer)}"),
                 gr.skip() if offer["text"] is None else offer["text"], offer_state(offer),
