@@ -122,8 +122,9 @@ class ScriptedServing:
         *_, last = self.generate_stream(prompt, n, **kwargs)
         return last.generations
 
-    def generate_with_version(self, prompt, version, seed=None, **_):
-        return [Candidate(text=self.texts[0], token_ids=[], logprobs=[], finished=True)]
+    def generate_with_version(self, prompt, version, seed=None, *, n=1, **_):
+        return [Candidate(text=self.texts[i % len(self.texts)], token_ids=[], logprobs=[],
+                          finished=True) for i in range(n)]
 
     def rollback(self, version):
         return self.store.rollback_to(version)

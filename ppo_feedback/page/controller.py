@@ -23,13 +23,14 @@ import gradio as gr
 import pandas as pd
 
 from db.export import FORMATS, export_jsonl
-from db.records import BASE_VERSION, Flag, Submission
+from db.records import BASE_VERSION, Flag, NewGeneration, Submission
 from ..agreement import agreement
 from ..auth import UserDirectory
+from ..winrate import serving_win_rate
 from ..config import SamplingConfig
 from ..export import export_zip
 from .cards import ShownPage, confirmation, derived_order, history_label, judgement_of, progress_line, \
-    shown_from_records
+    shown_from_records, version_label
 from .inputs import Forbidden, as_int, json_int, parse_prompt_upload
 
 LOCAL_USER = "local"
@@ -110,9 +111,10 @@ class FeedbackApp:
     def __init__(self, serving, store, sampling: SamplingConfig, *, users: UserDirectory | None = None,
                  adapters_dir: str | os.PathLike[str] | None = None, worker_note: str | None = None,
                  model_cache_dir: str | None = None, title: str = "ppo-feedback", overlap: float = 0.0,
-                 rng: random.Random | None = None, shuffle_seed: int | None = None):
+                 rng: random.Random | None = None, shuffle_seed: int | None = None, mix_versions: bool = False):
         self.serving = serving
         self.overlap = overlap
+        self.mix_versions = mix_versions
         self.rng = rng or random.Random()
         self.shuffle_seed = random.SystemRandom().getrandbits(64) if shuffle_seed is None else shuffle_seed
         self._shuffle = random.Random(self.shuffle_seed)
@@ -191,21 +193,65 @@ class FeedbackApp:
         return {"prompt_id": prompt.id, "text": prompt.text}
 
     def generate(self, prompt: str, n: int, rater: str, seed: int | None = None) -> list[dict[str, Any]]:
-        """Sample and record n candidates with the serving version as one page; return their API records."""
+        """Sample and record n candidates with the serving version as one page (mixed with its parent's
+        with --mix-versions, see `mixed_page`); return their API records."""
         prompt = self.check_prompt(prompt)
         n = self.check_n(n)
+        old = self.mixed_with()
+        if old is not None and n >= 2:
+            return self.mixed_page(prompt, n, rater, seed, old)
         return page_records(self.serving.generate(prompt, n, rater=rater, seed=seed))
 
     def generate_stream(self, prompt: str, n: int, rater: str, seed: int | None = None) -> Iterator[list[dict[str, Any]]]:
         """Sample n candidates with the serving version in one batch, yielding [{"text", "version"}] (each
-        candidate's text so far) after every decode step, then, recorded as one page, their API records."""
+        candidate's text so far) after every decode step, then, recorded as one page, their API records.
+        With --mix-versions (and two or more candidates) it yields only the mixed page's records (see
+        `mixed_page`): streaming one version's batch before the other's would tell the cards apart."""
         prompt = self.check_prompt(prompt)
         n = self.check_n(n)
+        old = self.mixed_with()
+        if old is not None and n >= 2:
+            yield self.mixed_page(prompt, n, rater, seed, old)
+            return
         for progress in self.serving.generate_stream(prompt, n, rater=rater, seed=seed):
             if progress.generations is not None:
                 yield page_records(progress.generations)
             else:
                 yield [{"text": text, "version": progress.version} for text in progress.texts]
+
+    def mixed_with(self) -> int | None:
+        """With --mix-versions, return the version a page mixes with the serving one (the serving
+        version's parent: the base model for v1); None when pages are not mixed (or the base model serves)."""
+        serving = self.serving.version
+        if not self.mix_versions or serving == BASE_VERSION:
+            return None
+        return self.store.get_version(serving).parent
+
+    def mixed_page(self, prompt: str, n: int, rater: str, seed: int | None, old: int) -> list[dict[str, Any]]:
+        """Sample n - n//2 candidates with the serving version and n//2 with `old` (a second decode
+        batch), record them as one page and return its API records."""
+        page = self.serving.generate(prompt, n - n // 2, rater=rater, seed=seed)
+        params = {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
+                  "max_new_tokens": self.sampling.max_new_tokens, "seed": seed}
+        older = self.serving.generate_with_version(prompt, old, seed, n=n // 2)
+        recorded = self.store.record_generations(
+            page[0].prompt_id, old, [NewGeneration(c.text, c.token_ids, c.logprobs, params) for c in older],
+            rater=rater, page_id=page[0].page_id)
+        return page_records([*page, *recorded])
+
+    def win_rate_line(self) -> str:
+        """Return Progress's line on the serving version's win rate over the one it replaced, from the
+        picks on mixed pages ("" without --mix-versions)."""
+        if not self.mix_versions:
+            return ""
+        found = serving_win_rate(self.store, self.serving.version)
+        if found is None:
+            return "The base model serves: no earlier version to mix with."
+        names = f"{version_label(found.new)} over {version_label(found.old)}"
+        if found.rate is None:
+            return f"Win rate of {names}: no pick between them yet."
+        return (f"Win rate of {names}: {found.rate:.2f} (95% interval {found.low:.2f}–{found.high:.2f}) "
+                f"on {found.picks} pick{'s' if found.picks != 1 else ''} on mixed pages.")
 
     def rate(self, generation_id: Any, score: Any, comment: str | None, rater: str) -> dict[str, Any]:
         """Store one rating (1..5, optional comment); return {"ok": True}."""

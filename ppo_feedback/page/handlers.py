@@ -174,13 +174,13 @@ def wire_status(app: FeedbackApp, page: Page, demo: gr.Blocks) -> None:
                 *status_outputs(record), gr.Dropdown(choices=version_choices(record), value=None), rows, rows,
                 record["serving_version"], None, *app.plots(),
                 *(agreement_outputs(app.agreement()) if admin else [gr.skip()] * 2),
-                guidelines if admin else gr.skip())
+                guidelines if admin else gr.skip(), app.win_rate_line())
 
     rate, operate = page.rate, page.operate
     demo.load(on_load, None, [status.who, operate.tab, rate.prompt, rate.offered_page, rate.guidelines, rate.progress,
                               rate.history, *status.boxes, page.compare.version, *page.tables, status.seen_version,
                               status.fingerprint_seen, *page.plots, operate.agreement_overall, operate.agreement,
-                              operate.guidelines],
+                              operate.guidelines, page.progress.win_rate],
               api_visibility="private")
 
     def on_tick(last_version, last_fingerprint):
@@ -189,7 +189,7 @@ def wire_status(app: FeedbackApp, page: Page, demo: gr.Blocks) -> None:
         except Exception as exc:  # noqa: BLE001 - a database hiccup must not break the page
             log.warning("status refresh failed: %s", exc)
             return (*[gr.skip()] * 4, gr.Textbox(value=f"Status unavailable: {exc}", visible=True),
-                    *[gr.skip()] * 8)
+                    *[gr.skip()] * 9)
         serving = record["serving_version"]
         if last_version is not None and serving != last_version:
             what = "Rolled back: now serving" if serving < last_version else "New version: now serving"
@@ -197,19 +197,20 @@ def wire_status(app: FeedbackApp, page: Page, demo: gr.Blocks) -> None:
         error = record["swap_error"]
         banner_update = gr.Textbox(value=error or "", visible=bool(error))
         versions_now = tuple((v["version"], v["status"]) for v in record["adapter_versions"])
-        fingerprint = [versions_now, serving, record["counts"]["ratings"], len(app.metric_rows())]
+        fingerprint = [versions_now, serving, record["counts"]["ratings"], record["counts"]["preferences"],
+                       len(app.metric_rows())]
         if fingerprint == last_fingerprint:
-            refreshed = [gr.skip()] * 6
+            refreshed = [gr.skip()] * 7
         else:
             same_versions = last_fingerprint is not None and last_fingerprint[0] == versions_now
             rows = versions_rows(record)
             refreshed = [*app.plots(), gr.skip() if same_versions else gr.Dropdown(choices=version_choices(record)),
-                         rows, rows]
+                         rows, rows, app.win_rate_line()]
         return (*status_outputs(record), banner_update, serving, fingerprint, *refreshed)
 
     page.timer.tick(on_tick, [status.seen_version, status.fingerprint_seen],
                     [*status.boxes, status.banner, status.seen_version, status.fingerprint_seen, *page.plots,
-                     page.compare.version, *page.tables],
+                     page.compare.version, *page.tables, page.progress.win_rate],
                     api_visibility="private", concurrency_limit=None, show_progress="hidden")
 
 

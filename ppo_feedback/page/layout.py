@@ -86,6 +86,7 @@ class ProgressTab:
     score_plot: gr.LinePlot
     kl_plot: gr.LinePlot
     table: gr.Dataframe
+    win_rate: gr.Textbox
 
 
 @dataclass
@@ -155,7 +156,7 @@ def lay_out(app: FeedbackApp) -> Page:
     with gr.Tab("Rate", id="rate"):
         rate = _rate_tab(app)
     with gr.Tab("Progress", id="progress"):
-        progress = _progress_tab()
+        progress = _progress_tab(app)
     with gr.Tab("Compare", id="compare"):
         compare = _compare_tab()
     with gr.Tab("Operate", id="operate", visible=False) as operate_tab:
@@ -234,7 +235,7 @@ def _cards(max_n: int) -> tuple[list, list, list, list, list]:
     return columns, texts, radios, flags, reasons
 
 
-def _progress_tab() -> ProgressTab:
+def _progress_tab(app: FeedbackApp) -> ProgressTab:
     gr.Markdown("Mean human rating of each version's generations is the real measure: did people like "
                 "the newer versions more? Version 0 is the base model.")
     rating_plot = gr.LinePlot(x="version", y="mean rating", title="Mean human rating per version",
@@ -246,7 +247,9 @@ def _progress_tab() -> ProgressTab:
         kl_plot = gr.LinePlot(x="PPO iteration", y="KL", title="KL to the base model per PPO iteration",
                               tooltip=["PPO iteration", "version", "iteration", "KL"], elem_id="plot-kl")
     table = gr.Dataframe(headers=VERSION_COLUMNS, interactive=False, label="Versions", elem_id="progress-versions")
-    return ProgressTab(rating_plot, score_plot, kl_plot, table)
+    win_rate = gr.Textbox(label="The raters' verdict on mixed pages (--mix-versions)", interactive=False,
+                          visible=app.mix_versions, elem_id="win-rate")
+    return ProgressTab(rating_plot, score_plot, kl_plot, table, win_rate)
 
 
 def _compare_tab() -> CompareTab:
