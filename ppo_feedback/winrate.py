@@ -41,14 +41,19 @@ def win_rate(wins: int, picks: int, new: int, old: int) -> WinRate:
     return WinRate(new, old, wins, picks, wins / picks, float(interval.low), float(interval.high))
 
 
-def picks_between(store, new: int, old: int) -> tuple[int, int]:
+def picks_between(store, new: int, old: int, page_versions: dict[int, dict[int, int]] | None = None) -> tuple[int, int]:
     """Return (picks of a `new` candidate, picks that count) over the submissions in force whose page
-    holds candidates of both versions."""
+    holds candidates of both versions. `page_versions` ({page id: {generation id: version}}, filled
+    as pages are read) saves reading a page again: a judged page's candidates do not change."""
+    page_versions = {} if page_versions is None else page_versions
     wins = picks = 0
     for submission in store.submissions():
         if submission.none_good or not submission.best:
             continue
-        versions = {g.id: g.adapter_version for g in store.page_generations(submission.page_id)}
+        if submission.page_id not in page_versions:
+            page_versions[submission.page_id] = {g.id: g.adapter_version
+                                                 for g in store.page_generations(submission.page_id)}
+        versions = page_versions[submission.page_id]
         if not {new, old} <= set(versions.values()):
             continue
         picked = {versions[g] for g in submission.best}
@@ -58,9 +63,10 @@ def picks_between(store, new: int, old: int) -> tuple[int, int]:
     return wins, picks
 
 
-def serving_win_rate(store, serving: int) -> WinRate | None:
-    """Return the WinRate of the serving version over the version it replaced (its parent; None for the base model)."""
+def serving_win_rate(store, serving: int, page_versions: dict[int, dict[int, int]] | None = None) -> WinRate | None:
+    """Return the WinRate of the serving version over the version it replaced (its parent; None for the
+    base model); `page_versions` as `picks_between`'s."""
     if serving == 0:
         return None
     old = store.get_version(serving).parent
-    return win_rate(*picks_between(store, serving, old), serving, old)
+    return win_rate(*picks_between(store, serving, old, page_versions), serving, old)

@@ -71,3 +71,12 @@ def test_a_mixed_page_holds_both_versions_and_progress_shows_the_win_rate(store,
         assert FeedbackApp(serving, store, SamplingConfig()).win_rate_line() == ""  # off by default
     finally:
         app.close()
+
+
+def test_a_judged_page_is_read_once_for_the_win_rate(store, monkeypatch):
+    ids = mixed_page(store, [1, 0])
+    store.submit_page(store.get_generation(ids[0]).page_id, "ana", best=[ids[1]])
+    cache: dict = {}
+    assert picks_between(store, 1, 0, cache) == (0, 1)
+    monkeypatch.setattr(store, "page_generations", lambda page_id: pytest.fail("read again"))
+    assert picks_between(store, 1, 0, cache) == (0, 1)

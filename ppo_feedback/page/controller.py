@@ -115,6 +115,7 @@ class FeedbackApp:
         self.serving = serving
         self.overlap = overlap
         self.mix_versions = mix_versions
+        self._page_versions: dict[int, dict[int, int]] = {}  # judged pages' candidates' versions (win rate)
         self.rng = rng or random.Random()
         self.shuffle_seed = random.SystemRandom().getrandbits(64) if shuffle_seed is None else shuffle_seed
         self._shuffle = random.Random(self.shuffle_seed)
@@ -244,7 +245,7 @@ class FeedbackApp:
         picks on mixed pages ("" without --mix-versions)."""
         if not self.mix_versions:
             return ""
-        found = serving_win_rate(self.store, self.serving.version)
+        found = serving_win_rate(self.store, self.serving.version, self._page_versions)
         if found is None:
             return "The base model serves: no earlier version to mix with."
         names = f"{version_label(found.new)} over {version_label(found.old)}"
