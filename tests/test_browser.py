@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from db import FeedbackStore
+from db import Cursor, FeedbackStore, VersionRecord
 from store_fixtures import migrated_sqlite_template
 from test_ui_support import PASSWORDS, SAMPLING, ScriptedServing, launch, load_serving, publish_version, write_users
 
@@ -239,6 +239,32 @@ def test_undo_restores_the_previous_state_and_the_store_keeps_history_and_skip_i
         wait_for_value(page, "#prompt", "v === 'Third prompt'")
         page.keyboard.press("s")
         wait_for_value(page, "#rate-message", "v.includes('You have rated every prompt in the pool')")
+    finally:
+        launched.close()
+        store.close()
+
+
+def test_mixed_pages_are_blind_and_progress_shows_the_win_rate(page, tmp_path):
+    """--mix-versions: a page of v1's and the base model's candidates looks like any other until submitted;
+    the pick then moves the win rate of v1 over the base model in Progress."""
+    launched, store = scripted_page(tmp_path, ["One prompt"], TEXTS[:2], mix_versions=True, shuffle_seed=2)
+    store.publish_version(1, VersionRecord(parent=0, base_model="tiny", cursor=Cursor(), n_ratings=0,
+                                           n_preferences=0), "v0001")
+    launched.app.serving.version = 1
+    try:
+        page.goto(launched.url)
+        wait_for_value(page, "#prompt", "v === 'One prompt'")
+        generate(page, 2)
+        assert [card_label(page, i) for i in range(2)] == ["A", "B"]
+        page.locator("#candidate-0").click(position={"x": 8, "y": 8})
+        page.keyboard.press("b")
+        page.keyboard.press("Enter")
+        wait_for_value(page, "#rate-message", "v.startsWith('Stored 0 ratings and A as the best')")
+        labels = [card_label(page, i) for i in range(2)]
+        assert sorted(labels) == ["A · base model", "B · v1"] or sorted(labels) == ["A · v1", "B · base model"]
+        won = "1.00" if labels[0] == "A · v1" else "0.00"
+        page.get_by_role("tab", name="Progress").click()
+        wait_for_value(page, "#win-rate", f"v.startsWith('Win rate of v1 over base model: {won} (95% interval')")
     finally:
         launched.close()
         store.close()
