@@ -411,9 +411,9 @@ class ObjectiveConfig:
     direct_epochs: int = 2
     """Passes over all of a direct round's examples (every rated page so far), in shuffled minibatches."""
     direct_batch_size: int = 8
+    """Examples per optimizer step of a direct round (DPO: pairs; RAFT: kept candidates; KTO: labelled candidates)."""
     direct_target_kl: Optional[float] = None
     """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured after each pass; CleanRL's target_kl early stop); unset: every pass runs."""
-    """Examples per optimizer step of a direct round (DPO: pairs; RAFT: kept candidates; KTO: labelled candidates)."""
     good_score: float = 1.0
     """Normalised score (a rater's own standard deviations above their own mean) from which a rated candidate counts as good; what a direct objective makes likelier must be good: RAFT keeps good candidates above their page's mean, DPO's pairs from ratings need a good chosen one (picks always count), KTO's desirable ones are good (-inf: every candidate above its page's mean, or above its rater's mean for KTO)."""
     reward_model_fallback: str = "raft"

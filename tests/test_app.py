@@ -197,6 +197,16 @@ def test_readme_option_table_is_the_generated_one_and_every_option_exists():
             assert any(f"`{s}`" in documented for s in action.option_strings), action.option_strings
 
 
+def test_every_option_says_what_it_sets():
+    from dataclasses import fields
+
+    from ppo_feedback.config import field_docs
+
+    for cls, _title in app.ALL_SECTIONS:
+        docs = field_docs(cls)
+        assert [f.name for f in fields(cls) if not docs.get(f.name, "").strip()] == [], cls.__name__
+
+
 def test_reward_model_options_reach_the_workers_reward_config(monkeypatch):
     from ppo_feedback.config import from_namespace
     from ppo_feedback.rewards import RewardConfig
