@@ -114,7 +114,8 @@ def card_updates(max_n: int, shown: ShownPage | None, texts: list[str] = (),
             *[gr.Textbox(value=(flags[g].reason or "") if g in flags else "") for g in _padded(shown.ids, max_n)],
             gr.CheckboxGroup(choices=list(LETTERS[:n]),
                              value=[LETTERS[shown.ids.index(g)] for g in judged.best] if judged else []),
-            gr.Checkbox(value=bool(judged and judged.none_good)), gr.Textbox(value=(judged.comment or "") if judged else ""))
+            gr.Checkbox(value=bool(judged and judged.none_good)),
+            gr.Textbox(value=(judged.comment or "") if judged else ""))
 
 
 def _padded(ids: list[int], max_n: int) -> list[int | None]:
