@@ -591,6 +591,20 @@ class FeedbackStore:
         )
         return self._run(lambda s: [_submission(s, r) for r in s.scalars(stmt).all()], write=False)
 
+    def rater_counts(self, rater: str, since: datetime) -> dict[str, int]:
+        """Return how many ratings `rater` has in force: {"total", "since"} (those given at or after
+        `since`, a timezone-aware time: the page passes the start of the day). An undone or
+        superseded rating no longer counts; the rating that replaced it does."""
+        rater = check.name(rater, "rater")
+        if not isinstance(since, datetime) or since.tzinfo is None:
+            raise StoreError("since must be a timezone-aware datetime.")
+        mine = select(func.count(m.Rating.id)).where(m.Rating.rater == rater, m.Rating.is_current)
+
+        def work(s: Session) -> dict[str, int]:
+            return {"total": s.scalar(mine) or 0, "since": s.scalar(mine.where(m.Rating.created_at >= since)) or 0}
+
+        return self._run(work, write=False)
+
     def submissions(self, *, current_only: bool = True) -> list[Submission]:
         """Return every submission in force (status current), or with `current_only` False every one
         ever made (superseded and undone ones too), oldest first."""

@@ -131,6 +131,8 @@ class AppConfig:
     """Seconds between the page's checks for a newly published adapter version to serve."""
     overlap: float = 0.0
     """Fraction (0..1) of pages offered to a second rater: a page another rater judged, the same generations, so raters' agreement can be measured (/agreement)."""
+    mix_versions: bool = False
+    """Mix each page (of two or more candidates) from the serving version and the one it replaced (half each, shuffled, blind): the raters' picks give the new version's win rate in Progress. A second decode batch per page: about twice the page's decode time."""
 
     def validate(self) -> None:
         """Raise ValueError on an impossible or unsafe setting."""

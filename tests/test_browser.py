@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from db import FeedbackStore
+from db import Cursor, FeedbackStore, VersionRecord
 from store_fixtures import migrated_sqlite_template
 from test_ui_support import PASSWORDS, SAMPLING, ScriptedServing, launch, load_serving, publish_version, write_users
 
@@ -98,14 +98,19 @@ def shoot(page, name: str) -> Path:
     return path
 
 
+def card_label(page, i: int) -> str:
+    """Return the label of candidate card i as shown."""
+    return page.locator(f"#candidate-{i} label span").first.text_content().strip()
+
+
 def test_rate_with_the_keyboard_and_see_the_counts_change(live, page):
     page.goto(live["url"])
     wait_for_value(page, "#prompt", "v === 'Write a short poem about the sea.'")  # the pool's next prompt
     wait_for_value(page, "#status-ratings", "v.startsWith('0 /')")
+    wait_for_value(page, "#rater-progress", "v.startsWith('You: 0 ratings today, 0 in total · next training round')")
     page.click("#generate")
-    for i in range(SAMPLING.num_candidates):
-        page.wait_for_function(f"() => /· base model$/.test(document.querySelector('#candidate-{i} label span')"
-                               f"?.textContent.trim() ?? '')")
+    wait_for_value(page, "#rate-message", "v.startsWith('3 candidates: rate each')")
+    assert [card_label(page, i) for i in range(3)] == ["A", "B", "C"]  # blind: no version before submitting
     page.wait_for_function("() => document.activeElement && document.activeElement.id === 'candidate-0'")
 
     for key in "425":  # rates A, moves to B, rates B, ...
@@ -114,18 +119,216 @@ def test_rate_with_the_keyboard_and_see_the_counts_change(live, page):
     page.keyboard.press("b")
     checked = [page.locator(f"#rating-{i} input:checked").get_attribute("value") for i in range(3)]
     assert checked == ["4", "2", "5"]
-    assert page.locator("#best-candidate input:checked").get_attribute("value") == "B"
+    assert [page.locator("#best-candidate label").nth(i).locator("input").is_checked() for i in range(3)] == \
+        [False, True, False]
     shoot(page, "rate-page.png")
 
     page.keyboard.press("Enter")  # submits
     wait_for_value(page, "#status-ratings", "v.startsWith('3 /')")
-    wait_for_value(page, "#rate-message", "v.startsWith('Saved 3 ratings and B as the best.')")
+    wait_for_value(page, "#rate-message", "v.startsWith('Stored 3 ratings and B as the best; undo with u.')")
+    wait_for_value(page, "#rater-progress", "v.startsWith('You: 3 ratings today, 3 in total')")  # the counter moved
+    assert "Written by A: base model · B: base model · C: base model." in text_of(page, "#rate-message")
+    page.wait_for_function("() => document.querySelector('#candidate-0 label span')?.textContent.trim()"
+                           " === 'A · base model'")  # revealed after submitting
     assert text_of(page, "#prompt") == "Name three colours."  # the next prompt is offered
-    assert page.locator("#candidate-0").is_hidden()
     ratings = {r.rating.generation_id: r.rating.score for r in live["store"].feedback_since().ratings}
     assert sorted(ratings.values()) == [2, 4, 5] and {r.rating.rater for r in live["store"].feedback_since().ratings} == {"local"}
     assert len(live["store"].feedback_since().preferences) == 2
     shoot(page, "rate-page-submitted.png")
+
+
+def scripted_page(tmp_path, prompts: list[str], texts: list[str], **options):
+    """Serve the page on ScriptedServing (fixed texts, no model) over a new store; return (launched, store)."""
+    store = new_store(tmp_path / "feedback.db", prompts)
+    sampling = SAMPLING.__class__(**{**SAMPLING.__dict__, "num_candidates": len(texts)})
+    return launch(ScriptedServing(store, texts, tmp_path / "adapters"), store, sampling, **options), store
+
+
+def card_texts(page, n: int) -> list[str]:
+    return [text_of(page, f"#candidate-text-{i}") for i in range(n)]
+
+
+def generate(page, n: int) -> list[str]:
+    """Press Generate, wait for the page to be recorded; return the cards' texts in card order."""
+    page.click("#generate")
+    wait_for_value(page, "#rate-message", f"v.startsWith('{n} candidates: rate each')")
+    return card_texts(page, n)
+
+
+TEXTS = ["first answer", "second answer", "third answer"]
+
+
+def test_cards_are_blind_shuffled_per_page_and_a_tie_and_a_flag_are_stored_as_such(page, tmp_path):
+    launched, store = scripted_page(tmp_path, ["One prompt", "Another prompt"], TEXTS, shuffle_seed=3)
+    try:
+        page.goto(launched.url)
+        wait_for_value(page, "#prompt", "v === 'One prompt'")
+        first = generate(page, 3)
+        assert sorted(first) == sorted(TEXTS) and [card_label(page, i) for i in range(3)] == ["A", "B", "C"]
+        page.locator("#candidate-0").click(position={"x": 8, "y": 8})
+        page.keyboard.press("4")  # A: 4, on to B
+        page.keyboard.press("b")  # B best ...
+        page.locator("#candidate-2").click(position={"x": 8, "y": 8})
+        page.keyboard.press("t")  # ... tied with C
+        page.keyboard.press("f")  # C flagged: broken
+        page.get_by_role("option", name="broken").click()
+        page.locator("#candidate-2").click(position={"x": 8, "y": 8})
+        page.keyboard.press("Enter")
+        wait_for_value(page, "#rate-message", "v.startsWith('Stored 1 rating, a tie of B and C and 1 flag; undo')")
+        page.keyboard.press("Enter")  # again: the page is stored once, and the rater is told how to change it
+        page.get_by_text("This page is stored. To change it, undo (u)").first.wait_for()
+        [submission] = store.submissions(current_only=False)
+        by_text = {g.text: g.id for g in store.page_generations(submission.page_id)}
+        assert submission.tie and set(submission.best) == {by_text[first[1]], by_text[first[2]]}
+        assert [(f.generation_id, f.kind) for f in submission.flags] == [(by_text[first[2]], "broken")]
+        assert dict(submission.scores) == {by_text[first[0]]: 4}
+        assert store.feedback_since().preferences and all(  # a tie: no preference between the tied
+            {p.chosen.id, p.rejected.id} != {by_text[first[1]], by_text[first[2]]} for p in store.feedback_since().preferences)
+        wait_for_value(page, "#prompt", "v === 'Another prompt'")
+        second = generate(page, 3)
+        assert second != first  # the seeded shuffle orders this page differently
+        assert first != TEXTS or second != TEXTS  # and not simply as decoded
+    finally:
+        launched.close()
+        store.close()
+
+
+def test_undo_restores_the_previous_state_and_the_store_keeps_history_and_skip_is_not_reoffered(page, tmp_path):
+    launched, store = scripted_page(tmp_path, ["First prompt", "Second prompt", "Third prompt"], TEXTS[:2],
+                                    shuffle_seed=5)
+    try:
+        page.goto(launched.url)
+        wait_for_value(page, "#prompt", "v === 'First prompt'")
+        page.keyboard.press("s")  # skip: never offered again
+        wait_for_value(page, "#prompt", "v === 'Second prompt'")
+        wait_for_value(page, "#rate-message", "v.startsWith('Skipped')")
+        generate(page, 2)
+        page.locator("#candidate-0").click(position={"x": 8, "y": 8})
+        page.keyboard.press("5")
+        page.keyboard.press("2")
+        page.keyboard.press("Enter")
+        wait_for_value(page, "#rater-progress", "v.startsWith('You: 2 ratings today')")
+        wait_for_value(page, "#prompt", "v === 'Third prompt'")
+        before = store.counts()["ratings"]
+        page.locator("#kbd-help").click()  # focus outside any text box
+        page.keyboard.press("u")
+        wait_for_value(page, "#rate-message", "v.startsWith('Undone')")
+        wait_for_value(page, "#rater-progress", "v.startsWith('You: 0 ratings today')")
+        assert before == 2 and store.counts()["ratings"] == 0
+        [undone] = store.submissions(current_only=False)
+        assert undone.status == "undone" and len(undone.scores) == 2  # kept, marked
+        assert text_of(page, "#prompt") == "Second prompt"  # its page is open again, with what I had given
+        assert [page.locator(f"#rating-{i} input:checked").get_attribute("value") for i in range(2)] == ["5", "2"]
+        page.locator("#candidate-1").click(position={"x": 8, "y": 8})
+        page.keyboard.press("4")
+        page.keyboard.press("Enter")
+        wait_for_value(page, "#rate-message", "v.startsWith('Stored 2 ratings')")
+        assert sorted(s.status for s in store.submissions(current_only=False)) == ["current", "undone"]
+        assert sorted(r.rating.score for r in store.feedback_since().ratings) == [4, 5]
+        page.locator("#history input").click()  # change it again from my history
+        page.get_by_role("option").first.click()
+        page.click("#change-rating")
+        wait_for_value(page, "#rate-message", "v.startsWith('Change your judgement')")
+        page.locator("#candidate-0").click(position={"x": 8, "y": 8})
+        page.keyboard.press("1")
+        page.keyboard.press("Enter")
+        wait_for_value(page, "#rate-message", "v.startsWith('Stored 2 ratings')")
+        assert sorted(s.status for s in store.submissions(current_only=False)) == ["current", "superseded", "undone"]
+        assert store.next_prompt("local").text == "Third prompt"  # the skipped one never comes back
+        page.click("#next-prompt")
+        wait_for_value(page, "#prompt", "v === 'Third prompt'")
+        page.keyboard.press("s")
+        wait_for_value(page, "#rate-message", "v.includes('You have rated every prompt in the pool')")
+    finally:
+        launched.close()
+        store.close()
+
+
+def test_mixed_pages_are_blind_and_progress_shows_the_win_rate(page, tmp_path):
+    """--mix-versions: a page of v1's and the base model's candidates looks like any other until submitted;
+    the pick then moves the win rate of v1 over the base model in Progress."""
+    launched, store = scripted_page(tmp_path, ["One prompt"], TEXTS[:2], mix_versions=True, shuffle_seed=2)
+    store.publish_version(1, VersionRecord(parent=0, base_model="tiny", cursor=Cursor(), n_ratings=0,
+                                           n_preferences=0), "v0001")
+    launched.app.serving.version = 1
+    try:
+        page.goto(launched.url)
+        wait_for_value(page, "#prompt", "v === 'One prompt'")
+        generate(page, 2)
+        assert [card_label(page, i) for i in range(2)] == ["A", "B"]
+        page.locator("#candidate-0").click(position={"x": 8, "y": 8})
+        page.keyboard.press("b")
+        page.keyboard.press("Enter")
+        wait_for_value(page, "#rate-message", "v.startsWith('Stored 0 ratings and A as the best')")
+        labels = [card_label(page, i) for i in range(2)]
+        assert sorted(labels) == ["A · base model", "B · v1"] or sorted(labels) == ["A · v1", "B · base model"]
+        won = "1.00" if labels[0] == "A · v1" else "0.00"
+        page.get_by_role("tab", name="Progress").click()
+        wait_for_value(page, "#win-rate", f"v.startsWith('Win rate of v1 over base model: {won} (95% interval')")
+    finally:
+        launched.close()
+        store.close()
+
+
+def login(browser, url: str, name: str):
+    """Open the page in a new browser context signed in as `name`; return (context, page)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.fill("input[data-testid=textbox]", name)
+    page.fill("input[type=password]", PASSWORDS[name])
+    page.get_by_role("button", name="Login").click()
+    page.locator("#who").get_by_text(f"Signed in as {name}").wait_for()
+    return context, page
+
+
+def rate_by_text(page, scores: dict[str, int]) -> None:
+    """Rate each card by its text (`scores`: {text: 1..5}) and submit."""
+    for i, text in enumerate(card_texts(page, len(scores))):
+        page.locator(f"#rating-{i} label").filter(has_text=str(scores[text])).first.click()
+    page.click("#submit-ratings")
+    wait_for_value(page, "#rate-message", "v.startsWith('Stored')")
+
+
+def test_guidelines_overlap_and_agreement_for_two_raters(browser, tmp_path):
+    """ana (admin) writes guidelines and rates a page; with --overlap 1 ben gets the same candidates; ana's
+    Operate tab shows the agreement computed by hand (test_agreement: 7/9)."""
+    launched, store = scripted_page(tmp_path, ["Only prompt"], TEXTS, users=write_users(tmp_path / "users.json"),
+                                    overlap=1.0, shuffle_seed=11)
+    try:
+        ana_context, ana = login(browser, launched.url, "ana")
+        ana.get_by_role("tab", name="Operate").click()
+        ana.fill("#operate-guidelines textarea", "Prefer short, kind answers.")
+        ana.click("#save-guidelines")
+        wait_for_value(ana, "#guidelines-message", "v === 'Guidelines version 1 is in force.'")
+        ana.get_by_role("tab", name="Rate", exact=True).click()
+        generate(ana, 3)
+        rate_by_text(ana, {"first answer": 1, "second answer": 3, "third answer": 5})
+
+        ben_context, ben = login(browser, launched.url, "ben")
+        ben.locator("#guidelines-box").get_by_text("Rating guidelines").click()
+        wait_for_value(ben, "#guidelines", "v === 'Prefer short, kind answers.'")
+        assert ben.locator("#guidelines textarea").is_disabled() and ben.get_by_role("tab", name="Operate").count() == 0
+        wait_for_value(ben, "#prompt", "v === 'Only prompt'")  # ana's page, offered to a second rater
+        ben.click("#generate")
+        wait_for_value(ben, "#rate-message", "v.startsWith('Another rater judged these candidates')")
+        rate_by_text(ben, {"first answer": 1, "second answer": 5, "third answer": 5})
+        assert {g.page_id for g in store.page_generations(store.submissions()[0].page_id)} == \
+            {s.page_id for s in store.submissions()}  # the same generations, not only the same prompt
+        assert all(s.guideline_version == 1 for s in store.submissions())
+        shoot(ben, "rate-page-second-rater.png")
+
+        ana.get_by_role("tab", name="Operate").click()
+        ana.click("#refresh-agreement")
+        wait_for_value(ana, "#agreement-overall", "v.startsWith('alpha 0.778 on 3 candidates')")
+        ana.wait_for_function("() => document.querySelector('#agreement-pairs')?.innerText.includes('ana & ben')")
+        shoot(ana, "operate-agreement.png")
+        ben_context.close()
+        ana_context.close()
+    finally:
+        launched.close()
+        store.close()
 
 
 def test_a_new_version_is_announced_and_plotted_without_reloading(live, page):
@@ -197,12 +400,13 @@ def test_the_cards_show_the_text_as_it_is_generated(page, tmp_path):
             return value('#candidate-text-0').length > 0 && value('#rate-message').startsWith('Generating');
         }""")
         partial = text_of(page, "#candidate-text-0")
-        assert texts[0].startswith(partial) and len(partial) < len(texts[0])
+        shown = next(t for t in texts if t.startswith(partial))  # whichever the page's shuffle put in card A
+        assert len(partial) < len(shown)
         shoot(page, "streaming.png")
-        wait_for_value(page, "#rate-message", "v.startsWith('2 candidates from base model')")
-        assert [text_of(page, f"#candidate-text-{i}") for i in range(2)] == texts
-        page.wait_for_function("() => /· base model$/.test(document.querySelector('#candidate-0 label span')"
-                               "?.textContent.trim() ?? '')")
+        wait_for_value(page, "#rate-message", "v.startsWith('2 candidates: rate each')")
+        final = [text_of(page, f"#candidate-text-{i}") for i in range(2)]
+        assert final[0] == shown and sorted(final) == sorted(texts)  # no card changed its candidate at the end
+        assert card_label(page, 0) == "A"
     finally:
         launched.close()
         store.close()

@@ -211,3 +211,19 @@ def test_a_failure_in_the_middle_of_a_submission_stores_nothing(store, monkeypat
     with pytest.raises(RuntimeError, match="disk full"):
         store.submit_page(page, "ana", {a: 5, b: 1}, [b])
     assert len(calls) == 2 and (_state(store), store.my_submissions("ana")) == before
+
+
+def test_rater_counts_follow_submissions_undo_and_the_day(store):
+    page, (a, b, c) = _page(store)
+    start = utcnow()
+    assert store.rater_counts("ana", start) == {"total": 0, "since": 0}
+    store.rate(a, "ana", 2)  # before the submission: counts in total, and since `start`
+    store.submit_page(page, "ana", {a: 4, b: 5})  # a's rating is superseded, not added
+    store.submit_page(page, "ben", {c: 1})
+    assert store.rater_counts("ana", start) == {"total": 2, "since": 2}
+    assert store.rater_counts("ana", utcnow() + timedelta(seconds=1)) == {"total": 2, "since": 0}
+    store.undo_last_submission("ana")  # back to the single rating given before
+    assert store.rater_counts("ana", start) == {"total": 1, "since": 1}
+    assert store.rater_counts("ben", start)["total"] == 1
+    with pytest.raises(StoreError, match="timezone-aware"):
+        store.rater_counts("ana", start.replace(tzinfo=None))

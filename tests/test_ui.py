@@ -17,6 +17,8 @@ from ppo_feedback.page import (KEYBOARD_HEAD, LOCAL_USER, FeedbackApp, Forbidden
                              launch_options, parse_prompt_upload, shown_errors)
 
 import gradio as gr
+from ppo_feedback.page.cards import ShownPage, derived_order, round_note, shown_from_records
+from ppo_feedback.page.controller import page_records
 
 
 # --------------------------------------------------------------------------------------- users file
@@ -138,59 +140,112 @@ def generations(store, n: int, text: str = "A prompt") -> list[int]:
     return [g.id for g in store.record_generations(prompt_id, 0, [NewGeneration(f"answer {i}") for i in range(n)])]
 
 
-def test_one_submit_stores_ratings_comment_and_best_as_preferences(app, store):
-    ids = generations(store, 3)
-    message = app.submit(ids, [5, None, "2"], best=0, comment="first is good", rater="ana")
-    assert message == "Saved 2 ratings and A as the best."
-    assert [(r.score, r.comment) for r in store.rating_history(ids[0])] == [(5, "first is good")]
-    assert store.rating_history(ids[1]) == [] and store.rating_history(ids[2])[0].score == 2
+def shown_page(store, n: int, text: str = "A prompt", order: list[int] | None = None) -> ShownPage:
+    """Record a page of n candidates and return it as the cards show it (in `order`, default as recorded)."""
+    ids = generations(store, n, text)
+    records = page_records(store.page_generations(store.get_generation(ids[0]).page_id))
+    return shown_from_records(records, order or list(range(n)))
+
+
+def test_one_submit_stores_ratings_tie_flags_and_comment_as_one_submission(app, store):
+    shown = shown_page(store, 3, order=[2, 0, 1])  # card A shows the third candidate, B the first, C the second
+    c, a, b = shown.ids
+    submission, message = app.submit(shown, [5, None, "2"], ["A", "C"], False,
+                                     [(None, ""), ("off-prompt", " talks of cats "), (None, "")], "tied", rater="ana")
+    assert message == "Stored 2 ratings, a tie of A and C and 1 flag; undo with u."
+    assert dict(submission.scores) == {c: 5, b: 2} and set(submission.best) == {c, b} and submission.tie
+    assert [(f.generation_id, f.kind, f.reason) for f in submission.flags] == [(a, "off_prompt", "talks of cats")]
+    assert submission.comment == "tied" and store.rating_history(c)[0].comment == "tied"
     pairs = {(p.chosen.id, p.rejected.id) for p in store.feedback_since().preferences}
-    assert pairs == {(ids[0], ids[1]), (ids[0], ids[2])}
+    assert pairs == {(c, a), (b, a)}  # a tie: both over the other, none between the tied
+    again, _ = app.submit(shown, [1, 1, 1], [], False, [(None, "")] * 3, "", rater="ana")
+    assert again.id == submission.id and store.submissions() == [again]  # the page's key: stored once
 
 
-def test_the_generate_button_streams_the_texts_into_the_cards_then_records_one_page(store, tmp_path):
+def test_none_is_good_and_the_confirmation_of_a_single_best(app, store):
+    shown = shown_page(store, 2)
+    _, message = app.submit(shown, [None, None], [], True, [(None, None)] * 2, None, rater="ana")
+    assert message == "Stored 0 ratings and none is good; undo with u."
+    _, message = app.submit(shown_page(store, 2, "Another"), [4, 3], ["B"], False, [], "", rater="ana")
+    assert message == "Stored 2 ratings and B as the best; undo with u."
+
+
+def test_the_card_order_is_seeded_per_app_and_derived_for_reopened_pages(store):
+    serving = SimpleNamespace(version=0, last_swap_error=None, base_model="tiny",
+                              adapters=SimpleNamespace(root="adapters"))
+    orders = [FeedbackApp(serving, store, SamplingConfig(), shuffle_seed=7).card_order(4) for _ in range(2)]
+    assert orders[0] == orders[1] and sorted(orders[0]) == [0, 1, 2, 3]
+    app = FeedbackApp(serving, store, SamplingConfig(), shuffle_seed=7)
+    assert len({tuple(app.card_order(4)) for _ in range(20)}) > 1  # each page its own order
+    shown = shown_page(store, 4)
+    assert app.order_of(shown.page_id, 4) == derived_order(7, shown.page_id, 4)  # not shown here: derived
+    app.remember_order(shown.page_id, [3, 2, 1, 0])
+    reopened, texts, prompt = app.open_page(shown.page_id, revealed=False)
+    assert reopened.ids == shown.ids[::-1] and texts == [f"answer {i}" for i in (3, 2, 1, 0)] and prompt == "A prompt"
+    assert {tuple(derived_order(7, page, 4)) for page in range(1, 30)} != {tuple(range(4))}
+
+
+def test_the_generate_button_streams_the_texts_into_shuffled_blind_cards_then_records_one_page(store, tmp_path):
     from ppo_feedback.page import handlers
     from test_ui_support import ScriptedServing
 
     texts = ["one two three four", "five six seven", "eight nine"]
     serving = ScriptedServing(store, texts, tmp_path / "adapters", chars=5)
-    feedback_app = FeedbackApp(serving, store, SamplingConfig(max_prompt_chars=100, max_candidates=4))
+    feedback_app = FeedbackApp(serving, store, SamplingConfig(max_prompt_chars=100, max_candidates=4), shuffle_seed=1)
+    order = FeedbackApp(serving, store, SamplingConfig(), shuffle_seed=1).card_order(4)
     try:
-        updates = list(handlers.generate_handler(feedback_app)("A prompt", 4, None))
+        updates = list(handlers.generate_handler(feedback_app)("A prompt", 4, None, None))
     finally:
         feedback_app.close()
     max_n = 4
+    batch = [*texts, texts[0]]  # the texts in the order the batch decodes them
 
-    def card_texts(update):  # message, ids, the columns, then the texts
+    def card_texts(update):  # message, state, the columns, then the texts
         return [t.value if isinstance(t, gr.Textbox) else None for t in update[2 + max_n:2 + 2 * max_n]]
 
+    assert order != [0, 1, 2, 3]
     assert [t.visible for t in updates[0][2:2 + max_n]] == [True] * 4 and card_texts(updates[0]) == [""] * 4
     partial = updates[1:-1]
     assert len(partial) == 3  # 18 characters, 5 a step
-    assert card_texts(partial[0]) == ["one t", "five ", "eight", "one t"]
-    assert card_texts(partial[-1]) == ["one two three f", "five six seven", "eight nine", "one two three f"]
-    assert not any(isinstance(u[1], list) for u in partial)  # no generation ids before the page is recorded
+    assert card_texts(partial[0]) == [batch[i][:5] for i in order]
+    assert not any("ids" in u[1] for u in partial)  # no page before it is recorded (gr.skip() there)
     final = updates[-1]
-    assert final[0].startswith("4 candidates from base model")
-    assert card_texts(final) == [*texts, texts[0]]
-    ids = final[1]
-    [page_id] = {store.get_generation(g).page_id for g in ids}
-    assert [g.id for g in store.page_generations(page_id)] == ids and len(ids) == 4
-    assert store.get_page(page_id).rater == LOCAL_USER
+    assert final[0].startswith("4 candidates: rate each") and "v" not in final[0].split(":")[0]
+    assert card_texts(final) == [batch[i] for i in order]
+    assert [t.label for t in final[2 + max_n:2 + 2 * max_n]] == list("ABCD")  # no version before submitting
+    shown = final[1]
+    recorded = [g.id for g in store.page_generations(shown["page_id"])]
+    assert shown["ids"] == [recorded[i] for i in order] and not shown["revealed"]
+    assert store.get_page(shown["page_id"]).rater == LOCAL_USER
     assert store.counts()["generations"] == 4  # nothing recorded before the end
 
 
-@pytest.mark.parametrize("scores, best, comment, message", [
-    ([None, None], None, "", "Rate at least one"),
-    ([None, None], 1, "why", "comment is stored with the ratings"),
-    ([7, None], None, "", "Scores go from 1 to 5"),
-    ([3, None], 3, "", "is not there"),
+@pytest.mark.parametrize("scores, best, flags, message", [
+    ([None, None], [], [], "Rate at least one"),
+    ([7, None], [], [], "Scores go from 1 to 5"),
+    ([3, None], ["D"], [], "is not there"),
+    ([3, None], [], [("rude", "")], "Unknown flag 'rude'"),
+    ([3, None], [], [("other", "")], "reason"),
 ])
-def test_a_bad_submission_writes_nothing(app, store, scores, best, comment, message):
-    ids = generations(store, 2)
+def test_a_bad_submission_writes_nothing(app, store, scores, best, flags, message):
+    shown = shown_page(store, 2)
     with pytest.raises(ValueError, match=message):
-        app.submit(ids, scores, best, comment, rater="ana")
-    assert store.counts()["ratings"] == 0 and store.counts()["preferences"] == 0
+        app.submit(shown, scores, best, False, flags, "", rater="ana")
+    assert store.counts()["ratings"] == 0 and store.counts()["preferences"] == 0 and store.submissions() == []
+    with pytest.raises(ValueError, match="Generate candidates first"):
+        ShownPage.from_state(None)
+
+
+def test_the_rater_progress_line_counts_today_and_says_when_the_next_round_comes(app, store):
+    assert app.rater_progress("ana").startswith("You: 0 ratings today, 0 in total · next training round: ")
+    app.submit(shown_page(store, 2), [4, 5], [], False, [], "", rater="ana")
+    assert app.rater_progress("ana").startswith("You: 2 ratings today, 2 in total")
+    assert round_note("waiting for 12 more ratings") == "after 12 more ratings"
+    assert round_note("paused: no worker started here (--no-worker)") == "no worker is running"
+    [(label, submission_id)] = app.history("ana")
+    assert "A prompt · 2 ratings" in label and app.submission(submission_id, "ana").id == submission_id
+    with pytest.raises(ValueError, match="not among your recent ones"):
+        app.submission(submission_id, "ben")
 
 
 def test_limits_are_messages_not_crashes(app):

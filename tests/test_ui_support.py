@@ -57,9 +57,10 @@ class Launched:
 
 
 def launch(serving, store: FeedbackStore, sampling: SamplingConfig = SAMPLING, *, users: UserDirectory | None = None,
-           worker_note: str | None = None) -> Launched:
-    """Build the page around `serving` and serve it on a free port without blocking; return where."""
-    app = FeedbackApp(serving, store, sampling, users=users, worker_note=worker_note)
+           worker_note: str | None = None, **options) -> Launched:
+    """Build the page around `serving` (FeedbackApp `options` such as shuffle_seed, overlap) and serve it on a
+    free port without blocking; return where."""
+    app = FeedbackApp(serving, store, sampling, users=users, worker_note=worker_note, **options)
     demo = build_demo(app)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -121,8 +122,9 @@ class ScriptedServing:
         *_, last = self.generate_stream(prompt, n, **kwargs)
         return last.generations
 
-    def generate_with_version(self, prompt, version, seed=None, **_):
-        return [Candidate(text=self.texts[0], token_ids=[], logprobs=[], finished=True)]
+    def generate_with_version(self, prompt, version, seed=None, *, n=1, **_):
+        return [Candidate(text=self.texts[i % len(self.texts)], token_ids=[], logprobs=[],
+                          finished=True) for i in range(n)]
 
     def rollback(self, version):
         return self.store.rollback_to(version)

@@ -6,6 +6,7 @@
 - `handlers.py`: the page's events (load, status refresh, Generate, Submit, Compare, Operate);
 - `api.py`: the named endpoints for scripts and `gradio_client`, from one table (`ENDPOINTS`);
 - `inputs.py`: parsing and checking what people send, and how bad input is shown;
+- `cards.py`: the Rate tab's cards as data (blind shuffled order, what a submission says, progress);
 - `keyboard.js`, `keyboard.css`: the Rate tab's keyboard shortcuts.
 
 Model text, prompts and comments are only ever shown in text boxes, never as HTML or Markdown.
@@ -18,7 +19,8 @@ from typing import Any
 import gradio as gr
 
 from .api import ENDPOINTS, register_endpoints
-from .controller import LOCAL_USER, FeedbackApp, version_label
+from .cards import version_label
+from .controller import LOCAL_USER, FeedbackApp
 from .handlers import wire_page
 from .inputs import Forbidden, builtin_prompts, parse_prompt_upload, shown_errors
 from .layout import lay_out

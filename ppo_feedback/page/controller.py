@@ -12,8 +12,10 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +23,18 @@ import gradio as gr
 import pandas as pd
 
 from db.export import FORMATS, export_jsonl
-from db.records import BASE_VERSION, Flag, Submission
+from db.records import BASE_VERSION, Flag, NewGeneration, Submission
 from ..agreement import agreement
 from ..auth import UserDirectory
+from ..winrate import serving_win_rate
 from ..config import SamplingConfig
 from ..export import export_zip
+from .cards import ShownPage, confirmation, derived_order, history_label, judgement_of, progress_line, \
+    shown_from_records, version_label
 from .inputs import Forbidden, as_int, json_int, parse_prompt_upload
 
 LOCAL_USER = "local"
 """The rater (and admin) every action is attributed to when the page runs without a users file."""
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-"""Candidates' names on the page, in order."""
 REWARD_METRIC = "objective/scores"
 KL_METRIC = "objective/kl"
 
@@ -93,11 +96,6 @@ def submitted_message(submission: Submission) -> str:
     return "Saved " + ", ".join(parts) + "."
 
 
-def version_label(version: int) -> str:
-    """Return how the page names a version: "base model" for 0, else "v3"."""
-    return "base model" if version == BASE_VERSION else f"v{version}"
-
-
 @dataclass
 class _MetricCache:
     """Reward score and KL points seen so far; metrics are append-only, so only new ids are read."""
@@ -113,10 +111,16 @@ class FeedbackApp:
     def __init__(self, serving, store, sampling: SamplingConfig, *, users: UserDirectory | None = None,
                  adapters_dir: str | os.PathLike[str] | None = None, worker_note: str | None = None,
                  model_cache_dir: str | None = None, title: str = "ppo-feedback", overlap: float = 0.0,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, shuffle_seed: int | None = None, mix_versions: bool = False):
         self.serving = serving
         self.overlap = overlap
+        self.mix_versions = mix_versions
+        self._page_versions: dict[int, dict[int, int]] = {}  # judged pages' candidates' versions (win rate)
         self.rng = rng or random.Random()
+        self.shuffle_seed = random.SystemRandom().getrandbits(64) if shuffle_seed is None else shuffle_seed
+        self._shuffle = random.Random(self.shuffle_seed)
+        self._orders: OrderedDict[int, list[int]] = OrderedDict()  # page id -> card order, newest last
+        self._orders_lock = threading.Lock()
         self.store = store
         self.sampling = sampling
         self.users = users
@@ -190,21 +194,65 @@ class FeedbackApp:
         return {"prompt_id": prompt.id, "text": prompt.text}
 
     def generate(self, prompt: str, n: int, rater: str, seed: int | None = None) -> list[dict[str, Any]]:
-        """Sample and record n candidates with the serving version as one page; return their API records."""
+        """Sample and record n candidates with the serving version as one page (mixed with its parent's
+        with --mix-versions, see `mixed_page`); return their API records."""
         prompt = self.check_prompt(prompt)
         n = self.check_n(n)
+        old = self.mixed_with()
+        if old is not None and n >= 2:
+            return self.mixed_page(prompt, n, rater, seed, old)
         return page_records(self.serving.generate(prompt, n, rater=rater, seed=seed))
 
     def generate_stream(self, prompt: str, n: int, rater: str, seed: int | None = None) -> Iterator[list[dict[str, Any]]]:
         """Sample n candidates with the serving version in one batch, yielding [{"text", "version"}] (each
-        candidate's text so far) after every decode step, then, recorded as one page, their API records."""
+        candidate's text so far) after every decode step, then, recorded as one page, their API records.
+        With --mix-versions (and two or more candidates) it yields only the mixed page's records (see
+        `mixed_page`): streaming one version's batch before the other's would tell the cards apart."""
         prompt = self.check_prompt(prompt)
         n = self.check_n(n)
+        old = self.mixed_with()
+        if old is not None and n >= 2:
+            yield self.mixed_page(prompt, n, rater, seed, old)
+            return
         for progress in self.serving.generate_stream(prompt, n, rater=rater, seed=seed):
             if progress.generations is not None:
                 yield page_records(progress.generations)
             else:
                 yield [{"text": text, "version": progress.version} for text in progress.texts]
+
+    def mixed_with(self) -> int | None:
+        """With --mix-versions, return the version a page mixes with the serving one (the serving
+        version's parent: the base model for v1); None when pages are not mixed (or the base model serves)."""
+        serving = self.serving.version
+        if not self.mix_versions or serving == BASE_VERSION:
+            return None
+        return self.store.get_version(serving).parent
+
+    def mixed_page(self, prompt: str, n: int, rater: str, seed: int | None, old: int) -> list[dict[str, Any]]:
+        """Sample n - n//2 candidates with the serving version and n//2 with `old` (a second decode
+        batch), record them as one page and return its API records."""
+        page = self.serving.generate(prompt, n - n // 2, rater=rater, seed=seed)
+        params = {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
+                  "max_new_tokens": self.sampling.max_new_tokens, "seed": seed}
+        older = self.serving.generate_with_version(prompt, old, seed, n=n // 2)
+        recorded = self.store.record_generations(
+            page[0].prompt_id, old, [NewGeneration(c.text, c.token_ids, c.logprobs, params) for c in older],
+            rater=rater, page_id=page[0].page_id)
+        return page_records([*page, *recorded])
+
+    def win_rate_line(self) -> str:
+        """Return Progress's line on the serving version's win rate over the one it replaced, from the
+        picks on mixed pages ("" without --mix-versions)."""
+        if not self.mix_versions:
+            return ""
+        found = serving_win_rate(self.store, self.serving.version, self._page_versions)
+        if found is None:
+            return "The base model serves: no earlier version to mix with."
+        names = f"{version_label(found.new)} over {version_label(found.old)}"
+        if found.rate is None:
+            return f"Win rate of {names}: no pick between them yet."
+        return (f"Win rate of {names}: {found.rate:.2f} (95% interval {found.low:.2f}–{found.high:.2f}) "
+                f"on {found.picks} pick{'s' if found.picks != 1 else ''} on mixed pages.")
 
     def rate(self, generation_id: Any, score: Any, comment: str | None, rater: str) -> dict[str, Any]:
         """Store one rating (1..5, optional comment); return {"ok": True}."""
@@ -218,36 +266,72 @@ class FeedbackApp:
         self.store.pick_best(chosen_id, list(rejected_ids), rater)
         return {"ok": True}
 
-    def submit(self, generation_ids: list[int], scores: list[Any], best: int | None, comment: str,
-               rater: str) -> str:
-        """Store a rater's whole judgement of one set of candidates; return the confirmation to show.
+    def submit(self, shown: ShownPage, scores: list[Any], best_letters: list[str] | None, none_good: bool,
+               flags: list[tuple[Any, Any]], comment: str | None, rater: str) -> tuple[Submission, str]:
+        """Store the rater's judgement of the page on the cards as one submission (all or nothing, undoable
+        as one, stored once however often it is sent: the page's key); return it and the confirmation.
 
-        `scores[i]` rates `generation_ids[i]` (None: not rated); `best` is the index of the best
-        candidate (stored as preferred over every other of its page). The comment goes with each rating.
-        Stored as one submission (`FeedbackStore.submit_page`): all or nothing, and undoable as one.
-        """
-        if not generation_ids:
-            raise ValueError("Generate candidates first.")
-        rated = [(gid, as_int(s, "score")) for gid, s in zip(generation_ids, scores) if s not in (None, "")]
-        for _, score in rated:
-            if not 1 <= score <= 5:
-                raise ValueError(f"Scores go from 1 to 5, not {score}.")
-        if best is not None and not 0 <= best < len(generation_ids):
-            raise ValueError(f"Candidate {LETTERS[best] if 0 <= best < len(LETTERS) else best} "
-                             "is not there (yet).")
-        if best is not None and len(generation_ids) < 2:
-            raise ValueError("Picking the best one needs at least two candidates.")
-        if not rated and best is None:
-            raise ValueError("Rate at least one candidate (1–5) or pick the best one.")
-        if comment and comment.strip() and not rated:
-            raise ValueError("A comment is stored with the ratings: rate at least one candidate.")
-        page_id = self.store.get_generation(generation_ids[0]).page_id
-        best_ids = [] if best is None else [generation_ids[best]]
-        self.store.submit_page(page_id, rater, dict(rated), best_ids, comment=comment or None)
-        parts = [f"{len(rated)} rating{'s' if len(rated) != 1 else ''}"]
-        if best is not None:
-            parts.append(f"{LETTERS[best]} as the best")
-        return "Saved " + " and ".join(parts) + "."
+        Card i shows `shown.ids[i]`: `scores[i]` rates it (None: not rated), `flags[i]` is (kind, reason)
+        (kind None: not flagged); `best_letters` name the best card, or two or more for a tie."""
+        judged = judgement_of(shown, scores, best_letters, none_good, flags, comment)
+        submission = self.store.submit_page(
+            shown.page_id, rater, judged.scores, judged.best, tie=len(judged.best) >= 2, none_good=judged.none_good,
+            flags=[Flag(*f) for f in judged.flags], comment=judged.comment, client_key=shown.key)
+        return submission, confirmation(submission, shown)
+
+    # -------------------------------------------------------------------------- the cards
+
+    def card_order(self, n: int) -> list[int]:
+        """Return a fresh shuffled card order for a new page of n candidates (the app's seeded generator)."""
+        with self._orders_lock:
+            return self._shuffle.sample(range(n), n)
+
+    def remember_order(self, page_id: int, order: list[int]) -> None:
+        """Keep the card order a page was shown in, so that reopening it shows it the same; returns nothing."""
+        with self._orders_lock:
+            self._orders[page_id] = list(order)
+            while len(self._orders) > 10_000:
+                self._orders.popitem(last=False)
+
+    def order_of(self, page_id: int, n: int) -> list[int]:
+        """Return the card order of a page: the one it was shown in here, else one derived from its id."""
+        with self._orders_lock:
+            kept = self._orders.get(page_id)
+        return kept if kept is not None and len(kept) == n else derived_order(self.shuffle_seed, page_id, n)
+
+    def open_page(self, page_id: int, revealed: bool) -> tuple[ShownPage, list[str], str]:
+        """Return a recorded page as the cards show it: (ShownPage, the texts in card order, the prompt)."""
+        records = page_records(self.store.page_generations(page_id))
+        shown = shown_from_records(records, self.order_of(page_id, len(records)), revealed)
+        texts = {r["generation_id"]: r["text"] for r in records}
+        return shown, [texts[g] for g in shown.ids], self.store.get_prompt(shown.prompt_id).text
+
+    def submission(self, submission_id: Any, rater: str) -> Submission:
+        """Return one of the rater's recent submissions (of `my_submissions`' 100); raise ValueError if it is not."""
+        wanted = as_int(submission_id, "submission")
+        found = [s for s in self.store.my_submissions(rater, 100) if s.id == wanted]
+        if not found:
+            raise ValueError(f"Submission {wanted} is not among your recent ones.")
+        return found[0]
+
+    def history(self, rater: str, limit: int = 10) -> list[tuple[str, int]]:
+        """Return the rater's recent submissions as dropdown choices (label, submission id), newest first."""
+        return [(history_label(s, self.store.get_prompt(s.prompt_id).text), s.id)
+                for s in self.store.my_submissions(rater, limit)]
+
+    def rater_progress(self, rater: str) -> str:
+        """Return the rater's progress line: ratings today (UTC) and in total, and when the next round comes."""
+        start_of_day = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+        return progress_line(self.store.rater_counts(rater, start_of_day), self.status(max_age_s=0)["worker"]["state"])
+
+    def next_offer(self, rater: str) -> dict[str, Any]:
+        """Return what the Rate tab offers next: {"text", "prompt_id", "page_id"}: with probability --overlap a page
+        another rater judged (its candidates shown as they are, for agreement), else the next pool prompt
+        (page_id None; text None when the rater has judged every prompt)."""
+        page = self.overlap_page(rater)
+        if page["page_id"] is not None:
+            return {"text": page["text"], "prompt_id": page["prompt_id"], "page_id": page["page_id"]}
+        return {**self.next_prompt(rater), "page_id": None}
 
     # ------------------------------------------------------------------------ submissions
 
@@ -278,7 +362,13 @@ class FeedbackApp:
 
     def undo(self, rater: str) -> dict[str, Any]:
         """Undo the rater's newest submission in force; return {"ok", "undone": its record}."""
-        return {"ok": True, "undone": submission_record(self.store.undo_last_submission(rater))}
+        return {"ok": True, "undone": submission_record(self.undo_submission(rater))}
+
+    def undo_submission(self, rater: str) -> Submission:
+        """Undo the rater's newest submission in force (`FeedbackStore.undo_last_submission`); return it."""
+        submission = self.store.undo_last_submission(rater)
+        self.forget_status()
+        return submission
 
     def skip(self, prompt_id: Any, rater: str) -> dict[str, Any]:
         """Record that the rater skipped a prompt (never offered to them again); return {"ok", "new"}."""

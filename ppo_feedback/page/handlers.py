@@ -13,7 +13,9 @@ from typing import Any
 import gradio as gr
 
 from db.records import BASE_VERSION
-from .controller import LETTERS, LOCAL_USER, FeedbackApp, version_label
+from db.records import Submission
+from .cards import FLAG_CHOICES, LETTERS, ShownPage, reveal_line, shown_from_records, version_label
+from .controller import LOCAL_USER, FeedbackApp
 from .inputs import md_escape, shown_errors
 from .layout import Page
 
@@ -23,6 +25,7 @@ def wire_page(app: FeedbackApp, page: Page, demo: gr.Blocks) -> None:
     """Connect every part of the page to the controller (inside `demo`); returns nothing."""
     wire_status(app, page, demo)
     wire_rating(app, page)
+    wire_submissions(app, page)
     wire_compare(app, page)
     wire_operate(app, page)
 
@@ -59,6 +62,19 @@ def training_note(training: dict[str, Any] | None) -> str:
     return f" · {objective} instead of ppo: {why}"
 
 
+def agreement_outputs(result: dict[str, Any]) -> tuple[str, list[list[Any]]]:
+    """Return the Operate tab's agreement line (overall) and table rows (per rater pair) of an /agreement record."""
+    def figure(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    overall = result["overall"]
+    line = (f"alpha {figure(overall['alpha'])} on {overall['shared_generations']} candidates rated by two or more; "
+            f"picks agree on {figure(overall['pick_agreement'])} of {overall['shared_pages']} shared pages")
+    rows = [[" & ".join(p["raters"]), figure(p["alpha"]), p["shared_generations"], figure(p["pick_agreement"]),
+             p["shared_pages"]] for p in result["pairs"]]
+    return line, rows
+
+
 def version_choices(record: dict[str, Any]) -> list[tuple[str, int]]:
     """Return the Compare tab's version choices: the base model and every version that did not fail."""
     choices = [("0 (base model)", 0)]
@@ -78,10 +94,60 @@ def versions_rows(record: dict[str, Any]) -> list[list[Any]]:
             for version, status, parent in rows]
 
 
-def empty_cards(max_n: int) -> tuple:
-    """Return the updates that clear the candidate cards (see RateTab.card_outputs)."""
-    return ([], *[gr.Column(visible=False) for _ in range(max_n)], *[gr.Textbox(value="") for _ in range(max_n)],
-            *[gr.Radio(value=None) for _ in range(max_n)], gr.Radio(choices=[], value=None))
+def card_updates(max_n: int, shown: ShownPage | None, texts: list[str] = (),
+                 judged: Submission | None = None) -> tuple:
+    """Return the updates of RateTab.card_outputs that show `shown` with `texts` (None: clear the cards),
+    with the values of `judged` (a submission of that page: scores, best, none is good, flags, comment)."""
+    if shown is None:
+        return (None, *[gr.Column(visible=False) for _ in range(max_n)],
+                *[gr.Textbox(value="", label=LETTERS[i]) for i in range(max_n)], *[gr.Radio(value=None)] * max_n,
+                *[gr.Dropdown(value=None)] * max_n, *[gr.Textbox(value="")] * max_n,
+                gr.CheckboxGroup(choices=[], value=[]), gr.Checkbox(value=False), gr.Textbox(value=""))
+    n = len(shown.ids)
+    scores = dict(judged.scores) if judged else {}
+    flags = {f.generation_id: f for f in judged.flags} if judged else {}
+    shown_kind = {stored: label for label, stored in FLAG_CHOICES}
+    return (shown.as_state(), *[gr.Column(visible=i < n) for i in range(max_n)],
+            *[gr.Textbox(value=texts[i] if i < n else "", label=card_label(shown, i)) for i in range(max_n)],
+            *[gr.Radio(value=scores.get(g)) for g in _padded(shown.ids, max_n)],
+            *[gr.Dropdown(value=shown_kind[flags[g].kind] if g in flags else None) for g in _padded(shown.ids, max_n)],
+            *[gr.Textbox(value=(flags[g].reason or "") if g in flags else "") for g in _padded(shown.ids, max_n)],
+            gr.CheckboxGroup(choices=list(LETTERS[:n]),
+                             value=[LETTERS[shown.ids.index(g)] for g in judged.best] if judged else []),
+            gr.Checkbox(value=bool(judged and judged.none_good)),
+            gr.Textbox(value=(judged.comment or "") if judged else ""))
+
+
+def _padded(ids: list[int], max_n: int) -> list[int | None]:
+    """Return the ids of a page's cards padded with None to max_n cards."""
+    return [*ids, *[None] * (max_n - len(ids))]
+
+
+def card_label(shown: ShownPage, i: int) -> str:
+    """Return card i's label: its letter, with the version that wrote it once the page is revealed."""
+    if i >= len(shown.ids):
+        return LETTERS[i]
+    return f"{LETTERS[i]} · {version_label(shown.versions[i])}" if shown.revealed else LETTERS[i]
+
+
+def reveal_updates(max_n: int, shown: ShownPage) -> tuple:
+    """Return the updates of RateTab.card_outputs that reveal which version wrote each card (nothing else changes)."""
+    return (shown.as_state(), *[gr.skip()] * max_n, *[gr.Textbox(label=card_label(shown, i)) for i in range(max_n)],
+            *[gr.skip()] * (3 * max_n + 3))
+
+
+def offer_state(offer: dict[str, Any]) -> dict[str, Any] | None:
+    """Return what the page keeps about the prompt (or other rater's page) it offered, None when none is left."""
+    return offer if offer["text"] is not None else None
+
+
+def offer_note(offer: dict[str, Any]) -> str:
+    """Return what the message line says about the next offer."""
+    if offer["text"] is None:
+        return "You have rated every prompt in the pool; type your own."
+    if offer["page_id"] is not None:
+        return "Next: candidates another rater judged too (for agreement): press Generate to see them."
+    return "Next prompt loaded: press Generate."
 
 
 # ---------------------------------------------------------------------------------- status
@@ -101,14 +167,21 @@ def wire_status(app: FeedbackApp, page: Page, demo: gr.Blocks) -> None:
         else:
             who_text = "Running without logins: you rate as the local user."
             name = LOCAL_USER
-        pool = app.next_prompt(name)
+        offer = app.next_offer(name)
         rows = versions_rows(record)
-        return (who_text, gr.Tab(visible=admin), pool["text"] or "", *status_outputs(record),
-                gr.Dropdown(choices=version_choices(record), value=None), rows, rows,
-                record["serving_version"], None, *app.plots())
+        guidelines = app.guidelines()["text"]
+        return (who_text, gr.Tab(visible=admin), offer["text"] or "", offer_state(offer), guidelines,
+                app.rater_progress(name), gr.Dropdown(choices=app.history(name), value=None),
+                *status_outputs(record), gr.Dropdown(choices=version_choices(record), value=None), rows, rows,
+                record["serving_version"], None, *app.plots(),
+                *(agreement_outputs(app.agreement()) if admin else [gr.skip()] * 2),
+                guidelines if admin else gr.skip(), app.win_rate_line())
 
-    demo.load(on_load, None, [status.who, page.operate.tab, page.rate.prompt, *status.boxes, page.compare.version,
-                              *page.tables, status.seen_version, status.fingerprint_seen, *page.plots],
+    rate, operate = page.rate, page.operate
+    demo.load(on_load, None, [status.who, operate.tab, rate.prompt, rate.offered_page, rate.guidelines, rate.progress,
+                              rate.history, *status.boxes, page.compare.version, *page.tables, status.seen_version,
+                              status.fingerprint_seen, *page.plots, operate.agreement_overall, operate.agreement,
+                              operate.guidelines, page.progress.win_rate],
               api_visibility="private")
 
     def on_tick(last_version, last_fingerprint):
@@ -117,7 +190,7 @@ def wire_status(app: FeedbackApp, page: Page, demo: gr.Blocks) -> None:
         except Exception as exc:  # noqa: BLE001 - a database hiccup must not break the page
             log.warning("status refresh failed: %s", exc)
             return (*[gr.skip()] * 4, gr.Textbox(value=f"Status unavailable: {exc}", visible=True),
-                    *[gr.skip()] * 8)
+                    *[gr.skip()] * 9)
         serving = record["serving_version"]
         if last_version is not None and serving != last_version:
             what = "Rolled back: now serving" if serving < last_version else "New version: now serving"
@@ -125,93 +198,148 @@ def wire_status(app: FeedbackApp, page: Page, demo: gr.Blocks) -> None:
         error = record["swap_error"]
         banner_update = gr.Textbox(value=error or "", visible=bool(error))
         versions_now = tuple((v["version"], v["status"]) for v in record["adapter_versions"])
-        fingerprint = [versions_now, serving, record["counts"]["ratings"], len(app.metric_rows())]
+        fingerprint = [versions_now, serving, record["counts"]["ratings"], record["counts"]["preferences"],
+                       len(app.metric_rows())]
         if fingerprint == last_fingerprint:
-            refreshed = [gr.skip()] * 6
+            refreshed = [gr.skip()] * 7
         else:
             same_versions = last_fingerprint is not None and last_fingerprint[0] == versions_now
             rows = versions_rows(record)
             refreshed = [*app.plots(), gr.skip() if same_versions else gr.Dropdown(choices=version_choices(record)),
-                         rows, rows]
+                         rows, rows, app.win_rate_line()]
         return (*status_outputs(record), banner_update, serving, fingerprint, *refreshed)
 
     page.timer.tick(on_tick, [status.seen_version, status.fingerprint_seen],
                     [*status.boxes, status.banner, status.seen_version, status.fingerprint_seen, *page.plots,
-                     page.compare.version, *page.tables],
+                     page.compare.version, *page.tables, page.progress.win_rate],
                     api_visibility="private", concurrency_limit=None, show_progress="hidden")
 
 
 # ---------------------------------------------------------------------------------- rating
 
 def wire_rating(app: FeedbackApp, page: Page) -> None:
-    """Next prompt, Generate (the candidates' text streamed into their cards) and Submit on the Rate tab."""
+    """Next prompt, Skip and Generate (the candidates' text streamed into blind cards) on the Rate tab."""
     rate, max_n = page.rate, app.sampling.max_candidates
+
+    def offer_outputs(rater: str, note: str = "") -> tuple:
+        offer = app.next_offer(rater)
+        return (gr.skip() if offer["text"] is None else offer["text"], offer_state(offer),
+                (note + " " + offer_note(offer)).strip(), *card_updates(max_n, None))
 
     @shown_errors
     def on_next(request: gr.Request):
-        pool = app.next_prompt(app.rater(request))
-        text = pool["text"]
-        note = "" if text is not None else "You have rated every prompt in the pool; type your own."
-        return (gr.skip() if text is None else text, note, *empty_cards(max_n))
+        return offer_outputs(app.rater(request))
 
-    rate.next_button.click(on_next, None, [rate.prompt, rate.message, *rate.card_outputs], api_visibility="private")
+    offer_targets = [rate.prompt, rate.offered_page, rate.message, *rate.card_outputs]
+    rate.next_button.click(on_next, None, offer_targets, api_visibility="private")
+
+    @shown_errors
+    def on_skip(prompt_text: str, offered: dict | None, request: gr.Request):
+        rater = app.rater(request)
+        if not offered or offered["text"] != prompt_text:
+            raise ValueError("Nothing to skip: the prompt in the box is your own; type another or press Next prompt.")
+        app.skip(offered["prompt_id"], rater)
+        return offer_outputs(rater, "Skipped: you will not be offered that prompt again.")
+
+    rate.skip_button.click(on_skip, [rate.prompt, rate.offered_page], offer_targets, api_visibility="private")
 
     generate_event = rate.generate_button.click(
-        generate_handler(app), [rate.prompt, rate.n_slider], [rate.message, *rate.card_outputs],
+        generate_handler(app), [rate.prompt, rate.n_slider, rate.offered_page], [rate.message, *rate.card_outputs],
         api_visibility="private", concurrency_id="model", concurrency_limit=1)
     generate_event.then(None, None, None, js="() => { if (window.ppoFeedbackFocusCandidate) "
                                               "window.ppoFeedbackFocusCandidate(0); }")
 
+
+def wire_submissions(app: FeedbackApp, page: Page) -> None:
+    """Submit (one unit, then the versions revealed), Undo, and reopening a recent page to change it."""
+    rate, max_n = page.rate, app.sampling.max_candidates
+    after = [rate.message, rate.progress, rate.history, *page.status.boxes]
+
+    def refreshed(rater: str, message: str) -> tuple:
+        return (message, app.rater_progress(rater), gr.Dropdown(choices=app.history(rater), value=None),
+                *status_outputs(app.status(max_age_s=0)))
+
     @shown_errors
     def on_submit(values: dict, request: gr.Request):
         rater = app.rater(request)
-        ids = values[rate.generation_ids]
-        scores = [values[r] for r in rate.radios[:len(ids)]]
-        best_letter = values[rate.best]
-        best_index = LETTERS.index(best_letter) if best_letter else None
-        confirmation = app.submit(ids, scores, best_index, values[rate.comment], rater)
-        gr.Info(confirmation, duration=4, title="Thank you")
-        pool = app.next_prompt(rater)
-        record = app.status(max_age_s=0)
-        offer = (" Next prompt loaded: press Generate." if pool["text"] is not None
-                 else " You have rated every prompt in the pool; type your own.")
-        return (confirmation + offer, pool["text"] if pool["text"] is not None else "", gr.Textbox(value=""),
-                *status_outputs(record), *empty_cards(max_n))
+        shown = ShownPage.from_state(values[rate.shown])
+        if shown.submitted:
+            raise ValueError("This page is stored. To change it, undo (u) or open it from your recent ratings.")
+        n = len(shown.ids)
+        _, confirmed = app.submit(shown, [values[r] for r in rate.radios[:n]], values[rate.best],
+                                  values[rate.none_good], [(values[f], values[r]) for f, r in
+                                                           zip(rate.flags[:n], rate.reasons[:n])],
+                                  values[rate.comment], rater)
+        gr.Info(confirmed, duration=4, title="Thank you")
+        shown.revealed = shown.submitted = True
+        offer = app.next_offer(rater)
+        return (*refreshed(rater, f"{confirmed} Written by {reveal_line(shown)}. {offer_note(offer)}"),
+                gr.skip() if offer["text"] is None else offer["text"], offer_state(offer),
+                *reveal_updates(max_n, shown))
 
-    rate.submit_button.click(on_submit, {rate.generation_ids, rate.best, rate.comment, *rate.radios},
-                             [rate.message, rate.prompt, rate.comment, *page.status.boxes, *rate.card_outputs],
+    rate.submit_button.click(on_submit, {rate.shown, rate.best, rate.none_good, rate.comment, *rate.radios,
+                                         *rate.flags, *rate.reasons},
+                             [*after, rate.prompt, rate.offered_page, *rate.card_outputs], api_visibility="private")
+
+    def reopened(rater: str, submission: Submission, message: str) -> tuple:
+        shown, texts, prompt_text = app.open_page(submission.page_id, revealed=True)
+        return (*refreshed(rater, message), prompt_text, *card_updates(max_n, shown, texts, submission))
+
+    @shown_errors
+    def on_undo(request: gr.Request):
+        rater = app.rater(request)
+        undone = app.undo_submission(rater)
+        return reopened(rater, undone, "Undone: your earlier judgement of this page (if any) counts again. "
+                                       "Its page is open: change it and submit, or move on.")
+
+    rate.undo_button.click(on_undo, None, [*after, rate.prompt, *rate.card_outputs], api_visibility="private")
+
+    @shown_errors
+    def on_change(submission_id: Any, request: gr.Request):
+        rater = app.rater(request)
+        if submission_id is None:
+            raise ValueError("Choose one of your recent ratings first.")
+        return reopened(rater, app.submission(submission_id, rater),
+                        "Change your judgement and submit: it replaces the earlier one (which is kept, marked).")
+
+    rate.change_button.click(on_change, [rate.history], [*after, rate.prompt, *rate.card_outputs],
                              api_visibility="private")
 
 
 def generate_handler(app: FeedbackApp):
-    """Return the Generate button's handler: a generator that shows the cards, streams every candidate's
-    text into them as the tokens come (one batch for the page), then the recorded page and the message."""
+    """Return the Generate button's handler: a generator that shows the blind cards (letters only, in an
+    order shuffled for the page), streams every candidate's text into them as the tokens come (one batch
+    for the page), then the recorded page and the message. When the prompt is the page another rater
+    judged that was offered (--overlap), it shows that page's candidates instead of generating."""
     max_n = app.sampling.max_candidates
 
-    def texts(records: list[dict[str, Any]], labelled: bool) -> list:
-        updates = [gr.Textbox(value=r["text"], label=f"{LETTERS[i]} · {version_label(r['version'])}") if labelled
-                   else gr.Textbox(value=r["text"]) for i, r in enumerate(records)]
-        return updates + [gr.skip()] * (max_n - len(records))
-
     @shown_errors
-    def on_generate(prompt_text: str, n: float, request: gr.Request) -> Iterator[tuple]:
+    def on_generate(prompt_text: str, n: float, offered: dict | None, request: gr.Request) -> Iterator[tuple]:
         rater = app.rater(request)
         prompt_text = app.check_prompt(prompt_text)
+        if offered and offered.get("page_id") is not None and offered["text"] == prompt_text:
+            shown, texts, _ = app.open_page(offered["page_id"], revealed=False)
+            yield ("Another rater judged these candidates too: rate them as you would any page.",
+                   *card_updates(max_n, shown, texts))
+            return
         n = app.check_n(n)
-        yield (f"Generating {n} candidate{'s' if n != 1 else ''}…", [],
+        order = app.card_order(n)
+        unchanged = [gr.skip()] * (max_n + 1)  # the state and the columns stay as they are while text streams
+        rest = [gr.skip()] * (3 * max_n + 3)
+        yield (f"Generating {n} candidate{'s' if n != 1 else ''}…", None,
                *[gr.Column(visible=i < n) for i in range(max_n)],
                *[gr.Textbox(value="", label=f"{LETTERS[i]} · generating…" if i < n else LETTERS[i])
-                 for i in range(max_n)],
-               *[gr.Radio(value=None) for _ in range(max_n)], gr.Radio(choices=list(LETTERS[:n]), value=None))
-        unchanged = [gr.skip()] * (2 * max_n + 1)  # columns, ratings and the best pick stay as they are
+                 for i in range(max_n)], *card_updates(max_n, None)[2 * max_n + 1:])
         for records in app.generate_stream(prompt_text, n, rater):
             if "generation_id" not in records[0]:  # text so far
-                yield (gr.skip(), gr.skip(), *unchanged[:max_n], *texts(records, False), *unchanged[max_n:])
+                yield (gr.skip(), *unchanged, *[gr.Textbox(value=records[order[i]]["text"]) for i in range(n)],
+                       *[gr.skip()] * (max_n - n), *rest)
                 continue
-            versions = sorted({r["version"] for r in records})
-            yield (f"{n} candidate{'s' if n != 1 else ''} from {', '.join(map(version_label, versions))}: "
-                   "rate each 1–5, pick the best if you like, then submit.", [r["generation_id"] for r in records],
-                   *unchanged[:max_n], *texts(records, True), *unchanged[max_n:])
+            shown = shown_from_records(records, order)
+            app.remember_order(shown.page_id, order)
+            yield (f"{n} candidate{'s' if n != 1 else ''}: rate each 1–5, pick the best (two or more for a tie) "
+                   "or say none is good, then submit. The versions are shown after you submit.",
+                   *card_updates(max_n, shown, [records[i]["text"] for i in order]))
 
     return on_generate
 
@@ -265,3 +393,20 @@ def wire_operate(app: FeedbackApp, page: Page) -> None:
         return f"Rolled back {rolled}; serving {version_label(result['serving_version'])}."
 
     operate.rollback_button.click(on_rollback, [operate.version], [operate.message], api_visibility="private")
+
+    @shown_errors
+    def on_save_guidelines(text: str, request: gr.Request):
+        app.require_admin(request, "write guidelines")
+        saved = app.write_guidelines(text, app.rater(request))
+        return f"Guidelines version {saved['version']} is in force.", saved["text"]
+
+    operate.guidelines_button.click(on_save_guidelines, [operate.guidelines],
+                                    [operate.guidelines_message, page.rate.guidelines], api_visibility="private")
+
+    @shown_errors
+    def on_agreement(request: gr.Request):
+        app.require_admin(request, "see agreement")
+        return agreement_outputs(app.agreement())
+
+    operate.agreement_button.click(on_agreement, None, [operate.agreement_overall, operate.agreement],
+                                   api_visibility="private")

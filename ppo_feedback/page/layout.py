@@ -10,14 +10,17 @@ from dataclasses import dataclass
 import gradio as gr
 
 from db.export import FORMATS
-from .controller import LETTERS, FeedbackApp
+from .cards import FLAG_CHOICES, LETTERS
+from .controller import FeedbackApp
 from .inputs import md_escape
 
 SCORES = [1, 2, 3, 4, 5]
 STATUS_REFRESH_S = 2.0
 VERSION_COLUMNS = ["version", "status", "parent", "mean rating", "ratings"]
 KEYBOARD_HELP = ("Keyboard: click or Tab to a candidate, then 1–5 rates it and moves to the next one; "
-                 "b marks it as the best; Enter submits (Ctrl+Enter from inside a text box).")
+                 "b marks it as the best, t ties it with the best, f flags it; n: none is good; Enter submits "
+                 "(Ctrl+Enter from inside a text box); u undoes your last submission; s skips the prompt.")
+AGREEMENT_COLUMNS = ["raters", "alpha (ratings)", "rated by both", "pick agreement", "pages judged by both"]
 
 
 @dataclass
@@ -41,25 +44,38 @@ class StatusPanel:
 
 @dataclass
 class RateTab:
-    """The prompt, the candidate cards (text and rating each), the best pick, the comment and submit."""
+    """The guidelines, my progress, the prompt, the candidate cards (text, rating, flag and reason each),
+    the best pick (two or more: a tie), none is good, the comment, submit, undo, skip and my history."""
 
+    guidelines: gr.Textbox
+    progress: gr.Textbox
     prompt: gr.Textbox
     next_button: gr.Button
+    skip_button: gr.Button
     n_slider: gr.Slider
     generate_button: gr.Button
     message: gr.Textbox
-    generation_ids: gr.State
+    shown: gr.State
+    offered_page: gr.State
     columns: list[gr.Column]
     texts: list[gr.Textbox]
     radios: list[gr.Radio]
-    best: gr.Radio
+    flags: list[gr.Dropdown]
+    reasons: list[gr.Textbox]
+    best: gr.CheckboxGroup
+    none_good: gr.Checkbox
     comment: gr.Textbox
     submit_button: gr.Button
+    undo_button: gr.Button
+    history: gr.Dropdown
+    change_button: gr.Button
 
     @property
     def card_outputs(self) -> list:
-        """Return the components that show a set of candidates: ids, cards, texts, ratings, best pick."""
-        return [self.generation_ids, *self.columns, *self.texts, *self.radios, self.best]
+        """Return the components that show a page: its state, cards, texts, ratings, flags, reasons, best
+        pick, none is good and comment (the order `cards.card_updates` fills them in)."""
+        return [self.shown, *self.columns, *self.texts, *self.radios, *self.flags, *self.reasons, self.best,
+                self.none_good, self.comment]
 
 
 @dataclass
@@ -70,6 +86,7 @@ class ProgressTab:
     score_plot: gr.LinePlot
     kl_plot: gr.LinePlot
     table: gr.Dataframe
+    win_rate: gr.Textbox
 
 
 @dataclass
@@ -103,6 +120,12 @@ class OperateTab:
     export_format: gr.Radio
     export_button: gr.Button
     export_file: gr.File
+    guidelines: gr.Textbox
+    guidelines_button: gr.Button
+    guidelines_message: gr.Textbox
+    agreement: gr.Dataframe
+    agreement_overall: gr.Textbox
+    agreement_button: gr.Button
 
 
 @dataclass
@@ -133,7 +156,7 @@ def lay_out(app: FeedbackApp) -> Page:
     with gr.Tab("Rate", id="rate"):
         rate = _rate_tab(app)
     with gr.Tab("Progress", id="progress"):
-        progress = _progress_tab()
+        progress = _progress_tab(app)
     with gr.Tab("Compare", id="compare"):
         compare = _compare_tab()
     with gr.Tab("Operate", id="operate", visible=False) as operate_tab:
@@ -158,18 +181,44 @@ def _status_panel(app: FeedbackApp) -> StatusPanel:
 
 def _rate_tab(app: FeedbackApp) -> RateTab:
     max_n = app.sampling.max_candidates
+    with gr.Accordion("Rating guidelines", open=False, elem_id="guidelines-box"):
+        guidelines = gr.Textbox(show_label=False, interactive=False, container=False, lines=2, max_lines=20,
+                                elem_id="guidelines", placeholder="No guidelines written yet.")
+    progress = gr.Textbox(show_label=False, interactive=False, container=False, elem_id="rater-progress")
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", lines=3, max_lines=10, scale=4, elem_id="prompt",
                             placeholder="Press 'Next prompt' or type your own.")
         with gr.Column(scale=1, min_width=180):
-            next_button = gr.Button("Next prompt", elem_id="next-prompt")
+            with gr.Row():
+                next_button = gr.Button("Next prompt", elem_id="next-prompt", min_width=80)
+                skip_button = gr.Button("Skip (s)", elem_id="skip-prompt", min_width=80)
             n_slider = gr.Slider(1, max_n, value=app.sampling.num_candidates, step=1, label="Candidates",
                                  elem_id="n-candidates")
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
     message = gr.Textbox(show_label=False, interactive=False, container=False, elem_id="rate-message",
                          placeholder="")
-    generation_ids = gr.State([])
-    columns, texts, radios = [], [], []
+    columns, texts, radios, flags, reasons = _cards(max_n)
+    with gr.Row():
+        best = gr.CheckboxGroup(choices=[], label="Best candidate (tick two or more for a tie)",
+                                elem_id="best-candidate", scale=3)
+        none_good = gr.Checkbox(label="None is good", elem_id="none-good", scale=1)
+    comment = gr.Textbox(label="Comment (optional)", lines=2, elem_id="comment")
+    with gr.Row():
+        submit_button = gr.Button("Submit ratings", variant="primary", elem_id="submit-ratings", scale=3)
+        undo_button = gr.Button("Undo my last submission (u)", elem_id="undo", scale=1)
+    gr.Markdown(KEYBOARD_HELP, elem_id="kbd-help")
+    with gr.Row():
+        history = gr.Dropdown(choices=[], label="Change one of my recent ratings", elem_id="history", scale=3)
+        change_button = gr.Button("Open it", elem_id="change-rating", scale=1)
+    return RateTab(guidelines, progress, prompt, next_button, skip_button, n_slider, generate_button, message,
+                   gr.State(None), gr.State(None), columns, texts, radios, flags, reasons, best, none_good, comment,
+                   submit_button, undo_button, history, change_button)
+
+
+def _cards(max_n: int) -> tuple[list, list, list, list, list]:
+    """Create the candidate cards (hidden until a page fills them); return their columns, texts, ratings,
+    flags and flag reasons."""
+    columns, texts, radios, flags, reasons = [], [], [], [], []
     with gr.Row(equal_height=True):
         for i, letter in enumerate(LETTERS[:max_n]):
             with gr.Column(visible=False, min_width=220, elem_classes=["candidate"],
@@ -178,16 +227,15 @@ def _rate_tab(app: FeedbackApp) -> RateTab:
                                         elem_id=f"candidate-text-{i}"))
                 radios.append(gr.Radio(SCORES, label=f"Rating of {letter}", elem_classes=["rating"],
                                        elem_id=f"rating-{i}"))
+                with gr.Row():
+                    flags.append(gr.Dropdown([shown for shown, _ in FLAG_CHOICES], value=None, label="Flag (f)",
+                                             elem_classes=["flag"], elem_id=f"flag-{i}", min_width=100))
+                    reasons.append(gr.Textbox(label="Reason", lines=1, elem_id=f"flag-reason-{i}", min_width=100))
             columns.append(column)
-    best = gr.Radio(choices=[], label="Best candidate (optional)", elem_id="best-candidate")
-    comment = gr.Textbox(label="Comment (optional)", lines=2, elem_id="comment")
-    submit_button = gr.Button("Submit ratings", variant="primary", elem_id="submit-ratings")
-    gr.Markdown(KEYBOARD_HELP, elem_id="kbd-help")
-    return RateTab(prompt, next_button, n_slider, generate_button, message, generation_ids, columns, texts,
-                   radios, best, comment, submit_button)
+    return columns, texts, radios, flags, reasons
 
 
-def _progress_tab() -> ProgressTab:
+def _progress_tab(app: FeedbackApp) -> ProgressTab:
     gr.Markdown("Mean human rating of each version's generations is the real measure: did people like "
                 "the newer versions more? Version 0 is the base model.")
     rating_plot = gr.LinePlot(x="version", y="mean rating", title="Mean human rating per version",
@@ -199,7 +247,9 @@ def _progress_tab() -> ProgressTab:
         kl_plot = gr.LinePlot(x="PPO iteration", y="KL", title="KL to the base model per PPO iteration",
                               tooltip=["PPO iteration", "version", "iteration", "KL"], elem_id="plot-kl")
     table = gr.Dataframe(headers=VERSION_COLUMNS, interactive=False, label="Versions", elem_id="progress-versions")
-    return ProgressTab(rating_plot, score_plot, kl_plot, table)
+    win_rate = gr.Textbox(label="The raters' verdict on mixed pages (--mix-versions)", interactive=False,
+                          visible=app.mix_versions, elem_id="win-rate")
+    return ProgressTab(rating_plot, score_plot, kl_plot, table, win_rate)
 
 
 def _compare_tab() -> CompareTab:
@@ -243,5 +293,20 @@ def _operate_tab(tab: gr.Tab) -> OperateTab:
             export_format = gr.Radio(list(FORMATS), value="preference", label="Format")
             export_button = gr.Button("Export ratings")
             export_file = gr.File(label="Export", interactive=False, height=90)
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("**Rating guidelines** (plain text, shown on the Rate tab; each rating records the "
+                        "version in force).")
+            guidelines = gr.Textbox(label="Guidelines", lines=6, elem_id="operate-guidelines")
+            guidelines_button = gr.Button("Save guidelines", elem_id="save-guidelines")
+            guidelines_message = gr.Textbox(show_label=False, interactive=False, container=False,
+                                            elem_id="guidelines-message")
+        with gr.Column():
+            gr.Markdown("**Agreement between raters** on the pages two of them judged (`--overlap`): "
+                        "Krippendorff's alpha (ordinal) on ratings, and how often their best picks agree.")
+            agreement_overall = gr.Textbox(label="Overall", interactive=False, elem_id="agreement-overall")
+            agreement = gr.Dataframe(headers=AGREEMENT_COLUMNS, interactive=False, elem_id="agreement-pairs")
+            agreement_button = gr.Button("Refresh agreement", elem_id="refresh-agreement")
     return OperateTab(tab, table, upload, pasted, add_button, add_message, version, rollback_button, adapter_button,
-                      message, adapter_file, export_format, export_button, export_file)
+                      message, adapter_file, export_format, export_button, export_file, guidelines, guidelines_button,
+                      guidelines_message, agreement, agreement_overall, agreement_button)
