@@ -202,15 +202,15 @@ class DirectTrainer:
         if found.objective in ("dpo", "ipo"):
             chosen, rejected = [list(column) for column in zip(*items)]
             logps = self.sequence_logprobs(layout, chosen + rejected)
+            chosen_logps, rejected_logps = logps[:len(chosen)], logps[len(chosen):]
+            lengths = layout.response_mask[chosen + rejected].sum(1)  # (2N,) response tokens
             if found.objective == "dpo":
-                loss, stats = dpo_loss(logps[:len(chosen)], logps[len(chosen):], reference[chosen],
-                                       reference[rejected], beta)
+                loss, stats = dpo_loss(chosen_logps, rejected_logps, reference[chosen], reference[rejected], beta)
             else:
-                lengths = layout.response_mask.sum(1)
-                loss, stats = ipo_loss(logps[:len(chosen)], logps[len(chosen):], reference[chosen],
-                                       reference[rejected], lengths[chosen], lengths[rejected], beta)
+                loss, stats = ipo_loss(chosen_logps, rejected_logps, reference[chosen], reference[rejected],
+                                       lengths[:len(chosen)], lengths[len(chosen):], beta)
             if self.config.rpo_alpha > 0:  # RPO: the chosen ones' likelihood held up too
-                nll = chosen_nll(logps[:len(chosen)], layout.response_mask[chosen].sum(1))
+                nll = chosen_nll(chosen_logps, lengths[:len(chosen)])
                 loss, stats["loss/nll"] = loss + self.config.rpo_alpha * nll, nll.detach()
             return loss, stats
         rows = [item[0] for item in items]
