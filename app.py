@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     store = FeedbackStore(app_cfg.db, max_prompt_chars=sampling.max_prompt_chars)
     store.add_prompts(builtin_prompts(), source="builtin")
     try:
-        serving = ServingModel.load(model_cfg, lora, store, app_cfg.adapters_dir, sampling=sampling)
+        serving = ServingModel.load(model_cfg, lora, store, app_cfg.adapters_dir, sampling=sampling,
+                                    weights=app_cfg.serving_weights)
     except ModelSpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

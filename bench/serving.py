@@ -9,7 +9,9 @@ worker trains, beside Hugging Face `model.generate` on the same batch; prints on
    candidates x max-new-tokens tokens) against `model.generate` on the same batch with the same
    sampling (temperature 1, no top-k or top-p) and weights: `tokens_per_s`, `hf_generate_page_s`,
    `hf_generate_tokens_per_s` (medians of `--repeats` runs, alternating), and `logprob_gap_nats_per_token`,
-   the mean |recorded - fresh forward| behaviour log-probability per token (0 up to rounding in float32).
+   the mean |recorded - fresh forward| behaviour log-probability per token (0 up to rounding in float32);
+   the fresh forward is the training policy's (unquantised), so with `--serving-weights int8` the gap and
+   `kl_to_trained_nats_per_token` say how far the int8 sampler is from the policy PPO trains.
 2. `app.py --no-worker` on a fresh store; `--pages` pages (after one warm-up page) through
    `/generate_stream` with gradio_client: `first_token_s` (request to the first streamed text) and
    `page_s` (request to the recorded page, every token decoded), medians; `page_tokens`: the median
@@ -54,14 +56,19 @@ GOALS = {"first_token_s": ("<=", 0.5), "page_s": ("<=", 3.0), "page_s_training":
          "tokens_per_s_vs_hf_generate": (">=", 1.0)}
 
 
-def load_policy(model: str, dtype: str):
-    """Return the app's serving policy for `model`: the base in `dtype` with a fresh LoRA (the app's defaults)."""
+def load_policy(model: str, dtype: str, weights: str = "same"):
+    """Return the app's serving policy for `model`: the base in `dtype` with a fresh LoRA (the app's defaults),
+    its linear layers in dynamic int8 when `weights` is int8 (`--serving-weights`)."""
     from ppo_feedback.config import LoraSettings, ModelConfig
+    from ppo_feedback.int8 import quantize_base_linears
     from ppo_feedback.modeling import add_lora, load_model
     from ppo_feedback.policy import PolicyWithValueHead
 
     loaded = load_model(ModelConfig(model=model, device="cpu", dtype=dtype))
-    return PolicyWithValueHead(add_lora(loaded.model, LoraSettings()), loaded.tokenizer)
+    peft_model = add_lora(loaded.model, LoraSettings())
+    if weights == "int8":
+        quantize_base_linears(peft_model)
+    return PolicyWithValueHead(peft_model, loaded.tokenizer)
 
 
 def in_process(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,7 +77,8 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
 
     from ppo_feedback.generation import encode_prompts, sample
 
-    policy = load_policy(args.model, args.dtype)
+    policy = load_policy(args.model, args.dtype, args.serving_weights)
+    trained = policy if args.serving_weights == "same" else load_policy(args.model, args.dtype)  # the worker's
     model, tokenizer = policy.peft_model, policy.tokenizer
     prompts = [PROMPTS[0]] * args.candidates
     batch = encode_prompts(tokenizer, prompts, args.max_new_tokens, "cpu")
@@ -85,9 +93,14 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
                                   max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                                   pad_token_id=tokenizer.pad_token_id)
 
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    def unquantised(seed: int):
+        return sample(trained.peft_model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, seed=seed,
+                      stop_at_eos=False)
+
+    runs = [("ours", ours), ("theirs", theirs)] + ([("unquantised", unquantised)] if trained is not policy else [])
+    times: dict[str, list[float]] = {name: [] for name, _ in runs}
     for seed in range(args.repeats + 1):  # the first round warms both up and is not counted
-        for name, run in (("ours", ours), ("theirs", theirs)):
+        for name, run in runs:
             start = time.perf_counter()
             out = run(seed)
             if seed:
@@ -95,16 +108,20 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
             if name == "theirs":
                 assert out.shape[1] == batch["input_ids"].shape[1] + args.max_new_tokens
     rollout = ours(0)
-    with torch.no_grad():
-        fresh = policy(rollout.query_response, rollout.attention_mask, rollout.context_length, 1.0)
-    gap = ((fresh.logprobs - rollout.logprobs).abs() * rollout.response_mask).sum() / rollout.response_mask.sum()
-    tokens = args.candidates * args.max_new_tokens
+    with torch.no_grad():  # the training policy's (unquantised) forward, which PPO takes old log-probabilities from
+        fresh = trained(rollout.query_response, rollout.attention_mask, rollout.context_length, 1.0)
+    mask, tokens = rollout.response_mask, args.candidates * args.max_new_tokens
+    gap = ((fresh.logprobs - rollout.logprobs).abs() * mask).sum() / mask.sum()
+    kl = ((rollout.logprobs - fresh.logprobs) * mask).sum() / mask.sum()  # sampled tokens: KL(served || trained)
     page_s, hf_page_s = statistics.median(times["ours"]), statistics.median(times["theirs"])
-    return {"dtype": str(next(policy.trunk.parameters()).dtype).removeprefix("torch."),
-            "torch_threads": torch.get_num_threads(), "decode_page_s": round(page_s, 3),
-            "tokens_per_s": round(tokens / page_s, 2), "hf_generate_page_s": round(hf_page_s, 3),
-            "hf_generate_tokens_per_s": round(tokens / hf_page_s, 2),
-            "logprob_gap_nats_per_token": round(float(gap), 5)}
+    out = {"dtype": str(next(policy.trunk.parameters()).dtype).removeprefix("torch."),
+           "serving_weights": args.serving_weights, "torch_threads": torch.get_num_threads(),
+           "decode_page_s": round(page_s, 3), "tokens_per_s": round(tokens / page_s, 2),
+           "hf_generate_page_s": round(hf_page_s, 3), "hf_generate_tokens_per_s": round(tokens / hf_page_s, 2),
+           "logprob_gap_nats_per_token": round(float(gap), 5), "kl_to_trained_nats_per_token": round(float(kl), 5)}
+    if times.get("unquantised"):
+        out["unquantised_decode_page_s"] = round(statistics.median(times["unquantised"]), 3)
+    return out
 
 
 def stream_page(client, prompt: str, n: int) -> tuple[float, float, list[int]]:
@@ -199,7 +216,8 @@ def through_the_app(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     port, db = free_port(), work / "feedback.db"
     command = app_command(args.model, port, db, work / "adapters", candidates=args.candidates,
-                          max_new_tokens=args.max_new_tokens, extra=["--dtype", args.dtype])
+                          max_new_tokens=args.max_new_tokens,
+                          extra=["--dtype", args.dtype, "--serving-weights", args.serving_weights])
     app = subprocess.Popen(command, cwd=ROOT, env=child_env_for(args), stdout=subprocess.DEVNULL,
                            stderr=(work / "app.log").open("w"))
     out: dict[str, Any] = {}
@@ -263,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="auto", help="the app's --dtype (auto: as the app picks it)")
+    parser.add_argument("--serving-weights", default="same", choices=["same", "int8"],
+                        help="the app's --serving-weights; with int8 the anchor generates on the same int8 model and "
+                             "unquantised_decode_page_s times the float decode beside it")
     parser.add_argument("--pages", type=int, default=5, help="pages per median (at least 5 for the goals)")
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=48)

@@ -131,6 +131,8 @@ class AppConfig:
     """Seconds between the page's checks for a newly published adapter version to serve."""
     overlap: float = 0.0
     """Fraction (0..1) of pages offered to a second rater: a page another rater judged, the same generations, so raters' agreement can be measured (/agreement)."""
+    serving_weights: str = "same"
+    """The page's copy of the base for decoding: same (as --dtype loads it) or int8 (the frozen linear layers in torch's dynamic int8, CPU only: a quarter of float32's bytes read per decode step; LoRA, embeddings and the worker's training stay as loaded)."""
     mix_versions: bool = False
     """Mix each page (of two or more candidates) from the serving version and the one it replaced (half each, shuffled, blind): the raters' picks give the new version's win rate in Progress. A second decode batch per page: about twice the page's decode time."""
 
@@ -142,6 +144,8 @@ class AppConfig:
             raise ValueError(f"--overlap must be in 0..1, not {self.overlap}")
         if self.poll_interval <= 0:
             raise ValueError("--poll-interval must be > 0")
+        if self.serving_weights not in ("same", "int8"):
+            raise ValueError(f"--serving-weights must be same or int8, not {self.serving_weights!r}")
         if not self.auth_file and not self.insecure_no_auth and not is_loopback(self.host):
             raise ValueError(f"--host {self.host} would let anyone on the network rate and operate without a "
                              "login: give --auth-file users.json, or --insecure-no-auth if that is really meant")

@@ -223,7 +223,7 @@ def decode(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempera
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
     trunk, lm_head = split_causal_lm(model)
-    device = lm_head.weight.device
+    device = next(trunk.parameters()).device
     prefill = _Prefill(tokenizer, prompts, max_new_tokens, device, max_positions(model))
     eos = tokenizer.eos_token_id if stop_at_eos else None
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

@@ -57,10 +57,12 @@ class PolicyWithValueHead(nn.Module):
     def samples_exactly(self) -> bool:
         """Return True when sampled log-probabilities equal a forward pass's: a float32, unquantised base.
 
-        In bfloat16 (or 4/8-bit) the sampler's one-token kernels round differently from a full
-        forward's.
+        In bfloat16 (or 4/8-bit, or int8 for serving) the sampler's one-token kernels round differently
+        from a full forward's.
         """
-        return all(p.dtype == torch.float32 for p in self.trunk.parameters())
+        from .int8 import has_int8_linears
+
+        return all(p.dtype == torch.float32 for p in self.trunk.parameters()) and not has_int8_linears(self.trunk)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Return the parameters PPO updates: the LoRA weights and the value head."""
@@ -124,7 +126,7 @@ class PolicyWithValueHead(nn.Module):
         Raises AdapterLoadError, leaving the current weights untouched, when a file is missing,
         corrupt, or its tensors do not match this model's adapter.
         """
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import get_peft_model_state_dict
 
         directory = Path(directory)
         try:
@@ -139,6 +141,7 @@ class PolicyWithValueHead(nn.Module):
             raise AdapterLoadError(f"{directory}: value head does not match this model")
         if not all(torch.isfinite(t).all() for t in list(lora.values()) + list(head.values())):
             raise AdapterLoadError(f"{directory}: adapter holds NaN or infinite weights")
-        with torch.no_grad():
-            set_peft_model_state_dict(self.peft_model, lora)
+        with torch.no_grad():  # state-dict tensors share the parameters' storage: copied in place, and no
+            for key, tensor in current.items():  # load_state_dict walk over the (possibly int8) base layers
+                tensor.copy_(lora[key])
             self.value_head.load_state_dict(head)

@@ -81,12 +81,18 @@ class ServingModel:
 
     @classmethod
     def load(cls, model_config: ModelConfig, lora: LoraSettings, store, adapters_root: str | Path, *,
-             sampling: SamplingConfig | None = None) -> ServingModel:
-        """Return a ServingModel on a freshly loaded base model + LoRA, already serving the store's version."""
+             sampling: SamplingConfig | None = None, weights: str = "same") -> ServingModel:
+        """Return a ServingModel on a freshly loaded base model + LoRA, already serving the store's version.
+
+        `weights`: "int8" decodes with the base's linear layers in dynamic int8 (`ppo_feedback.int8`)."""
+        from .int8 import quantize_base_linears
         from .modeling import add_lora, load_model
 
         loaded = load_model(model_config)
-        policy = PolicyWithValueHead(add_lora(loaded.model, lora), loaded.tokenizer)
+        peft_model = add_lora(loaded.model, lora)
+        if weights == "int8":
+            log.info("serving with int8 base weights: %d linear layers quantised", quantize_base_linears(peft_model))
+        policy = PolicyWithValueHead(peft_model, loaded.tokenizer)
         serving = cls(policy, store, adapters_root, base_model=loaded.spec, sampling=sampling)
         serving.poll_once()
         return serving
