@@ -89,21 +89,23 @@ class LoginGuard:
         self.by_address = FailureWindow(max_failures * ADDRESS_FACTOR, window_s, clock)
         self._hashing = anyio.CapacityLimiter(hash_slots)
 
-    def refusal(self, username: str, address: str | None) -> str | None:
-        """Return why a login of `username` from `address` is refused now (too many failures), or None."""
+    def refusal(self, username: str, address: str | None) -> HTTPException | None:
+        """Return the HTTP 429 (with the reason and Retry-After) that refuses a login of `username` from
+        `address` now, after too many failures; None when it may be checked."""
         wait = max(self.by_name.retry_after(username), self.by_address.retry_after(address) if address else 0.0)
         if wait <= 0:
             return None
-        return (f"Too many failed logins for this user name or from this address; try again in "
-                f"{math.ceil(wait)} s.")
+        seconds = math.ceil(wait)
+        return HTTPException(status_code=429, headers={"Retry-After": str(seconds)}, detail=(
+            f"Too many failed logins for this user name or from this address; try again in {seconds} s."))
 
     async def check(self, username: str, password: str) -> bool:
         """Return whether the login is valid (the auth function given to Gradio's `launch`); raise
         HTTPException 429 without checking it while the name or the client address is refused."""
         address = CLIENT_ADDRESS.get()
         refused = self.refusal(username, address)
-        if refused:
-            raise HTTPException(status_code=429, detail=refused)
+        if refused is not None:
+            raise refused
         # counted as failed before hashing, so that attempts sent at once cannot all pass the check above
         self.by_name.failed(username)
         if address:

@@ -138,6 +138,7 @@ def test_guessing_a_password_is_refused_with_429_until_the_window_passes(serve, 
         assert log_in(page.url, "ben", "wrong").status_code == 400
     refused = log_in(page.url, "ben", PASSWORDS["ben"])
     assert refused.status_code == 429 and "Too many failed logins" in refused.json()["detail"]
+    assert 0 < int(refused.headers["retry-after"]) <= 60
     assert log_in(page.url, "ana", PASSWORDS["ana"]).status_code == 200  # another name still logs in
     clock.now += 61
     assert log_in(page.url, "ben", PASSWORDS["ben"]).status_code == 200

@@ -14,6 +14,7 @@ Model text, prompts and comments are only ever shown in text boxes, never as HTM
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,8 +68,10 @@ def launch_options(app: FeedbackApp, config: AppConfig | None = None, *,
     if app.users is not None:
         guard = LoginGuard(app.users, max_failures=config.login_max_failures, window_s=config.login_window,
                            clock=clock)
-        options.update(auth=guard.check, auth_message="Log in to rate the model's answers.",
-                       share=config.public_link())
+        minutes = math.ceil(config.login_window / 60)
+        options.update(auth=guard.check, share=config.public_link(), auth_message=(
+            f"Log in to rate the model's answers. After {config.login_max_failures} failed logins, wait "
+            f"{minutes} minute{'s' if minutes != 1 else ''} before the next try."))
         middleware.append(Middleware(SessionGuard, users=app.users))
     elif is_loopback(config.host):
         middleware.append(Middleware(LoopbackHostOnly))
