@@ -5,9 +5,9 @@ any other one on the event loop, where 600,000 PBKDF2 rounds (~0.2 s) would free
 page. `LoginGuard.check` (a coroutine function, given to `launch(auth=...)`) hashes in a worker
 thread, at most `hash_slots` at once. Before hashing, it refuses with HTTP 429 a user name with
 `max_failures` failed logins in the last `window_s` seconds, or a client address with
-`ADDRESS_FACTOR` times as many. An attempt counts as failed from the moment it is hashed (so many sent
-at once cannot slip through); a valid one then clears its name's failures and takes back its own
-address's one.
+`ADDRESS_FACTOR` times as many (checked again once the attempt has its hashing slot). An attempt
+counts as failed while it is hashed (so many sent at once cannot slip through); a valid one then
+clears its name's failures and takes back its address's one.
 
 The client address reaches `check` through `CLIENT_ADDRESS`, which the page's request guard sets
 for every request (`ppo_feedback.page.guards`): Gradio passes the auth function only the name and
@@ -99,18 +99,23 @@ class LoginGuard:
         return HTTPException(status_code=429, headers={"Retry-After": str(seconds)}, detail=(
             f"Too many failed logins for this user name or from this address; try again in {seconds} s."))
 
+    def _raise_if_refused(self, username: str, address: str | None) -> None:
+        refused = self.refusal(username, address)
+        if refused is not None:
+            raise refused
+
     async def check(self, username: str, password: str) -> bool:
         """Return whether the login is valid (the auth function given to Gradio's `launch`); raise
         HTTPException 429 without checking it while the name or the client address is refused."""
         address = CLIENT_ADDRESS.get()
-        refused = self.refusal(username, address)
-        if refused is not None:
-            raise refused
-        # counted as failed before hashing, so that attempts sent at once cannot all pass the check above
-        self.by_name.failed(username)
-        if address:
-            self.by_address.failed(address)
-        valid = await anyio.to_thread.run_sync(self.users.check, username, password, limiter=self._hashing)
+        self._raise_if_refused(username, address)  # cheap, before waiting for a hashing slot
+        async with self._hashing:
+            self._raise_if_refused(username, address)  # again: failures may have come in while it waited
+            # counted as failed while it is hashed, so that attempts sent at once cannot all pass the check
+            self.by_name.failed(username)
+            if address:
+                self.by_address.failed(address)
+            valid = await anyio.to_thread.run_sync(self.users.check, username, password)
         if valid:
             self.by_name.clear(username)
             if address:
