@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the clean-up below on `kill` too
     try:
         build_demo(feedback_app).launch(server_name=app_cfg.host, server_port=app_cfg.port,
-                                        **launch_options(feedback_app))
+                                        **launch_options(feedback_app, app_cfg))
     finally:
         stop_worker(worker)
         serving.stop()

@@ -60,26 +60,28 @@ def name(value: object, what: str) -> str:
     return value
 
 
+MAX_ID = 2**63 - 1
+"""The largest id a database integer column holds (SQLite and PostgreSQL bigint)."""
+
+
 def integer(value: object, what: str, minimum: int = 0) -> int:
-    """Return `value` as int; bools, floats and strings are refused."""
+    """Return `value` as int within minimum..MAX_ID (what a database integer holds); bools, floats and
+    strings are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise StoreError(f"The {what} must be an integer, not {value!r}.")
     value = int(value)
     if value < minimum:
         raise StoreError(f"The {what} must be at least {minimum}, not {value}.")
+    if value > MAX_ID:
+        raise StoreError(f"The {what} must be at most {MAX_ID} (2**63 - 1), not {value}.")
     return value
-
-
-MAX_ID = 2**63 - 1
-"""The largest id a database integer column holds (SQLite and PostgreSQL bigint)."""
 
 
 def record_id(value: object, what: str) -> int:
     """Return a database id (a positive integer that fits a database integer)."""
-    value = integer(value, f"{what} id", minimum=1)
-    if value > MAX_ID:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > MAX_ID:
         raise StoreError(f"Unknown {what} id {value}.")
-    return value
+    return integer(value, f"{what} id", minimum=1)
 
 
 def score(value: object) -> int:

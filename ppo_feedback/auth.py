@@ -88,6 +88,14 @@ class User:
     admin: bool = False
 
 
+def dummy_hash(users: dict[str, User]) -> str:
+    """Return a hash no password matches, as costly to check as the users' own (their highest iteration
+    count; DEFAULT_ITERATIONS when there are none): what a login with an unknown name is checked against."""
+    counts = [parsed[0] for u in users.values() if (parsed := _parse_hash(u.password_hash)) is not None]
+    iterations = max(counts, default=DEFAULT_ITERATIONS)
+    return f"{SCHEME}${iterations}${_b64(secrets.token_bytes(SALT_BYTES))}${_b64(secrets.token_bytes(32))}"
+
+
 def parse_users(data: object, source: str = "users file") -> dict[str, User]:
     """Return {name: User} from the decoded JSON of a users file; raise AuthFileError when it is malformed."""
     if not isinstance(data, dict) or not isinstance(data.get("users"), dict):
@@ -150,7 +158,7 @@ class UserDirectory:
         self._lock = threading.Lock()
         self._stamp = self._file_stamp()
         self._users = read_users_file(self.path)  # raises AuthFileError at start-up
-        self._dummy_hash = hash_password(secrets.token_hex(8), MIN_ITERATIONS)
+        self._dummy_hash = dummy_hash(self._users)
 
     def _file_stamp(self) -> tuple[int, int] | None:
         try:
@@ -167,6 +175,7 @@ class UserDirectory:
                 self._stamp = stamp
                 try:
                     self._users = read_users_file(self.path)
+                    self._dummy_hash = dummy_hash(self._users)
                     self.last_error = None
                 except AuthFileError as exc:
                     self.last_error = str(exc)
@@ -175,10 +184,14 @@ class UserDirectory:
     def check(self, username: str, password: str) -> bool:
         """Return whether the login is valid (the callable given to Gradio's `launch(auth=...)`)."""
         user = self.users().get(username) if isinstance(username, str) else None
-        if user is None:
-            verify_password(password if isinstance(password, str) else "", self._dummy_hash)  # similar timing
+        if user is None:  # the same hashing cost as a real user's, so timing does not tell which names exist
+            verify_password(password if isinstance(password, str) else "", self._dummy_hash)
             return False
         return verify_password(password, user.password_hash)
+
+    def exists(self, username: str | None) -> bool:
+        """Return whether `username` is in the users file now (a removed user's sessions end with this)."""
+        return isinstance(username, str) and username in self.users()
 
     def is_admin(self, username: str | None) -> bool:
         """Return whether `username` is listed as an admin."""

@@ -133,6 +133,14 @@ class AppConfig:
     """Fraction (0..1) of pages offered to a second rater: a page another rater judged, the same generations, so raters' agreement can be measured (/agreement)."""
     serving_weights: str = "same"
     """The page's copy of the base for decoding: same (as --dtype loads it) or int8 (the frozen linear layers in torch's dynamic int8, CPU only: a quarter of float32's bytes read per decode step; LoRA, embeddings and the worker's training stay as loaded)."""
+    share: bool = False
+    """Open a public Gradio link (a gradio.live tunnel) to the page; needs --auth-file. GRADIO_SHARE=true asks for the same and is refused without logins too."""
+    max_upload_mb: float = 10.0
+    """Largest file the page accepts as an upload (prompt files), in MiB; larger ones are refused (HTTP 413)."""
+    login_max_failures: int = 5
+    """Failed logins per user name within --login-window seconds (four times as many per client address) after which further logins, even the right one, are refused with HTTP 429 until the window has passed."""
+    login_window: float = 300.0
+    """Seconds over which failed logins are counted (see --login-max-failures)."""
     mix_versions: bool = False
     """Mix each page (of two or more candidates) from the serving version and the one it replaced (half each, shuffled, blind): the raters' picks give the new version's win rate in Progress. A second decode batch per page: about twice the page's decode time."""
 
@@ -149,6 +157,17 @@ class AppConfig:
         if not self.auth_file and not self.insecure_no_auth and not is_loopback(self.host):
             raise ValueError(f"--host {self.host} would let anyone on the network rate and operate without a "
                              "login: give --auth-file users.json, or --insecure-no-auth if that is really meant")
+        if not self.auth_file and self.public_link():
+            raise ValueError("--share (or GRADIO_SHARE=true) would open a public link through which anyone on the "
+                             "internet could rate and operate without a login: give --auth-file users.json")
+        if self.max_upload_mb <= 0:
+            raise ValueError(f"--max-upload-mb must be > 0, not {self.max_upload_mb}")
+        if self.login_max_failures < 1 or self.login_window <= 0:
+            raise ValueError("--login-max-failures must be >= 1 and --login-window > 0")
+
+    def public_link(self) -> bool:
+        """Return whether a public Gradio link is asked for: --share, or Gradio's own GRADIO_SHARE=true."""
+        return self.share or os.environ.get("GRADIO_SHARE", "").strip().lower() == "true"
 
 
 def is_loopback(host: str) -> bool:

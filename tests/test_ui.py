@@ -1,6 +1,8 @@
 """The page's logic without a server or a model: users file, uploads, submissions, status, limits, options."""
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import shutil
@@ -332,7 +334,9 @@ def test_the_page_builds_with_keyboard_script_and_login(app, tmp_path):
     assert options["head"] == KEYBOARD_HEAD and "auth" not in options
     assert "keydown" in KEYBOARD_HEAD and "#submit-ratings" in KEYBOARD_HEAD
     app.users = auth.UserDirectory(_users(tmp_path))
-    assert launch_options(app)["auth"]("ana", "a") and not launch_options(app)["auth"]("ana", "b")
+    login = launch_options(app)["auth"]
+    assert inspect.iscoroutinefunction(login)  # Gradio awaits it: a plain function would run on the event loop
+    assert asyncio.run(login("ana", "a")) and not asyncio.run(login("ana", "b"))
 
 
 def test_each_endpoint_of_the_table_is_served_with_its_defaults_and_admin_check(app, tmp_path):

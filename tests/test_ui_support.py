@@ -14,7 +14,7 @@ import torch
 from db import Cursor, FeedbackStore, NewGeneration
 from ppo_feedback.adapters import AdapterStore
 from ppo_feedback.auth import User, UserDirectory, hash_password, write_users_file
-from ppo_feedback.config import LoraSettings, ModelConfig, SamplingConfig
+from ppo_feedback.config import AppConfig, LoraSettings, ModelConfig, SamplingConfig
 from ppo_feedback.generation import Candidate
 from ppo_feedback.page import FeedbackApp, build_demo, launch_options
 from ppo_feedback.serving import PageProgress
@@ -57,14 +57,15 @@ class Launched:
 
 
 def launch(serving, store: FeedbackStore, sampling: SamplingConfig = SAMPLING, *, users: UserDirectory | None = None,
-           worker_note: str | None = None, **options) -> Launched:
+           worker_note: str | None = None, config: AppConfig | None = None, clock=time.monotonic,
+           **options) -> Launched:
     """Build the page around `serving` (FeedbackApp `options` such as shuffle_seed, overlap) and serve it on a
-    free port without blocking; return where."""
+    free port without blocking, with `launch_options(app, config, clock=clock)`; return where."""
     app = FeedbackApp(serving, store, sampling, users=users, worker_note=worker_note, **options)
     demo = build_demo(app)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_options(app))
+                **launch_options(app, config, clock=clock))
     return Launched(f"http://127.0.0.1:{port}/", app, demo)
 
 

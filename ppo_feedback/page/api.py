@@ -108,9 +108,9 @@ class Api:
         """(admin) Inter-rater agreement: {"overall", "pairs": [{"raters", "alpha", "shared_generations", "pick_agreement", "shared_pages"}]} (only rater's pairs if given)."""
         return self.app.agreement(rater or "")
 
-    def status(self) -> dict:
-        """Serving and latest version, worker state, counts, and per version {"version", "mean_rating", "n_ratings"}."""
-        record = dict(self.app.status())
+    def status(self, request: gr.Request = None) -> dict:
+        """Serving and latest version, worker state, counts, and per version {"version", "mean_rating", "n_ratings"} (the worker's holder and a swap error's details for admins only)."""
+        record = dict(self.app.status_for(request))
         record.pop("adapter_versions")
         return record
 

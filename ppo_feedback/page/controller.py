@@ -35,6 +35,8 @@ from .inputs import Forbidden, as_int, json_int, parse_prompt_upload
 
 LOCAL_USER = "local"
 """The rater (and admin) every action is attributed to when the page runs without a users file."""
+SWAP_ERROR_FOR_RATERS = "The page could not switch to the newest version; an admin can see why in /status."
+"""What a rater's /status says instead of the swap error (which names server paths; admins see it)."""
 REWARD_METRIC = "objective/scores"
 KL_METRIC = "objective/kl"
 
@@ -151,6 +153,8 @@ class FeedbackApp:
             name = getattr(request, "username", None)
             if not name:
                 raise Forbidden("Log in first.")
+            if not self.users.exists(name):
+                raise Forbidden(f"The user {name!r} is no longer in the users file: log in again as a listed user.")
             return name
         requested = (requested or "").strip() if isinstance(requested, str) else ""
         return requested or LOCAL_USER
@@ -456,6 +460,16 @@ class FeedbackApp:
             }
             self._status_cache = (now, record)
             return record
+
+    def status_for(self, request: gr.Request | None, max_age_s: float = 1.0) -> dict[str, Any]:
+        """Return the /status record as the request's user may see it: all of it for an admin; for a
+        rater, without the worker's holder (host:pid) and with a swap error (server paths) replaced by a
+        generic line."""
+        record = self.status(max_age_s)
+        if self.is_admin(request):
+            return record
+        return {**record, "worker": {**record["worker"], "holder": None},
+                "swap_error": SWAP_ERROR_FOR_RATERS if record["swap_error"] else None}
 
     def metric_rows(self) -> list[dict[str, Any]]:
         """Return every reward-score and KL point as {"step", "version", "iteration", "metric", "value"}, in order.

@@ -159,7 +159,7 @@ def wire_status(app: FeedbackApp, page: Page, demo: gr.Blocks) -> None:
 
     @shown_errors
     def on_load(request: gr.Request):
-        record = app.status(max_age_s=0)
+        record = app.status_for(request, max_age_s=0)
         admin = app.is_admin(request)
         if app.auth_enabled:
             name = app.rater(request)
@@ -184,12 +184,13 @@ def wire_status(app: FeedbackApp, page: Page, demo: gr.Blocks) -> None:
                               operate.guidelines, page.progress.win_rate],
               api_visibility="private")
 
-    def on_tick(last_version, last_fingerprint):
+    def on_tick(last_version, last_fingerprint, request: gr.Request):
         try:
-            record = app.status()
+            record = app.status_for(request)
         except Exception as exc:  # noqa: BLE001 - a database hiccup must not break the page
             log.warning("status refresh failed: %s", exc)
-            return (*[gr.skip()] * 4, gr.Textbox(value=f"Status unavailable: {exc}", visible=True),
+            why = f": {exc}" if app.is_admin(request) else " (the database did not answer); retrying"
+            return (*[gr.skip()] * 4, gr.Textbox(value=f"Status unavailable{why}", visible=True),
                     *[gr.skip()] * 9)
         serving = record["serving_version"]
         if last_version is not None and serving != last_version:

@@ -7,6 +7,7 @@ import html
 import inspect
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,13 @@ def parse_prompt_upload(text: str, filename: str = "") -> list[str]:
             continue
         try:
             row = json.loads(line)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise ValueError(f"Line {number} is not valid JSON ({exc.msg}).") from None
+        except ValueError:  # an integer longer than Python's limit on converting text to int
+            raise ValueError(f"Line {number} holds a number of more than {sys.get_int_max_str_digits():,} "
+                             "digits.") from None
+        except RecursionError:
+            raise ValueError(f"Line {number} nests arrays or objects too deeply to read.") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise ValueError(f'Line {number} has no text field "prompt".')
         prompts.append(row["prompt"])
