@@ -133,9 +133,11 @@ def submitted(store: FeedbackStore) -> FeedbackStore:
     page, ids = pages["abcd"]
     store.submit_page(page, "ana", {ids["a"]: 5, ids["b"]: 4, ids["c"]: 2}, [ids["a"], ids["b"]], tie=True,
                       flags=[Flag(ids["d"], "off_prompt", "talks about cats")])
+    store.show_page(page, "carol")
     store.submit_page(page, "carol", {ids["c"]: 5}, [ids["c"]])
     store.undo_last_submission("carol")
     page, ids = pages["xyz"]
+    store.show_page(page, "ben")
     store.submit_page(page, "ben", {ids["x"]: 4, ids["y"]: 1}, none_good=True)
     return store
 
@@ -208,4 +210,4 @@ def test_command_line_from_another_directory(rated: FeedbackStore, store_url: st
     fresh = tmp_path / "new" / "feedback.db"
     result = _python_m_db("upgrade", "--db", str(fresh), cwd=elsewhere)
     assert result.returncode == 0, result.stderr
-    assert "revision 0004" in result.stderr and fresh.exists()
+    assert "revision 0005" in result.stderr and fresh.exists()
