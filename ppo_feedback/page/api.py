@@ -122,9 +122,9 @@ class Api:
         """(admin) Download the ratings as JSONL: preference, unpaired or ratings."""
         return self.app.export_ratings(fmt)
 
-    def pending_prompts(self) -> list:
-        """(admin) Prompts raters typed that wait for review, oldest first: [{"prompt_id", "text", "added_by", "created_at"}]."""
-        return self.app.pending_prompts()
+    def pending_prompts(self, limit: int = 100) -> list:
+        """(admin) Prompts raters typed that wait for review, oldest first (at most limit): [{"prompt_id", "text", "added_by", "created_at"}]."""
+        return self.app.pending_prompts(limit)
 
     def review_prompt(self, prompt_id: int, admit: bool, request: gr.Request = None) -> dict:
         """(admin) Admit a rater's typed prompt to the pool (admit true) or reject it (false): {"ok", "prompt_id", "admission"}."""

@@ -111,8 +111,11 @@ class FeedbackApp:
     def __init__(self, serving, store, sampling: SamplingConfig, *, users: UserDirectory | None = None,
                  adapters_dir: str | os.PathLike[str] | None = None, worker_note: str | None = None,
                  model_cache_dir: str | None = None, title: str = "ppo-feedback", overlap: float = 0.0,
-                 rng: random.Random | None = None, shuffle_seed: int | None = None, mix_versions: bool = False):
+                 rng: random.Random | None = None, shuffle_seed: int | None = None, mix_versions: bool = False,
+                 queue_size: int = 64, generations_per_user: int = 2):
         self.serving = serving
+        self.queue_size = queue_size
+        self.generations_per_user = generations_per_user
         self.overlap = overlap
         self.mix_versions = mix_versions
         self._page_versions: dict[int, dict[int, int]] = {}  # judged pages' candidates' versions (win rate)
@@ -524,11 +527,14 @@ class FeedbackApp:
         new = len(set(ids) - before)
         return f"Added {new} new prompt{'s' if new != 1 else ''}; {len(set(ids)) - new} were already in the pool."
 
-    def pending_prompts(self) -> list[dict[str, Any]]:
-        """Return the prompts raters typed that wait for review, oldest first (at most 100):
+    def pending_prompts(self, limit: Any = 100) -> list[dict[str, Any]]:
+        """Return the prompts raters typed that wait for review, oldest first (at most `limit`, 1..1000):
         [{"prompt_id", "text", "added_by", "created_at"}]."""
+        limit = json_int(limit, "limit")
+        if not 1 <= limit <= 1000:
+            raise ValueError(f"Ask for 1 to 1000 prompts, not {limit}.")
         return [{"prompt_id": p.id, "text": p.text, "added_by": p.added_by, "created_at": p.created_at.isoformat()}
-                for p in self.store.pending_prompts()]
+                for p in self.store.pending_prompts(limit)]
 
     def review_prompt(self, prompt_id: Any, admit: Any, reviewer: str) -> dict[str, Any]:
         """Admit a rater's prompt to the pool (offered to every rater, sampled for training) or reject it;
