@@ -211,3 +211,23 @@ def test_command_line_from_another_directory(rated: FeedbackStore, store_url: st
     result = _python_m_db("upgrade", "--db", str(fresh), cwd=elsewhere)
     assert result.returncode == 0, result.stderr
     assert "revision 0005" in result.stderr and fresh.exists()
+
+
+def test_preference_export_of_a_huge_page_is_bounded_and_lazy(store: FeedbackStore) -> None:
+    from collections.abc import Iterator
+
+    from db.export import MAX_RATING_PAIRS_PER_PAGE, preference_rows
+
+    prompt = store.add_prompt("One prompt, 2,000 candidates")
+    made = store.record_generations(prompt, 0, [NewGeneration(f"c{i}") for i in range(2000)], rater="ana")
+    store.submit_page(made[0].page_id, "ana", {g.id: 1 + i % 5 for i, g in enumerate(made)})  # ~1.6M pairs unbounded
+    rows = preference_rows(store, max_pairs_per_page=50)
+    assert isinstance(rows, Iterator)  # made as they are read, never all at once
+    assert sum(1 for _ in rows) == 50
+    capped = list(preference_rows(store))
+    assert len(capped) == MAX_RATING_PAIRS_PER_PAGE
+    scores = {g.text: 1 + i % 5 for i, g in enumerate(made)}
+    assert all(scores[r["chosen"]] > scores[r["rejected"]] for r in capped)
+    assert {scores[r["chosen"]] - scores[r["rejected"]] for r in capped} == {1}  # neighbouring ranks first
+    with pytest.raises(ValueError, match="max_pairs_per_page"):
+        next(preference_rows(store, max_pairs_per_page=0))
