@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         worker, worker_note = start_worker(worker_argv(args, worker_parser()))
     feedback_app = FeedbackApp(serving, store, sampling, users=users, adapters_dir=app_cfg.adapters_dir,
                                worker_note=worker_note, model_cache_dir=model_cfg.cache_dir,
-                               overlap=app_cfg.overlap, mix_versions=app_cfg.mix_versions)
+                               overlap=app_cfg.overlap, mix_versions=app_cfg.mix_versions,
+                               queue_size=app_cfg.queue_size, generations_per_user=app_cfg.generations_per_user)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the clean-up below on `kill` too
     try:
         build_demo(feedback_app).launch(server_name=app_cfg.host, server_port=app_cfg.port,

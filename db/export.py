@@ -1,7 +1,8 @@
 """Ratings and preferences as JSONL in the formats other RLHF tools read.
 
 - `preference`: {"prompt", "chosen", "rejected"} (TRL reward modelling / DPO), from explicit
-  preferences in force and from pairs of generations of one page whose mean current ratings differ;
+  preferences in force and from pairs of generations of one page whose mean current ratings differ
+  (at most MAX_RATING_PAIRS_PER_PAGE per page, made lazily);
   none between two candidates a rater tied (TRL's format has no ties), none whose chosen one is
   on a none-is-good page or flagged;
 - `unpaired`: {"prompt", "completion", "label"} (TRL KTO), one row per current rating, label true
@@ -23,7 +24,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import combinations
+from itertools import combinations, islice
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -31,6 +32,9 @@ from typing import Any
 from db.store import FeedbackStore
 
 LIKED_SCORE = 4
+MAX_RATING_PAIRS_PER_PAGE = 190
+"""Most rating-derived pairs the `preference` export makes of one page (every pair of up to 20 rated
+candidates): a page of k rated candidates has k(k-1)/2 pairs, millions for a few thousand."""
 
 
 @dataclass
@@ -45,30 +49,39 @@ class _Judged:
     """The page-level judgements in force as the exports need them."""
 
     blocked: frozenset[int]  # generation ids never to be made likelier: none-is-good pages', flagged ones
-    tied: frozenset[frozenset[int]]  # unordered pairs of generations one tie holds
+    ties: dict[int, frozenset[int]]  # generation id -> the submissions that tied it with others
     unrated_bad: tuple[tuple[str, str], ...]  # (prompt, completion) of none-is-good candidates nobody rated
+
+    def tied(self, a: int, b: int) -> bool:
+        """Return whether one tie holds both generations (memory linear in the tied candidates, not pairs)."""
+        return bool(self.ties.get(a, frozenset()) & self.ties.get(b, frozenset()))
 
 
 def _judged(store: FeedbackStore, rated: set[int]) -> _Judged:
     """Return the judgements in force; `rated`: the generation ids with a current rating."""
     blocked: set[int] = set()
-    tied: set[frozenset[int]] = set()
+    ties: dict[int, set[int]] = defaultdict(set)
     unrated_bad: dict[int, tuple[str, str]] = {}
     for judgement in store.judgements():
         blocked.update(judgement.flagged)
-        tied.update(frozenset((a, b)) for a, b in combinations(judgement.tied, 2))
+        for generation_id in judgement.tied:
+            ties[generation_id].add(judgement.submission_id)
         if judgement.none_good:
             for generation in judgement.generations:
                 blocked.add(generation.id)
                 if generation.id not in rated:
                     unrated_bad[generation.id] = (judgement.prompt_text, generation.text)
-    return _Judged(frozenset(blocked), frozenset(tied), tuple(unrated_bad[g] for g in sorted(unrated_bad)))
+    return _Judged(frozenset(blocked), {g: frozenset(t) for g, t in ties.items()},
+                   tuple(unrated_bad[g] for g in sorted(unrated_bad)))
 
 
-def preference_rows(store: FeedbackStore) -> Iterator[dict[str, str]]:
-    """Yield {"prompt", "chosen", "rejected"} rows: explicit preferences in force first, then every pair
-    of generations of the same page (shown side by side) whose mean current ratings differ (higher
-    mean chosen); never a pair a rater tied, never a chosen one on a none-is-good page or flagged."""
+def preference_rows(store: FeedbackStore, max_pairs_per_page: int = MAX_RATING_PAIRS_PER_PAGE) -> Iterator[dict[str, str]]:
+    """Yield {"prompt", "chosen", "rejected"} rows: explicit preferences in force first, then pairs of
+    generations of the same page (shown side by side) whose mean current ratings differ (higher mean
+    chosen), at most `max_pairs_per_page` per page (see `_rating_pairs`); never a pair a rater tied,
+    never a chosen one on a none-is-good page or flagged. Rows are made one at a time as they are read."""
+    if isinstance(max_pairs_per_page, bool) or not isinstance(max_pairs_per_page, int) or max_pairs_per_page < 1:
+        raise ValueError(f"max_pairs_per_page must be a whole number of at least 1, not {max_pairs_per_page!r}")
     by_page: dict[int, dict[int, _Scored]] = defaultdict(dict)
     picks = []
     for batch in store.iter_feedback():
@@ -84,13 +97,26 @@ def preference_rows(store: FeedbackStore) -> Iterator[dict[str, str]]:
         if pair.chosen.id not in judged.blocked:
             yield {"prompt": pair.prompt_text, "chosen": pair.chosen.text, "rejected": pair.rejected.text}
     for generations in by_page.values():
-        for (id_a, a), (id_b, b) in combinations(sorted(generations.items()), 2):
-            mean_a, mean_b = fmean(a.scores), fmean(b.scores)
-            if mean_a == mean_b or frozenset((id_a, id_b)) in judged.tied:
-                continue
-            (chosen_id, chosen), rejected = ((id_a, a), b) if mean_a > mean_b else ((id_b, b), a)
-            if chosen_id not in judged.blocked:
-                yield {"prompt": a.prompt, "chosen": chosen.completion, "rejected": rejected.completion}
+        yield from islice(_rating_pairs(generations, judged), max_pairs_per_page)
+
+
+def _rating_pairs(generations: dict[int, _Scored], judged: _Judged) -> Iterator[dict[str, str]]:
+    """Yield a page's rating pairs, lazily: in id order when the page has few candidates (at most 20),
+    else candidates ranked by mean rating, neighbours first (rank gap 1, then 2, ...), so that a cap on
+    the pairs keeps every candidate and the finest distinctions."""
+    means = {g: fmean(s.scores) for g, s in generations.items()}
+    ranked = sorted(generations, key=lambda g: (-means[g], g))
+    if len(ranked) <= 20:
+        pairs: Iterable[tuple[int, int]] = combinations(sorted(generations), 2)
+    else:
+        pairs = ((ranked[i], ranked[i + gap]) for gap in range(1, len(ranked)) for i in range(len(ranked) - gap))
+    for id_a, id_b in pairs:
+        if means[id_a] == means[id_b] or judged.tied(id_a, id_b):
+            continue
+        chosen, rejected = (id_a, id_b) if means[id_a] > means[id_b] else (id_b, id_a)
+        if chosen not in judged.blocked:
+            yield {"prompt": generations[chosen].prompt, "chosen": generations[chosen].completion,
+                   "rejected": generations[rejected].completion}
 
 
 def unpaired_rows(store: FeedbackStore) -> Iterator[dict[str, Any]]:

@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from db.records import FLAG_KINDS, SUBMISSION_STATUSES
+from db.records import ADMISSIONS, FLAG_KINDS, SUBMISSION_STATUSES
 
 LEASE_ROW_ID = 1
 NAME_LENGTH = 200
@@ -74,8 +74,14 @@ def _current_index(name: str, *columns: str) -> Index:
 
 
 class Prompt(Base):
+    """A prompt; only active, admitted ones are in the pool (offered to raters, sampled for training).
+    `admission`: a rater's own typed prompt is pending until an admin admits or rejects it."""
+
     __tablename__ = "prompts"
-    __table_args__ = (CheckConstraint("source IN ('builtin', 'uploaded', 'rater')", name="source"),)
+    __table_args__ = (
+        CheckConstraint("source IN ('builtin', 'uploaded', 'rater')", name="source"),
+        CheckConstraint(f"admission IN {ADMISSIONS}", name="admission"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     text: Mapped[str] = mapped_column(Text)
@@ -83,6 +89,10 @@ class Prompt(Base):
     source: Mapped[str] = mapped_column(String(16))
     active: Mapped[bool]
     created_at: Mapped[datetime]
+    admission: Mapped[str] = mapped_column(String(16), index=True, server_default="admitted")
+    added_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    reviewed_by: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    reviewed_at: Mapped[datetime | None]
 
 
 class Page(Base):
@@ -96,6 +106,19 @@ class Page(Base):
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
     rater: Mapped[str | None] = mapped_column(String(NAME_LENGTH), index=True)
     adapter_version: Mapped[int]
+    created_at: Mapped[datetime]
+
+
+class PageViewer(Base):
+    """A rater a page was shown to besides the rater who asked for it (an --overlap page): they may
+    judge its candidates too."""
+
+    __tablename__ = "page_viewers"
+    __table_args__ = (UniqueConstraint("page_id", "rater", name="uq_page_viewers_page_rater"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    page_id: Mapped[int] = mapped_column(ForeignKey("pages.id"), index=True)
+    rater: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
     created_at: Mapped[datetime]
 
 

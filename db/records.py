@@ -12,17 +12,24 @@ VersionStatus = Literal["published", "failed", "rolled_back"]
 
 PROMPT_SOURCES: tuple[str, ...] = ("builtin", "uploaded", "rater")
 VERSION_STATUSES: tuple[str, ...] = ("published", "failed", "rolled_back")
+ADMISSIONS: tuple[str, ...] = ("pending", "admitted", "rejected")
+"""A prompt's admission: a rater's own typed prompt is pending until an admin admits or rejects it."""
 BASE_VERSION = 0
 """Adapter version 0 is the base model without an adapter; stored versions start at 1."""
 
 
 @dataclass(frozen=True)
 class Prompt:
+    """A stored prompt. It is in the pool (offered to raters, sampled for training) when `active` and
+    `admission` is "admitted"; a pending one is offered only to `added_by`, the rater who typed it."""
+
     id: int
     text: str
     source: str
     active: bool
     created_at: datetime
+    admission: str = "admitted"
+    added_by: str | None = None
 
 
 @dataclass(frozen=True)

@@ -113,25 +113,46 @@ class FeedbackStore:
 
     # ----------------------------------------------------------------- prompts
 
-    def add_prompts(self, texts: Iterable[str], source: str = "builtin") -> list[int]:
+    def add_prompts(
+        self, texts: Iterable[str], source: str = "builtin", *, added_by: str | None = None,
+        admitted: bool | None = None,
+    ) -> list[int]:
         """Add prompts verbatim, skipping texts already stored; return the ids in input order.
 
-        Raises StoreError (adding none) if any text is blank, too long or not valid UTF-8.
+        `admitted`: whether new prompts enter the pool at once; by default all do but a rater's own
+        typed prompt (source "rater" with `added_by` naming them), which is pending until an admin
+        admits it (`review_prompt`), offered only to `added_by` meanwhile. Adding admitted text that is stored and pending admits it (an admin typed
+        or uploaded it); a rejected prompt stays rejected. Raises StoreError (adding none) if any text
+        is blank, too long or not valid UTF-8.
         """
         if isinstance(texts, (str, bytes)):
             raise StoreError("add_prompts takes a list of texts; use add_prompt for one.")
         source = _prompt_source(source)
+        added_by = None if added_by is None else check.name(added_by, "rater")
+        admit = not (source == "rater" and added_by is not None) if admitted is None else admitted
+        if not isinstance(admit, bool):
+            raise StoreError("admitted must be true or false.")
         cleaned = [check.prompt_text(t, self.max_prompt_chars) for t in texts]
         digests = [_sha256(t) for t in cleaned]
 
         def work(s: Session) -> list[int]:
             ids: dict[str, int] = {}
+            pending: list[int] = []
             for chunk in _chunks(list(dict.fromkeys(digests))):
-                stmt = select(m.Prompt.text_sha256, m.Prompt.id).where(m.Prompt.text_sha256.in_(chunk))
-                ids.update(s.execute(stmt).tuples().all())
+                stmt = select(m.Prompt.text_sha256, m.Prompt.id, m.Prompt.admission).where(
+                    m.Prompt.text_sha256.in_(chunk))
+                for digest, prompt_id, admission in s.execute(stmt).tuples():
+                    ids[digest] = prompt_id
+                    if admission == "pending":
+                        pending.append(prompt_id)
             now = utcnow()
+            if admit and pending:
+                s.execute(update(m.Prompt).where(m.Prompt.id.in_(pending))
+                          .values(admission="admitted", reviewed_by=added_by, reviewed_at=now)
+                          .execution_options(synchronize_session=False))
             new = {
-                digest: m.Prompt(text=text, text_sha256=digest, source=source, active=True, created_at=now)
+                digest: m.Prompt(text=text, text_sha256=digest, source=source, active=True, created_at=now,
+                                 admission="admitted" if admit else "pending", added_by=added_by)
                 for text, digest in zip(cleaned, digests, strict=True)
                 if digest not in ids
             }
@@ -142,9 +163,11 @@ class FeedbackStore:
 
         return self._run(work, conflicts=True)
 
-    def add_prompt(self, text: str, source: str = "rater") -> int:
-        """Add one prompt (or find the identical stored one); return its id."""
-        return self.add_prompts([text], source)[0]
+    def add_prompt(
+        self, text: str, source: str = "rater", *, added_by: str | None = None, admitted: bool | None = None
+    ) -> int:
+        """Add one prompt (or find the identical stored one), as `add_prompts` does; return its id."""
+        return self.add_prompts([text], source, added_by=added_by, admitted=admitted)[0]
 
     def get_prompt(self, prompt_id: int) -> Prompt:
         """Return the prompt with this id."""
@@ -152,11 +175,34 @@ class FeedbackStore:
         return self._run(lambda s: _prompt(_get(s, m.Prompt, prompt_id, "prompt")), write=False)
 
     def list_prompts(self, active_only: bool = True) -> list[Prompt]:
-        """Return prompts in id order, only active ones unless `active_only` is False."""
+        """Return prompts in id order: only the pool (active and admitted; what training samples) unless
+        `active_only` is False (then every prompt, pending and rejected ones included)."""
         stmt = select(m.Prompt).order_by(m.Prompt.id)
         if active_only:
-            stmt = stmt.where(m.Prompt.active)
+            stmt = stmt.where(m.Prompt.active, m.Prompt.admission == "admitted")
         return self._run(lambda s: [_prompt(r) for r in s.scalars(stmt)], write=False)
+
+    def pending_prompts(self, limit: int = 100) -> list[Prompt]:
+        """Return up to `limit` prompts raters typed that wait for an admin's review, oldest first."""
+        limit = check.integer(limit, "limit", minimum=1)
+        stmt = select(m.Prompt).where(m.Prompt.admission == "pending").order_by(m.Prompt.id).limit(limit)
+        return self._run(lambda s: [_prompt(r) for r in s.scalars(stmt)], write=False)
+
+    def review_prompt(self, prompt_id: int, admit: bool, reviewer: str) -> Prompt:
+        """Admit a prompt to the pool (`admit`) or reject it (offered to nobody, never trained on; the
+        ratings already given stay feedback), recording who decided and when; return it."""
+        prompt_id = check.record_id(prompt_id, "prompt")
+        reviewer = check.name(reviewer, "reviewer")
+        if not isinstance(admit, bool):
+            raise StoreError("admit must be true or false.")
+
+        def work(s: Session) -> Prompt:
+            row = _get(s, m.Prompt, prompt_id, "prompt")
+            row.admission = "admitted" if admit else "rejected"
+            row.reviewed_by, row.reviewed_at = reviewer, utcnow()
+            return _prompt(row)
+
+        return self._run(work)
 
     def set_prompt_active(self, prompt_id: int, active: bool) -> Prompt:
         """Show (`active`) or hide a prompt from raters; return the updated prompt."""
@@ -171,7 +217,8 @@ class FeedbackStore:
 
     def next_prompt(self, rater: str) -> Prompt | None:
         """Return the active prompt with the fewest current ratings (oldest first on ties) among
-        those this rater has not rated, compared, submitted or skipped; None when none is left."""
+        those this rater has not rated, compared, submitted or skipped; None when none is left.
+        Only admitted prompts are offered, and the rater's own pending ones (never another's)."""
         rater = check.name(rater, "rater")
         rated = (
             select(m.Generation.prompt_id)
@@ -200,6 +247,8 @@ class FeedbackStore:
             .outerjoin(counts, counts.c.prompt_id == m.Prompt.id)
             .where(
                 m.Prompt.active,
+                or_(m.Prompt.admission == "admitted",
+                    (m.Prompt.admission == "pending") & (m.Prompt.added_by == rater)),
                 m.Prompt.id.not_in(rated),
                 m.Prompt.id.not_in(compared),
                 m.Prompt.id.not_in(submitted),
@@ -312,7 +361,8 @@ class FeedbackStore:
         """Record `rater`'s score (integer 1..5) for a generation and return the current rating.
 
         Rating the same generation again supersedes the earlier rating, which stays in the
-        history; repeating the identical score and comment changes nothing (double clicks).
+        history; repeating the identical score and comment changes nothing (double clicks). Only a
+        generation on a page shown to `rater` (see `submit_page`) may be rated; StoreError otherwise.
         """
         generation_id = check.record_id(generation_id, "generation")
         rater = check.name(rater, "rater")
@@ -321,7 +371,7 @@ class FeedbackStore:
 
         def work(s: Session) -> Rating:
             self._serialize_feedback(s)
-            _require(s, m.Generation.id, generation_id, "generation")
+            _require_shown(s, [generation_id], rater)
             current = s.scalars(
                 select(m.Rating)
                 .where(m.Rating.generation_id == generation_id, m.Rating.rater == rater, m.Rating.is_current)
@@ -354,7 +404,8 @@ class FeedbackStore:
 
     def pick_best(self, chosen_id: int, rejected_ids: Sequence[int], rater: str) -> list[Preference]:
         """Record "best of N": `chosen_id` preferred over each of `rejected_ids` (same prompt),
-        all or nothing; return one preference per distinct rejected id, in input order."""
+        all or nothing; return one preference per distinct rejected id, in input order. Every
+        generation must be on a page shown to `rater` (see `submit_page`)."""
         chosen_id = check.record_id(chosen_id, "generation")
         rejected = list(dict.fromkeys(check.record_id(r, "generation") for r in rejected_ids))
         rater = check.name(rater, "rater")
@@ -376,6 +427,7 @@ class FeedbackStore:
                     raise StoreError(f"Unknown generation id {generation_id}.")
                 if prompt_of[generation_id] != prompt_of[chosen_id]:
                     raise StoreError("Only generations of the same prompt can be compared.")
+            _require_shown(s, wanted, rater)
             rows = {
                 row.rejected_generation_id: row
                 for row in s.scalars(
@@ -491,7 +543,9 @@ class FeedbackStore:
         other of the page), or with `tie` two or more judged equally best (each preferred over the
         others, none over another); `none_good`: every candidate undesirable (no best then);
         `flags`: at most one per candidate; `comment` goes with the submission and its ratings.
-        Every generation named must be on the page. It supersedes the rater's earlier submission
+        Every generation named must be on the page, and the page must have been shown to `rater`: they
+        asked for it, it was offered to them (`offer_overlap_page`, `show_page`), or nobody asked for it
+        (a page a script recorded). It supersedes the rater's earlier submission
         of the page (its pick, tie, flags, none-is-good; ratings are superseded per generation).
 
         With `client_key`, submitting again with the key this rater already used returns the stored
@@ -517,6 +571,7 @@ class FeedbackStore:
                         raise StoreError(f"Submission key {key!r} was already used for page {done.page_id}.")
                     return _submission(s, done)
             page = _get(s, m.Page, page_id, "page")
+            _require_page_shown(s, page_id, page.rater, rater)
             on_page = set(s.scalars(select(m.Generation.id).where(m.Generation.page_id == page_id)))
             for generation_id in [*rated, *best_ids, *flagged]:
                 if generation_id not in on_page:
@@ -706,39 +761,44 @@ class FeedbackStore:
 
     def page_to_overlap(self, rater: str) -> Page | None:
         """Return a page someone else submitted a judgement of that `rater` has not judged (no
-        submission, no rating of its candidates, its prompt not skipped, not their own page): the one
-        with the fewest raters so far, oldest first; None when there is none. Agreement between
-        raters is measured on such pages (the same generations, not only the same prompt)."""
-        rater = check.name(rater, "rater")
-        judged_by_me = select(m.Submission.page_id).where(m.Submission.rater == rater)
-        rated_by_me = (
-            select(m.Generation.page_id)
-            .join(m.Rating, m.Rating.generation_id == m.Generation.id)
-            .where(m.Rating.rater == rater)
-        )
-        skipped = select(m.Skip.prompt_id).where(m.Skip.rater == rater)
-        raters = func.count(func.distinct(m.Submission.rater))
-        stmt = (
-            select(m.Page)
-            .join(m.Submission, m.Submission.page_id == m.Page.id)
-            .where(
-                m.Submission.status == "current",
-                m.Submission.rater != rater,
-                or_(m.Page.rater.is_(None), m.Page.rater != rater),
-                m.Page.id.not_in(judged_by_me),
-                m.Page.id.not_in(rated_by_me),
-                m.Page.prompt_id.not_in(skipped),
-            )
-            .group_by(m.Page.id)
-            .order_by(raters, m.Page.id)
-            .limit(1)
-        )
+        submission, no rating of its candidates, its prompt not skipped, not their own page, its prompt
+        admitted): the one with the fewest raters so far, oldest first; None when there is none.
+        Agreement between raters is measured on such pages (the same generations, not only the same
+        prompt). Read only: `offer_overlap_page` also lets the rater judge it."""
+        stmt = _overlap_stmt(check.name(rater, "rater"))
 
         def work(s: Session) -> Page | None:
             row = s.scalars(stmt).first()
             return None if row is None else _page(row)
 
         return self._run(work, write=False)
+
+    def offer_overlap_page(self, rater: str) -> Page | None:
+        """Return the page `page_to_overlap` finds and record that it was shown to `rater` (a page
+        viewer), who may then rate, pick and submit on it; None when there is none."""
+        rater = check.name(rater, "rater")
+        stmt = _overlap_stmt(rater)
+
+        def work(s: Session) -> Page | None:
+            row = s.scalars(stmt).first()
+            if row is None:
+                return None
+            _add_viewer(s, row.id, rater)
+            return _page(row)
+
+        return self._run(work, conflicts=True)
+
+    def show_page(self, page_id: int, rater: str) -> bool:
+        """Record that a page someone else asked for was shown to `rater`, who may then judge it; return
+        whether this is new (the page's own rater, or showing it twice, changes nothing)."""
+        page_id = check.record_id(page_id, "page")
+        rater = check.name(rater, "rater")
+
+        def work(s: Session) -> bool:
+            page = _get(s, m.Page, page_id, "page")
+            return page.rater != rater and _add_viewer(s, page_id, rater)
+
+        return self._run(work, conflicts=True)
 
     # --------------------------------------------------------------- guidelines
 
@@ -1096,6 +1156,70 @@ def _page_to_extend(s: Session, page_id: int, prompt_id: int, rater: str | None)
     return page
 
 
+def _overlap_stmt(rater: str) -> Any:
+    """Return the query of `FeedbackStore.page_to_overlap` for `rater` (already checked)."""
+    judged_by_me = select(m.Submission.page_id).where(m.Submission.rater == rater)
+    rated_by_me = (
+        select(m.Generation.page_id)
+        .join(m.Rating, m.Rating.generation_id == m.Generation.id)
+        .where(m.Rating.rater == rater)
+    )
+    skipped = select(m.Skip.prompt_id).where(m.Skip.rater == rater)
+    raters = func.count(func.distinct(m.Submission.rater))
+    return (
+        select(m.Page)
+        .join(m.Submission, m.Submission.page_id == m.Page.id)
+        .join(m.Prompt, m.Prompt.id == m.Page.prompt_id)
+        .where(
+            m.Submission.status == "current",
+            m.Submission.rater != rater,
+            m.Prompt.admission == "admitted",
+            or_(m.Page.rater.is_(None), m.Page.rater != rater),
+            m.Page.id.not_in(judged_by_me),
+            m.Page.id.not_in(rated_by_me),
+            m.Page.prompt_id.not_in(skipped),
+        )
+        .group_by(m.Page.id)
+        .order_by(raters, m.Page.id)
+        .limit(1)
+    )
+
+
+def _add_viewer(s: Session, page_id: int, rater: str) -> bool:
+    """Record `rater` as a viewer of the page unless they are already; return whether the row is new."""
+    found = s.scalar(select(m.PageViewer.id).where(m.PageViewer.page_id == page_id, m.PageViewer.rater == rater))
+    if found is not None:
+        return False
+    s.add(m.PageViewer(page_id=page_id, rater=rater, created_at=utcnow()))
+    s.flush()
+    return True
+
+
+def _require_shown(s: Session, generation_ids: Sequence[int], rater: str) -> None:
+    """Raise StoreError unless every generation exists and is on a page shown to `rater`."""
+    rows = s.execute(
+        select(m.Generation.id, m.Page.id, m.Page.rater)
+        .join(m.Page, m.Page.id == m.Generation.page_id)
+        .where(m.Generation.id.in_(generation_ids))
+    ).tuples().all()
+    pages = {generation: (page, asked) for generation, page, asked in rows}
+    for generation in generation_ids:
+        if generation not in pages:
+            raise StoreError(f"Unknown generation id {generation}.")
+    for page, asked in set(pages.values()):
+        _require_page_shown(s, page, asked, rater)
+
+
+def _require_page_shown(s: Session, page_id: int, asked_by: str | None, rater: str) -> None:
+    """Raise StoreError unless the page was shown to `rater`: they asked for it, it was offered to them
+    (a viewer), or nobody asked for it (a page a script recorded)."""
+    if asked_by is None or asked_by == rater:
+        return
+    viewer = s.scalar(select(m.PageViewer.id).where(m.PageViewer.page_id == page_id, m.PageViewer.rater == rater))
+    if viewer is None:
+        raise StoreError(f"Page {page_id} was not shown to {rater!r}: judge only the candidates you were shown.")
+
+
 def _serving(s: Session) -> int:
     stmt = select(func.max(m.AdapterVersion.version)).where(m.AdapterVersion.status == "published")
     return s.scalar(stmt) or BASE_VERSION
@@ -1451,7 +1575,7 @@ def _chunks(items: list[str]) -> Iterator[list[str]]:
 
 
 def _prompt(row: m.Prompt) -> Prompt:
-    return Prompt(row.id, row.text, row.source, row.active, row.created_at)
+    return Prompt(row.id, row.text, row.source, row.active, row.created_at, row.admission, row.added_by)
 
 
 def _page(row: m.Page) -> Page:

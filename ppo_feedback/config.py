@@ -144,8 +144,15 @@ class AppConfig:
     mix_versions: bool = False
     """Mix each page (of two or more candidates) from the serving version and the one it replaced (half each, shuffled, blind): the raters' picks give the new version's win rate in Progress. A second decode batch per page: about twice the page's decode time."""
 
+    queue_size: int = 64
+    """Most requests the page's queue holds at once (Gradio's max_size); more are refused with "the queue is full"."""
+    generations_per_user: int = 2
+    """With logins, most model calls (/generate, /generate_stream, Generate, Compare) one user may have waiting or running at once; more are refused with a clear message."""
+
     def validate(self) -> None:
         """Raise ValueError on an impossible or unsafe setting."""
+        if self.queue_size < 1 or self.generations_per_user < 1:
+            raise ValueError("--queue-size and --generations-per-user must be at least 1")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, not {self.port}")
         if not 0.0 <= self.overlap <= 1.0:

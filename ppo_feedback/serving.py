@@ -142,7 +142,8 @@ class ServingModel:
 
     def generate_stream(self, prompt: str | None, n: int | None = None, *, rater: str, prompt_id: int | None = None,
                         seed: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
-                        top_p: float | None = None, page_id: int | None = None) -> Iterator[PageProgress]:
+                        top_p: float | None = None, page_id: int | None = None,
+                        admit_prompt: bool = False) -> Iterator[PageProgress]:
         """Sample n candidates with the served version in one batch and record them as one page, streaming:
         yield a PageProgress after every decode step (each candidate's text so far), then one with the
         recorded generations.
@@ -173,7 +174,7 @@ class ServingModel:
                     break
                 yield PageProgress([displayable_text(t) for t in texts], version)
         if prompt_id is None:
-            prompt_id = self.store.add_prompt(prompt, source="rater")
+            prompt_id = self.store.add_prompt(prompt, source="rater", added_by=rater, admitted=admit_prompt)
         params = {"temperature": settings.temperature, "top_p": settings.top_p,
                   "max_new_tokens": settings.max_new_tokens, "seed": seed}
         log.info("rater %r: %d generations of prompt %d with version %d", rater.strip(), len(candidates),
@@ -185,7 +186,7 @@ class ServingModel:
 
     def generate(self, prompt: str | None, n: int | None = None, *, rater: str, prompt_id: int | None = None,
                  seed: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, page_id: int | None = None) -> list[Generation]:
+                 top_p: float | None = None, page_id: int | None = None, admit_prompt: bool = False) -> list[Generation]:
         """Sample n candidates with the served version and record them as one page; return the stored generations.
 
         The request is a page of its own, asked for by `rater` (`store.record_generations`); with
@@ -193,13 +194,13 @@ class ServingModel:
         for a page that fills its candidates in over several requests. Each record has its id,
         `page_id`, text and `adapter_version`, the version that produced it. Without `prompt_id`
         the prompt is a rater's own and is added to the store (source "rater") once it could be
-        generated from; with it, the stored prompt is used (`prompt` may be None, and if given must
-        be the same text). Raises PromptError, ValueError or StoreError on bad input.
+        generated from, pending an admin's review unless `admit_prompt` (an admin typed it); with
+        it, the stored prompt is used (`prompt` may be None, and if given must be the same text). Raises PromptError, ValueError or StoreError on bad input.
         `generate_stream` run to its end.
         """
         *_, last = self.generate_stream(prompt, n, rater=rater, prompt_id=prompt_id, seed=seed,
                                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        page_id=page_id)
+                                        page_id=page_id, admit_prompt=admit_prompt)
         return last.generations
 
     def generate_with_version(self, prompt: str, version: int, seed: int | None = None, *, n: int = 1,

@@ -25,7 +25,7 @@ def three_raters(tmp_path):
     for rater, (scores, bests) in script.items():
         for (page, g, h), score, best in zip(pages, scores, bests):
             if rater != "ana":
-                assert store.page_to_overlap(rater).id == page  # the same generations, offered to a second rater
+                assert store.offer_overlap_page(rater).id == page  # the same generations, offered to a second rater
             picked = {"h": [h], "g": [g], "tie": [g, h], "none": []}[best]
             store.submit_page(page, rater, {g: score}, picked, tie=best == "tie", none_good=best == "none")
     yield store

@@ -133,9 +133,11 @@ def submitted(store: FeedbackStore) -> FeedbackStore:
     page, ids = pages["abcd"]
     store.submit_page(page, "ana", {ids["a"]: 5, ids["b"]: 4, ids["c"]: 2}, [ids["a"], ids["b"]], tie=True,
                       flags=[Flag(ids["d"], "off_prompt", "talks about cats")])
+    store.show_page(page, "carol")
     store.submit_page(page, "carol", {ids["c"]: 5}, [ids["c"]])
     store.undo_last_submission("carol")
     page, ids = pages["xyz"]
+    store.show_page(page, "ben")
     store.submit_page(page, "ben", {ids["x"]: 4, ids["y"]: 1}, none_good=True)
     return store
 
@@ -208,4 +210,24 @@ def test_command_line_from_another_directory(rated: FeedbackStore, store_url: st
     fresh = tmp_path / "new" / "feedback.db"
     result = _python_m_db("upgrade", "--db", str(fresh), cwd=elsewhere)
     assert result.returncode == 0, result.stderr
-    assert "revision 0004" in result.stderr and fresh.exists()
+    assert "revision 0005" in result.stderr and fresh.exists()
+
+
+def test_preference_export_of_a_huge_page_is_bounded_and_lazy(store: FeedbackStore) -> None:
+    from collections.abc import Iterator
+
+    from db.export import MAX_RATING_PAIRS_PER_PAGE, preference_rows
+
+    prompt = store.add_prompt("One prompt, 2,000 candidates")
+    made = store.record_generations(prompt, 0, [NewGeneration(f"c{i}") for i in range(2000)], rater="ana")
+    store.submit_page(made[0].page_id, "ana", {g.id: 1 + i % 5 for i, g in enumerate(made)})  # ~1.6M pairs unbounded
+    rows = preference_rows(store, max_pairs_per_page=50)
+    assert isinstance(rows, Iterator)  # made as they are read, never all at once
+    assert sum(1 for _ in rows) == 50
+    capped = list(preference_rows(store))
+    assert len(capped) == MAX_RATING_PAIRS_PER_PAGE
+    scores = {g.text: 1 + i % 5 for i, g in enumerate(made)}
+    assert all(scores[r["chosen"]] > scores[r["rejected"]] for r in capped)
+    assert {scores[r["chosen"]] - scores[r["rejected"]] for r in capped} == {1}  # neighbouring ranks first
+    with pytest.raises(ValueError, match="max_pairs_per_page"):
+        next(preference_rows(store, max_pairs_per_page=0))

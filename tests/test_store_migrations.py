@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from db import Cursor, FeedbackStore, NewGeneration
+from db import Cursor, FeedbackStore, NewGeneration, StoreError
 from db.engine import make_engine
 from db.migrate import current_revision, downgrade_schema, head_revision, upgrade_schema
 from db.models import Base
@@ -163,7 +163,7 @@ def test_upgrade_from_0001_keeps_every_row(empty_url: str) -> None:
     engine.dispose()
 
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == head_revision() == "0004"
+        assert store.schema_revision() == head_revision() == "0005"
         assert store.get_prompt(prompt).text == "Old prompt 🤖"
         assert store.get_generation(good).token_ids == (5, 6)
         history = store.rating_history(good)
@@ -183,9 +183,14 @@ def test_upgrade_from_0001_keeps_every_row(empty_url: str) -> None:
         assert version.status_changed_at == version.created_at  # backfilled by 0002
         assert store.worker_status().state == "no worker yet"  # the lease row came with 0001
         # the upgraded database keeps working: ids continue after the old rows
-        assert store.rate(bad, "alice", 1).id > current
+        assert store.rate(good, "alice", 1).id > current
         assert store.add_prompt("new prompt") > prompt
         assert store.counts()["ratings_since_serving"] == 1
+        # 0005: the old prompt is admitted; bob, who picked on alice's page, may judge it still (a viewer)
+        assert store.get_prompt(prompt).admission == "admitted"
+        assert store.rate(good, "bob", 4).rater == "bob"
+        with pytest.raises(StoreError, match="was not shown to 'alice'"):
+            store.rate(bad, "alice", 1)  # bad is on bob's page, never shown to alice
 
 
 def test_models_match_migrated_schema(empty_url: str) -> None:
@@ -345,7 +350,7 @@ def test_upgrade_to_0004_keeps_ratings_and_preferences_in_force(empty_url: str) 
     engine.dispose()
 
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == "0004"
+        assert store.schema_revision() == "0005"
         before = store.feedback_since()
         assert len(before.ratings) == 9 and len(before.preferences) == 1  # every current row still in force
         history = store.rating_history(expected["ana"][0])
@@ -381,5 +386,43 @@ def test_downgrade_from_0004_keeps_ratings_and_the_preferences_in_force(empty_ur
     assert scores == [4, 2] and pairs == [(ids[1], ids[0])]
     engine.dispose()
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == "0004"
+        assert store.schema_revision() == "0005"
         assert [p.chosen.id for p in store.feedback_since().preferences] == [ids[1]]
+
+
+def test_upgrade_to_0005_admits_every_prompt_and_keeps_who_judged_others_pages(empty_url: str) -> None:
+    engine = make_engine(empty_url)
+    upgrade_schema(engine, "0002")
+    expected = _seed_0002(engine)
+    upgrade_schema(engine, "0004")
+    engine.dispose()
+
+    with FeedbackStore(empty_url) as store:
+        assert store.schema_revision() == "0005"
+        assert [p.admission for p in store.list_prompts(active_only=False)] == ["admitted", "admitted"]
+        assert len(store.list_prompts()) == 2 and store.pending_prompts() == []
+        on_anas_page = expected["ana"][0]
+        assert store.rate(on_anas_page, "ben", 3).score == 3  # ben rated on ana's page before: a viewer of it
+        with pytest.raises(StoreError, match="not shown to 'carol'"):
+            store.rate(on_anas_page, "carol", 3)
+        assert store.rating_history(on_anas_page, "carol") == []
+
+
+def test_downgrade_from_0005_keeps_feedback_and_leaves_pending_prompts_out_of_the_pool(empty_url: str) -> None:
+    with FeedbackStore(empty_url) as store:
+        pending = store.add_prompt("ana's own", added_by="ana")
+        admitted = store.add_prompt("in the pool")
+        [mine] = store.record_generations(pending, 0, [NewGeneration("a")], rater="ana")
+        store.rate(mine.id, "ana", 4)
+        store.show_page(mine.page_id, "ben")
+    engine = make_engine(empty_url)
+    downgrade_schema(engine, "0004")
+    assert "page_viewers" not in sa.inspect(engine).get_table_names()
+    with engine.connect() as connection:
+        active = dict(connection.execute(sa.select(PROMPTS.c.id, PROMPTS.c.active)).tuples().all())
+    assert active == {pending: False, admitted: True}  # 0004 has no admission: kept out of the pool
+    engine.dispose()
+    with FeedbackStore(empty_url) as store:
+        assert store.schema_revision() == "0005"
+        assert [(r.rating.rater, r.rating.score) for r in store.feedback_since().ratings] == [("ana", 4)]
+        assert [p.id for p in store.list_prompts()] == [admitted]

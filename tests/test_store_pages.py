@@ -67,7 +67,8 @@ def test_feedback_carries_the_page_of_each_generation(store: FeedbackStore) -> N
     ben = store.record_generations(prompt_id, 0, _texts("wild"), rater="ben")
     store.rate(ana[0].id, "ana", 5)
     store.rate(ben[0].id, "ben", 2)
-    store.rate(ana[1].id, "ben", 3)  # another rater may rate it; it stays on ana's page
+    store.show_page(ana[0].page_id, "ben")  # shown to ben too (an --overlap page)
+    store.rate(ana[1].id, "ben", 3)  # so ben may rate it; it stays on ana's page
     store.pick_best(ana[0].id, [ana[1].id], "ana")
 
     feedback = store.feedback_since()

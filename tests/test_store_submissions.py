@@ -86,6 +86,7 @@ def test_the_same_client_key_twice_stores_one_submission(store):
     other, (x, *_) = _page(store, "Other")
     with pytest.raises(StoreError, match="already used for page"):
         store.submit_page(other, "ana", {x: 4}, client_key="page-1-try")
+    store.show_page(page, "ben")
     assert store.submit_page(page, "ben", {a: 2}, client_key="page-1-try").rater == "ben"  # keys are per rater
 
 
@@ -176,6 +177,7 @@ def test_page_to_overlap_offers_another_raters_page_once(store):
     store.submit_page(page, "ana", {a: 4, b: 2})
     assert store.page_to_overlap("ana") is None  # never one's own
     assert store.page_to_overlap("ben").id == page
+    assert store.offer_overlap_page("ben").id == page  # shown to ben: ben may judge it
     store.submit_page(page, "ben", {a: 5, b: 1})
     assert store.page_to_overlap("ben") is None
     assert store.page_to_overlap("carol").id == page
@@ -219,6 +221,7 @@ def test_rater_counts_follow_submissions_undo_and_the_day(store):
     assert store.rater_counts("ana", start) == {"total": 0, "since": 0}
     store.rate(a, "ana", 2)  # before the submission: counts in total, and since `start`
     store.submit_page(page, "ana", {a: 4, b: 5})  # a's rating is superseded, not added
+    store.show_page(page, "ben")
     store.submit_page(page, "ben", {c: 1})
     assert store.rater_counts("ana", start) == {"total": 2, "since": 2}
     assert store.rater_counts("ana", utcnow() + timedelta(seconds=1)) == {"total": 2, "since": 0}

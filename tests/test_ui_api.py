@@ -232,11 +232,13 @@ def test_admin_exports_ratings_as_jsonl(ana):
 def test_without_logins_a_script_can_act_as_several_raters(local, env):
     ids = [g["generation_id"] for g in local.predict("Several raters", 2, "script-a", api_name="/generate")]
     local.predict(ids[0], 5, "", "script-a", api_name="/rate")
-    local.predict(ids[0], 1, "", "script-b", api_name="/rate")
-    local.predict(ids[1], 3, api_name="/rate")
-    local.predict(ids[1], [ids[0]], "script-b", api_name="/prefer")
-    raters = {r.rater for gid in ids for r in env["store"].rating_history(gid)}
-    assert raters == {"script-a", "script-b", "local"}
+    with pytest.raises(Exception, match="not shown to 'script-b'"):  # each judges only what it was shown
+        local.predict(ids[0], 1, "", "script-b", api_name="/rate")
+    [other] = [g["generation_id"] for g in local.predict("Several raters", 1, "script-b", api_name="/generate")]
+    local.predict(other, 1, "", "script-b", api_name="/rate")
+    local.predict(ids[1], [ids[0]], "script-a", api_name="/prefer")
+    raters = {r.rater for gid in [*ids, other] for r in env["store"].rating_history(gid)}
+    assert raters == {"script-a", "script-b"}
     assert local.predict(rater="script-a", api_name="/next_prompt")["prompt_id"] is not None
     status = local.predict(api_name="/status")
     assert status["worker"]["state"] == "paused: no worker started here (--no-worker)"
@@ -351,3 +353,32 @@ def test_a_second_rater_is_offered_the_same_generations_and_agreement_is_for_adm
     result = ana.predict("ben", api_name="/agreement")
     assert set(result) == {"overall", "pairs"} and all("ben" in p["raters"] for p in result["pairs"])
     assert any(p["shared_generations"] >= 1 for p in result["pairs"])
+
+
+def test_a_rater_cannot_judge_candidates_shown_to_another_rater(ana, ben, env):
+    store = env["store"]
+    page, (a, b) = _fresh_page(ana, "Only ana saw these", 2)
+    before = (store.rating_history(a), store.feedback_since().preferences, store.submissions())
+    for args, endpoint in (((a, 1), "/rate"), ((b, [a]), "/prefer"), ((page, {str(a): 1}, [b]), "/submit")):
+        with pytest.raises(Exception, match=f"Page {page} was not shown to 'ben'"):
+            ben.predict(*args, api_name=endpoint)
+    assert (store.rating_history(a), store.feedback_since().preferences, store.submissions()) == before
+
+
+def test_a_raters_typed_prompt_waits_for_an_admins_review(ana, ben, env):
+    store = env["store"]
+    [mine] = ben.predict("Ben's own pitch", 1, api_name="/generate")
+    pending = store.get_prompt(mine["prompt_id"])
+    assert (pending.admission, pending.added_by) == ("pending", "ben")
+    assert pending.id not in {p.id for p in store.list_prompts()}  # not sampled for training
+    ben.predict(mine["generation_id"], 4, api_name="/rate")  # ben's rating of it counts as feedback
+    assert any(r.rating.generation_id == mine["generation_id"] for r in store.feedback_since().ratings)
+    with pytest.raises(Exception, match="Only admins can review prompts"):
+        ben.predict(api_name="/pending_prompts")
+    with pytest.raises(Exception, match="Only admins can review prompts"):
+        ben.predict(pending.id, True, api_name="/review_prompt")
+    assert [p["added_by"] for p in ana.predict(api_name="/pending_prompts") if p["prompt_id"] == pending.id] == ["ben"]
+    assert ana.predict(pending.id, True, api_name="/review_prompt")["admission"] == "admitted"
+    assert pending.id in {p.id for p in store.list_prompts()}
+    [typed] = ana.predict("Ana the admin typed this", 1, api_name="/generate")
+    assert store.get_prompt(typed["prompt_id"]).admission == "admitted"  # an admin's prompt needs no review

@@ -108,13 +108,15 @@ class ScriptedServing:
         self.chars = chars
         self._calls = 0
 
-    def generate_stream(self, prompt, n=None, *, rater, prompt_id=None, seed=None, page_id=None, **_):
+    def generate_stream(self, prompt, n=None, *, rater, prompt_id=None, seed=None, page_id=None, admit_prompt=False,
+                        **_):
         texts = [self.texts[(self._calls + i) % len(self.texts)] for i in range(n or 1)]
         self._calls += len(texts)  # keep cycling through the texts
         for end in range(self.chars, max(map(len, texts)), self.chars):
             time.sleep(self.step_s)
             yield PageProgress([t[:end] for t in texts], self.version)
-        prompt_id = self.store.add_prompt(prompt, source="rater") if prompt_id is None else prompt_id
+        if prompt_id is None:
+            prompt_id = self.store.add_prompt(prompt, source="rater", added_by=rater, admitted=admit_prompt)
         generations = self.store.record_generations(prompt_id, self.version, [NewGeneration(t) for t in texts],
                                                     rater=rater, page_id=page_id)
         yield PageProgress(texts, self.version, generations)

@@ -6,6 +6,7 @@
 - `handlers.py`: the page's events (load, status refresh, Generate, Submit, Compare, Operate);
 - `api.py`: the named endpoints for scripts and `gradio_client`, from one table (`ENDPOINTS`);
 - `inputs.py`: parsing and checking what people send, and how bad input is shown;
+- `limits.py`: the bounds on the queue (its size, each user's model calls);
 - `cards.py`: the Rate tab's cards as data (blind shuffled order, what a submission says, progress);
 - `guards.py`: what every request passes first (the Host check without logins, sessions of removed users);
 - `keyboard.js`, `keyboard.css`: the Rate tab's keyboard shortcuts.
@@ -33,6 +34,7 @@ from .guards import LoopbackHostOnly, SessionGuard
 from .handlers import wire_page
 from .inputs import Forbidden, builtin_prompts, parse_prompt_upload, shown_errors
 from .layout import lay_out
+from .limits import bound_queue
 
 _HERE = Path(__file__).resolve().parent
 KEYBOARD_HEAD = (f"<style>\n{(_HERE / 'keyboard.css').read_text(encoding='utf-8')}</style>\n"
@@ -51,6 +53,7 @@ def build_demo(app: FeedbackApp) -> gr.Blocks:
         page = lay_out(app)
         wire_page(app, page, demo)
         register_endpoints(app, page)
+    bound_queue(demo, app.queue_size, app.generations_per_user)
     return demo
 
 

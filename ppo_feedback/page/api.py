@@ -122,6 +122,14 @@ class Api:
         """(admin) Download the ratings as JSONL: preference, unpaired or ratings."""
         return self.app.export_ratings(fmt)
 
+    def pending_prompts(self, limit: int = 100) -> list:
+        """(admin) Prompts raters typed that wait for review, oldest first (at most limit): [{"prompt_id", "text", "added_by", "created_at"}]."""
+        return self.app.pending_prompts(limit)
+
+    def review_prompt(self, prompt_id: int, admit: bool, request: gr.Request = None) -> dict:
+        """(admin) Admit a rater's typed prompt to the pool (admit true) or reject it (false): {"ok", "prompt_id", "admission"}."""
+        return self.app.review_prompt(prompt_id, admit, self.app.rater(request, ""))
+
     def rollback(self, version: int) -> dict:
         """(admin) Serve an earlier version (0 = base model) from now on: {"ok", "rolled_back", "serving_version"}."""
         return self.app.rollback(version)
@@ -147,6 +155,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                                   [page.operate.export_file])),
     Endpoint("write_guidelines", admin_action="write guidelines", queue="default"),
     Endpoint("agreement", admin_action="see agreement"),
+    Endpoint("pending_prompts", admin_action="review prompts"),
+    Endpoint("review_prompt", admin_action="review prompts", queue="default"),
     Endpoint("rollback", admin_action="roll back", queue="default"),
 )
 

@@ -113,8 +113,11 @@ class FeedbackApp:
     def __init__(self, serving, store, sampling: SamplingConfig, *, users: UserDirectory | None = None,
                  adapters_dir: str | os.PathLike[str] | None = None, worker_note: str | None = None,
                  model_cache_dir: str | None = None, title: str = "ppo-feedback", overlap: float = 0.0,
-                 rng: random.Random | None = None, shuffle_seed: int | None = None, mix_versions: bool = False):
+                 rng: random.Random | None = None, shuffle_seed: int | None = None, mix_versions: bool = False,
+                 queue_size: int = 64, generations_per_user: int = 2):
         self.serving = serving
+        self.queue_size = queue_size
+        self.generations_per_user = generations_per_user
         self.overlap = overlap
         self.mix_versions = mix_versions
         self._page_versions: dict[int, dict[int, int]] = {}  # judged pages' candidates' versions (win rate)
@@ -165,6 +168,11 @@ class FeedbackApp:
             return True
         return self.users.is_admin(getattr(request, "username", None))
 
+    def admits_prompts(self, rater: str) -> bool:
+        """Return whether prompts `rater` types enter the pool at once (an admin's, or anyone's without
+        logins); others' wait for an admin's review."""
+        return self.users is None or self.users.is_admin(rater)
+
     def require_admin(self, request: gr.Request | None, action: str) -> None:
         """Raise Forbidden unless the request comes from an admin."""
         if not self.is_admin(request):
@@ -205,7 +213,8 @@ class FeedbackApp:
         old = self.mixed_with()
         if old is not None and n >= 2:
             return self.mixed_page(prompt, n, rater, seed, old)
-        return page_records(self.serving.generate(prompt, n, rater=rater, seed=seed))
+        return page_records(self.serving.generate(prompt, n, rater=rater, seed=seed,
+                                                  admit_prompt=self.admits_prompts(rater)))
 
     def generate_stream(self, prompt: str, n: int, rater: str, seed: int | None = None) -> Iterator[list[dict[str, Any]]]:
         """Sample n candidates with the serving version in one batch, yielding [{"text", "version"}] (each
@@ -218,7 +227,8 @@ class FeedbackApp:
         if old is not None and n >= 2:
             yield self.mixed_page(prompt, n, rater, seed, old)
             return
-        for progress in self.serving.generate_stream(prompt, n, rater=rater, seed=seed):
+        for progress in self.serving.generate_stream(prompt, n, rater=rater, seed=seed,
+                                                     admit_prompt=self.admits_prompts(rater)):
             if progress.generations is not None:
                 yield page_records(progress.generations)
             else:
@@ -235,7 +245,7 @@ class FeedbackApp:
     def mixed_page(self, prompt: str, n: int, rater: str, seed: int | None, old: int) -> list[dict[str, Any]]:
         """Sample n - n//2 candidates with the serving version and n//2 with `old` (a second decode
         batch), record them as one page and return its API records."""
-        page = self.serving.generate(prompt, n - n // 2, rater=rater, seed=seed)
+        page = self.serving.generate(prompt, n - n // 2, rater=rater, seed=seed, admit_prompt=self.admits_prompts(rater))
         params = {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
                   "max_new_tokens": self.sampling.max_new_tokens, "seed": seed}
         older = self.serving.generate_with_version(prompt, old, seed, n=n // 2)
@@ -402,10 +412,11 @@ class FeedbackApp:
         return self.guidelines()
 
     def overlap_page(self, rater: str) -> dict[str, Any]:
-        """With probability --overlap, return a page another rater judged that this rater has not:
-        {"page_id", "prompt_id", "text", "candidates": /generate records}; else (or when there is
-        none) all null and an empty list."""
-        page = self.store.page_to_overlap(rater) if self.overlap > 0 and self.rng.random() < self.overlap else None
+        """With probability --overlap, return a page another rater judged that this rater has not, recorded as
+        shown to them (so they may judge it): {"page_id", "prompt_id", "text", "candidates": /generate
+        records}; else (or when there is none) all null and an empty list."""
+        offer = self.overlap > 0 and self.rng.random() < self.overlap
+        page = self.store.offer_overlap_page(rater) if offer else None
         if page is None:
             return {"page_id": None, "prompt_id": None, "text": None, "candidates": []}
         return {"page_id": page.id, "prompt_id": page.prompt_id, "text": self.store.get_prompt(page.prompt_id).text,
@@ -529,6 +540,23 @@ class FeedbackApp:
         ids = self.store.add_prompts(prompts, source="uploaded")
         new = len(set(ids) - before)
         return f"Added {new} new prompt{'s' if new != 1 else ''}; {len(set(ids)) - new} were already in the pool."
+
+    def pending_prompts(self, limit: Any = 100) -> list[dict[str, Any]]:
+        """Return the prompts raters typed that wait for review, oldest first (at most `limit`, 1..1000):
+        [{"prompt_id", "text", "added_by", "created_at"}]."""
+        limit = json_int(limit, "limit")
+        if not 1 <= limit <= 1000:
+            raise ValueError(f"Ask for 1 to 1000 prompts, not {limit}.")
+        return [{"prompt_id": p.id, "text": p.text, "added_by": p.added_by, "created_at": p.created_at.isoformat()}
+                for p in self.store.pending_prompts(limit)]
+
+    def review_prompt(self, prompt_id: Any, admit: Any, reviewer: str) -> dict[str, Any]:
+        """Admit a rater's prompt to the pool (offered to every rater, sampled for training) or reject it;
+        return {"ok", "prompt_id", "admission"}."""
+        if not isinstance(admit, bool):
+            raise ValueError("admit must be true (admit) or false (reject).")
+        prompt = self.store.review_prompt(json_int(prompt_id, "prompt id"), admit, reviewer)
+        return {"ok": True, "prompt_id": prompt.id, "admission": prompt.admission}
 
     def rollback(self, version: Any) -> dict[str, Any]:
         """Serve an earlier version (0 = base model) from now on; return {"ok", "rolled_back", "serving_version"}."""

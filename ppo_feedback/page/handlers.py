@@ -175,13 +175,13 @@ def wire_status(app: FeedbackApp, page: Page, demo: gr.Blocks) -> None:
                 *status_outputs(record), gr.Dropdown(choices=version_choices(record), value=None), rows, rows,
                 record["serving_version"], None, *app.plots(),
                 *(agreement_outputs(app.agreement()) if admin else [gr.skip()] * 2),
-                guidelines if admin else gr.skip(), app.win_rate_line())
+                guidelines if admin else gr.skip(), app.win_rate_line(), review_rows(app) if admin else gr.skip())
 
     rate, operate = page.rate, page.operate
     demo.load(on_load, None, [status.who, operate.tab, rate.prompt, rate.offered_page, rate.guidelines, rate.progress,
                               rate.history, *status.boxes, page.compare.version, *page.tables, status.seen_version,
                               status.fingerprint_seen, *page.plots, operate.agreement_overall, operate.agreement,
-                              operate.guidelines, page.progress.win_rate],
+                              operate.guidelines, page.progress.win_rate, operate.review.table],
               api_visibility="private")
 
     def on_tick(last_version, last_fingerprint, request: gr.Request):
@@ -411,3 +411,35 @@ def wire_operate(app: FeedbackApp, page: Page) -> None:
 
     operate.agreement_button.click(on_agreement, None, [operate.agreement_overall, operate.agreement],
                                    api_visibility="private")
+    wire_prompt_review(app, operate.review)
+
+
+def review_rows(app: FeedbackApp) -> list[list[Any]]:
+    """Return the rows of Operate's list of prompts waiting for review: [id, text, typed by, when]."""
+    return [[p["prompt_id"], p["text"], p["added_by"] or "", p["created_at"][:19].replace("T", " ")]
+            for p in app.pending_prompts()]
+
+
+def wire_prompt_review(app: FeedbackApp, review: Any) -> None:
+    """Operate's review of raters' typed prompts: refresh the list, admit or reject the prompt whose id is given."""
+
+    @shown_errors
+    def on_refresh(request: gr.Request):
+        app.require_admin(request, "review prompts")
+        return review_rows(app)
+
+    def decide(admit: bool):
+        @shown_errors
+        def on_decide(prompt_id: Any, request: gr.Request):
+            app.require_admin(request, "review prompts")
+            if prompt_id is None:
+                raise ValueError("Enter the id of a prompt from the list first.")
+            result = app.review_prompt(prompt_id, admit, app.rater(request))
+            return f"Prompt {result['prompt_id']} {result['admission']}.", review_rows(app)
+        return on_decide
+
+    review.refresh_button.click(on_refresh, None, [review.table], api_visibility="private")
+    review.admit_button.click(decide(True), [review.prompt_id], [review.message, review.table],
+                              api_visibility="private")
+    review.reject_button.click(decide(False), [review.prompt_id], [review.message, review.table],
+                               api_visibility="private")

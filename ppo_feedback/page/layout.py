@@ -126,6 +126,19 @@ class OperateTab:
     agreement: gr.Dataframe
     agreement_overall: gr.Textbox
     agreement_button: gr.Button
+    review: PromptReview
+
+
+@dataclass
+class PromptReview:
+    """Operate's list of prompts raters typed, waiting to be admitted to the pool or rejected."""
+
+    table: gr.Dataframe
+    prompt_id: gr.Number
+    admit_button: gr.Button
+    reject_button: gr.Button
+    refresh_button: gr.Button
+    message: gr.Textbox
 
 
 @dataclass
@@ -309,4 +322,20 @@ def _operate_tab(tab: gr.Tab) -> OperateTab:
             agreement_button = gr.Button("Refresh agreement", elem_id="refresh-agreement")
     return OperateTab(tab, table, upload, pasted, add_button, add_message, version, rollback_button, adapter_button,
                       message, adapter_file, export_format, export_button, export_file, guidelines, guidelines_button,
-                      guidelines_message, agreement, agreement_overall, agreement_button)
+                      guidelines_message, agreement, agreement_overall, agreement_button, _prompt_review())
+
+
+REVIEW_COLUMNS = ["prompt id", "prompt", "typed by", "when"]
+
+
+def _prompt_review() -> PromptReview:
+    """Lay out the review of raters' typed prompts (a row of the Operate tab); return its components."""
+    gr.Markdown("**Prompts raters typed**: offered to no other rater and never trained on until admitted.")
+    table = gr.Dataframe(headers=REVIEW_COLUMNS, interactive=False, elem_id="review-prompts")
+    with gr.Row():
+        prompt_id = gr.Number(value=None, precision=0, label="Prompt id", elem_id="review-prompt-id")
+        admit_button = gr.Button("Admit to the pool", elem_id="admit-prompt")
+        reject_button = gr.Button("Reject", elem_id="reject-prompt")
+        refresh_button = gr.Button("Refresh list", elem_id="refresh-review")
+    message = gr.Textbox(show_label=False, interactive=False, container=False, elem_id="review-message")
+    return PromptReview(table, prompt_id, admit_button, reject_button, refresh_button, message)
