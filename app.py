@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ppo_feedback.config import WORKER_SECTIONS, AppConfig, LoraSettings, ModelConfig, SamplingConfig, \
     add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace, options_markdown
+from ppo_feedback.supervisor import Supervisor
 
 SECTIONS = ((ModelConfig, "model"), (LoraSettings, "LoRA"), (SamplingConfig, "sampling"), (AppConfig, "app"))
 # every option of app.py, for the README's configuration reference (`python app.py --options-reference`)
@@ -68,6 +69,12 @@ def start_worker(argv: list[str]) -> tuple[subprocess.Popen | None, str | None]:
     return proc, None
 
 
+def supervise_worker(argv: list[str], **backoff) -> Supervisor:
+    """Start the training worker with the command line `argv` and restart it whenever it exits (with a back-off:
+    `Supervisor`'s keyword arguments); return the running supervisor, whose `state()` the status panel shows."""
+    return Supervisor(lambda: start_worker(argv)[0], **backoff).start()
+
+
 def stop_worker(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
     """Ask the worker to stop (SIGTERM), kill it after `timeout` seconds; returns nothing."""
     if proc is None or proc.poll() is not None:
@@ -116,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if app_cfg.worker:
         from ppo_feedback.worker import build_parser as worker_parser
 
-        worker, worker_note = start_worker(worker_argv(args, worker_parser()))
+        worker = supervise_worker(worker_argv(args, worker_parser()))
+        worker_note = worker.state
     feedback_app = FeedbackApp(serving, store, sampling, users=users, adapters_dir=app_cfg.adapters_dir,
                                worker_note=worker_note, model_cache_dir=model_cfg.cache_dir,
                                overlap=app_cfg.overlap, mix_versions=app_cfg.mix_versions)
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         build_demo(feedback_app).launch(server_name=app_cfg.host, server_port=app_cfg.port,
                                         **launch_options(feedback_app))
     finally:
-        stop_worker(worker)
+        if worker is not None:
+            worker.stop()
         serving.stop()
         feedback_app.close()
         store.close()

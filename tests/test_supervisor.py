@@ -1,0 +1,101 @@
+"""The app restarts its training-worker child whenever it exits, with a back-off, and says so."""
+from __future__ import annotations
+
+import sys
+import time
+
+import app
+from ppo_feedback.supervisor import Supervisor
+
+
+class FakeChild:
+    """A child process that exits (code 1) after `lives` polls, or runs until terminated (`lives` None)."""
+
+    pids = iter(range(1000, 2000))
+
+    def __init__(self, lives: int | None):
+        self.pid, self.lives, self.returncode = next(self.pids), lives, None
+
+    def poll(self):
+        if self.returncode is None and self.lives is not None:
+            self.lives -= 1
+            if self.lives <= 0:
+                self.returncode = 1
+        return self.returncode
+
+    def terminate(self):
+        self.returncode = -15
+
+    kill = terminate
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_child_that_exits_is_restarted_with_a_growing_back_off_and_the_state_says_so():
+    children = []
+
+    def start():
+        children.append(FakeChild(lives=1 if len(children) < 3 else None))  # three crashes, then it stays up
+        return children[-1]
+
+    supervisor = Supervisor(start, initial_backoff=0.05, max_backoff=0.1, poll_interval=0.01).start()
+    try:
+        wait_for(lambda: len(children) == 4 and supervisor.state().startswith("training worker running"))
+        assert supervisor.restarts == 3
+        assert supervisor.state() == f"training worker running (pid {children[-1].pid})"
+    finally:
+        supervisor.stop()
+    assert children[-1].returncode == -15 and supervisor.state() == "training worker stopped"
+
+
+def test_the_state_names_the_exit_code_and_the_wait_before_the_restart():
+    supervisor = Supervisor(lambda: FakeChild(lives=1), initial_backoff=30, poll_interval=0.01).start()
+    try:
+        wait_for(lambda: supervisor.restarts == 1)
+        assert supervisor.state() == "training worker exited with code 1; restart 1 in 30 s"
+    finally:
+        supervisor.stop()  # does not wait out the back-off
+
+
+def test_a_child_that_cannot_start_is_retried():
+    calls = []
+
+    def start():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("fork failed")
+        return FakeChild(lives=None)
+
+    supervisor = Supervisor(start, initial_backoff=0.01, poll_interval=0.01).start()
+    try:
+        wait_for(lambda: supervisor.state().startswith("training worker running"))
+    finally:
+        supervisor.stop()
+
+
+def test_the_app_restarts_a_real_worker_child_that_exits(monkeypatch):
+    monkeypatch.setattr(app, "WORKER_MODULE", "ppo_feedback.__main__")  # exits at once after --help
+    supervisor = app.supervise_worker(["--help"], initial_backoff=0.05, poll_interval=0.05)
+    try:
+        wait_for(lambda: supervisor.restarts >= 2, timeout=120)
+    finally:
+        supervisor.stop(timeout=10)
+    assert supervisor.proc.poll() is not None
+
+
+def test_the_status_panel_shows_the_supervisors_state_while_no_worker_holds_the_lease():
+    from types import SimpleNamespace
+
+    from ppo_feedback.page import FeedbackApp
+
+    holder = SimpleNamespace(worker_note=lambda: "training worker exited with code 1; restart 2 in 4 s")
+    absent = SimpleNamespace(present=False, state="stopped")
+    assert FeedbackApp.worker_state(holder, absent) == "paused: training worker exited with code 1; restart 2 in 4 s"
