@@ -276,3 +276,5 @@ class TrainingLease(Base):
     expires_at: Mapped[datetime | None]
     round_started_at: Mapped[datetime | None]
     """When the newest training round began reading feedback (closes the undo window, see FeedbackStore.undo)."""
+    token: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    """The fencing token: incremented on every acquisition; a worker's writes name the token it acquired."""

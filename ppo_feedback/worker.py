@@ -51,10 +51,11 @@ class RoundAbandoned(Exception):
 
 
 class Heartbeat:
-    """Renews the lease from a background thread while the worker trains; notices when it is lost."""
+    """Renews the lease acquired under fencing token `token` from a background thread while the worker
+    trains; notices when it is lost (expired and taken, or acquired again under the same worker id)."""
 
-    def __init__(self, store, holder: str, ttl: float):
-        self.store, self.holder, self.ttl = store, holder, ttl
+    def __init__(self, store, holder: str, ttl: float, token: int | None = None):
+        self.store, self.holder, self.ttl, self.token = store, holder, ttl, token
         self.state = "idle"
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -71,7 +72,7 @@ class Heartbeat:
 
     def _renew(self) -> None:
         try:
-            if not self.store.renew_lease(self.holder, self.ttl, state=self.state):
+            if not self.store.renew_lease(self.holder, self.ttl, state=self.state, token=self.token):
                 self.lost.set()
         except Exception:  # a database hiccup: try again on the next beat; expiry is the real guard
             log.exception("lease renewal failed")
@@ -131,6 +132,7 @@ class Worker:
         self._examples_at: tuple[tuple, Examples | None] | None = None  # direct_examples' cache
         self._distrusted: tuple[Cursor, str] | None = None  # (feedback end, verdict) of an untrusted reward model
         self.stop_requested = threading.Event()
+        self.lease_token: int | None = None  # the fencing token of this worker's newest acquisition of the lease
         self.heartbeat: Heartbeat | None = None  # process 0's, while it holds the lease
         self.rng = random.Random(ppo_config.seed + self.team.rank)  # each process draws its own prompts
         self.tensorboard = None
@@ -195,10 +197,12 @@ class Worker:
             self.heartbeat.stop()
             self.heartbeat = None
         if self.heartbeat is None:
-            if not self.store.acquire_lease(self.holder, self.config.lease_ttl, state="idle"):
+            token = self.store.acquire_lease(self.holder, self.config.lease_ttl, state="idle", token=self.lease_token)
+            if token is None:
                 self.stop_requested.wait(self.config.wait_interval)  # another worker trains
                 return False
-            self.heartbeat = Heartbeat(self.store, self.holder, self.config.lease_ttl)
+            self.lease_token = token
+            self.heartbeat = Heartbeat(self.store, self.holder, self.config.lease_ttl, token)
             self.heartbeat.start()
         return True
 
@@ -207,7 +211,8 @@ class Worker:
         if self.heartbeat is not None:
             self.heartbeat.stop()
             self.heartbeat = None
-        self.store.release_lease(self.holder)
+        if self.lease_token is not None:  # never by name alone: another process may hold it under the same id
+            self.store.release_lease(self.holder, token=self.lease_token)
 
     def set_state(self, state: str) -> None:
         """Publish the worker's state for the status panel (process 0, which holds the heartbeat), with the
@@ -275,7 +280,7 @@ class Worker:
         (`FitReport.trusted`) does not optimise it: its plan holds `--reward-model-fallback`'s
         examples instead, or a `wait_reason` (fallback "wait", or the fallback has no examples yet).
         """
-        self.store.begin_round(self.holder)  # submissions before now can no longer be undone (after their grace)
+        self.store.begin_round(self.holder, token=self.lease_token)  # submissions before now can no longer be undone (after their grace)
         feedback_end = self.feedback_end(cursor)
         total = self.store.count_feedback_since()
         version = self.adapters.next_version(self.store)
@@ -355,7 +360,7 @@ class Worker:
                                n_ratings=plan.total.ratings, n_preferences=plan.total.preferences, metrics=metrics)
         try:
             return VersionLifecycle(self.store, self.adapters).publish(
-                self.policy, record, holder=self.holder,
+                self.policy, record, holder=self.holder, token=self.lease_token,
                 write_extra=lambda d: self.trainer.save_state(d, include_adapter=False)), None
         except Exception as exc:  # the lease was lost, the parent rolled back, ...: tell every process
             return None, f"publishing failed: {exc}"
@@ -363,14 +368,15 @@ class Worker:
     def record_failure(self, parent: int, why: Exception) -> None:
         """Record the round's version as failed, with why."""
         version = self.adapters.next_version(self.store)
-        self.store.record_failed_version(version, parent, f"diverged: {why}", holder=self.holder)
+        self.store.record_failed_version(version, parent, f"diverged: {why}", holder=self.holder,
+                                         token=self.lease_token)
         log.error("round discarded, version %d recorded as failed: %s", version, why)
 
     # ------------------------------------------------------------------------------ pieces
 
     def record(self, version: int, iteration: int, stats: dict[str, float]) -> None:
         """Store an iteration's metrics (for the page's plots) and, when asked, write them to TensorBoard."""
-        self.store.record_metrics(version, iteration, stats)
+        self.store.record_metrics(version, iteration, stats, holder=self.holder, token=self.lease_token)
         if self.tensorboard is not None:
             for name, value in stats.items():
                 self.tensorboard.add_scalar(name, value, global_step=self.trainer.iteration)

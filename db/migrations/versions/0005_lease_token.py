@@ -1,0 +1,31 @@
+"""A fencing token on the training lease.
+
+- `training_lease.token`: incremented on every acquisition of the lease; every write a worker makes
+  (round start, metrics, publish, failed version, heartbeat) names the token it acquired, and the
+  store refuses it once another acquisition took the lease, even under the same worker id. Existing
+  databases start at 0.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-01
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("training_lease") as batch:
+        batch.add_column(sa.Column("token", sa.Integer(), nullable=False, server_default=sa.text("0")))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("training_lease") as batch:
+        batch.drop_column("token")
