@@ -68,6 +68,7 @@ MAX_STATE_CHARS = 1000
 _MAX_ATTEMPTS = 8
 _IN_CHUNK = 500
 _FEEDBACK_LOCK = 0x70706662  # PostgreSQL advisory lock key: feedback rows commit in id order
+_VERSIONS_LOCK = 0x70707676  # PostgreSQL advisory lock key: one version change (publish, rollback) at a time
 
 
 def utcnow() -> datetime:
@@ -913,6 +914,7 @@ class FeedbackStore:
         version = check.integer(version, "adapter version")
 
         def work(s: Session) -> list[int]:
+            self._serialize_versions(s)
             if version != BASE_VERSION:
                 target = _get(s, m.AdapterVersion, version, "adapter version")
                 if target.status != "published":
@@ -1058,6 +1060,13 @@ class FeedbackStore:
         if self.dialect == "postgresql":
             s.execute(select(func.pg_advisory_xact_lock(_FEEDBACK_LOCK)))
 
+    def _serialize_versions(self, s: Session) -> None:
+        # A publish reads its parent's status and a rollback changes it: under READ COMMITTED both must
+        # hold one lock, or a version trained from a just rolled-back parent is served. SQLite writers
+        # are already serialised by BEGIN IMMEDIATE.
+        if self.dialect == "postgresql":
+            s.execute(select(func.pg_advisory_xact_lock(_VERSIONS_LOCK)))
+
     def _add_version(
         self, version: int, record: VersionRecord, status: str, *, path: str | None, holder: str | None,
         token: int | None = None,
@@ -1070,6 +1079,7 @@ class FeedbackStore:
             raise StoreError(f"Version {version} cannot have parent {parent}; parents are older.")
 
         def work(s: Session) -> AdapterVersion:
+            self._serialize_versions(s)
             now = utcnow()
             if holder is not None:
                 _require_lease(s, holder, token)

@@ -85,3 +85,51 @@ def test_version_folders_are_readable_by_other_users_whatever_the_umask(policy, 
     folder = store_dir.path(version)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755  # today: 0700 (mkdtemp)
     assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
+
+
+@pytest.mark.postgres
+def test_a_publish_racing_a_rollback_of_its_parent_is_never_served(store_url, monkeypatch):
+    import threading
+    import time
+
+    from db import FeedbackStore
+
+    if not store_url.startswith("postgresql"):
+        pytest.skip("SQLite serialises every writer (BEGIN IMMEDIATE)")
+    with FeedbackStore(store_url) as store:
+        store.publish_version(1, RECORD, "v0001")
+        barrier, real_get, errors = threading.Barrier(2, timeout=10), store_module._get, []
+
+        def slow_get(s, model, key, what):
+            row = real_get(s, model, key, what)
+            if what == "parent version":  # the publish has read its parent "published": the rollback runs now
+                barrier.wait()
+                time.sleep(1.0)
+            return row
+
+        monkeypatch.setattr(store_module, "_get", slow_get)
+
+        def publish_child():
+            try:
+                store.publish_version(2, VersionRecord(parent=1, base_model="tiny", cursor=Cursor(), n_ratings=0,
+                                                       n_preferences=0, metrics={}), "v0002")
+            except StoreError as exc:
+                errors.append(exc)
+
+        def roll_back():
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                pass  # the publish waits for the rollback's lock: never reached the barrier
+            store.rollback_to(0)
+
+        threads = [threading.Thread(target=publish_child), threading.Thread(target=roll_back)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        monkeypatch.undo()
+        versions = {v.version: v for v in store.list_versions()}
+        served = store.serving_version()
+        # today: v1 rolled back and v2, trained from it, published and served
+        assert served == 0, {v: (r.status, r.parent) for v, r in versions.items()}
