@@ -249,6 +249,10 @@ class AdapterVersion(Base):
     metrics: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
     status_changed_at: Mapped[datetime | None]
+    exported_at: Mapped[datetime | None]
+    """When the version was last exported: `--keep-versions` keeps its files."""
+    pruned_at: Mapped[datetime | None]
+    """When `--keep-versions` removed its files (None: they are kept); it can no longer be served."""
 
 
 class TrainingMetric(Base):

@@ -921,6 +921,8 @@ class FeedbackStore:
                     raise StoreError(
                         f"Version {version} is {target.status}; only a published one can be served."
                     )
+                if target.pruned_at is not None:
+                    raise StoreError(_pruned_message(version))
             rows = s.scalars(
                 select(m.AdapterVersion)
                 .where(m.AdapterVersion.version > version, m.AdapterVersion.status == "published")
@@ -930,6 +932,30 @@ class FeedbackStore:
             for row in rows:
                 row.status, row.status_changed_at = "rolled_back", now
             return [row.version for row in rows]
+
+        return self._run(work)
+
+    def mark_exported(self, version: int) -> None:
+        """Record that `version` was exported now (`--keep-versions` keeps its files from then on); returns nothing."""
+        version = check.integer(version, "adapter version", minimum=1)
+
+        def work(s: Session) -> None:
+            _get(s, m.AdapterVersion, version, "adapter version").exported_at = utcnow()
+
+        self._run(work)
+
+    def mark_pruned(self, version: int) -> bool:
+        """Record that `version`'s files are about to be removed (its row and metrics stay); return False,
+        changing nothing, when it is the serving version, exported, or already pruned."""
+        version = check.integer(version, "adapter version", minimum=1)
+
+        def work(s: Session) -> bool:
+            self._serialize_versions(s)
+            row = _get(s, m.AdapterVersion, version, "adapter version")
+            if row.pruned_at is not None or row.exported_at is not None or version == _serving(s):
+                return False
+            row.pruned_at = utcnow()
+            return True
 
         return self._run(work)
 
@@ -1166,6 +1192,11 @@ def _require_lease(s: Session, holder: str, token: int | None) -> None:
     if token is not None and lease.token != token:
         raise StoreError(f"Worker {holder!r} lost the training lease: it was acquired again since (token {token}, "
                          f"now {lease.token}).")
+
+
+def _pruned_message(version: int) -> str:
+    return (f"Version {version} was pruned (--keep-versions): its files are gone, so it cannot be served "
+            "again; its ratings and metrics are kept.")
 
 
 def _held_by(holder: str, token: int | None) -> list[Any]:
@@ -1544,4 +1575,6 @@ def _version(row: m.AdapterVersion) -> AdapterVersion:
         dict(row.metrics),
         row.created_at,
         row.status_changed_at,
+        row.exported_at,
+        row.pruned_at,
     )

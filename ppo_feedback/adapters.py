@@ -305,6 +305,26 @@ class VersionLifecycle:
         log.info("published adapter version %d (parent %d) in %s", version, record.parent, final)
         return version
 
+    def prune(self, keep: int) -> list[int]:
+        """Remove the files of all but the newest `keep` versions on disk (0: keep all), the serving one and
+        exported ones; return the versions pruned. Each is marked pruned in the store first (`mark_pruned`:
+        it can no longer be rolled back to; its row and metrics stay), then its folder removed.
+        """
+        if keep <= 0:
+            return []
+        rows = {row.version: row for row in self.store.list_versions()}
+        on_disk = [v for v in self.adapters.versions_on_disk() if v in rows]
+        for version in on_disk:
+            if rows[version].pruned_at is not None:  # marked, then a crash before its folder went
+                self.adapters.remove(version)
+        live = [v for v in on_disk if rows[v].pruned_at is None]
+        pruned = [v for v in live[:-keep] if self.store.mark_pruned(v)]
+        for version in pruned:
+            self.adapters.remove(version)
+        if pruned:
+            log.info("pruned the files of versions %s (--keep-versions %d)", pruned, keep)
+        return pruned
+
     def verify(self, version: int, *, published: bool = False) -> dict[str, Any]:
         """Check that `version` can be loaded: the store has its adapter, its weight files match their checksums.
 
@@ -332,6 +352,9 @@ class VersionLifecycle:
         the version's files are missing, corrupt or do not fit, StoreError when the store refuses
         (not a published version); either way the policy's weights and the store are as before.
         """
+        if version != BASE_VERSION and self.store.get_version(version).pruned_at is not None:
+            raise AdapterLoadError(f"version {version} was pruned (--keep-versions): its files are gone, so it "
+                                   "cannot be served again")
         if version != BASE_VERSION and not self.adapters.path(version).is_dir():
             raise AdapterLoadError(f"{self.adapters.path(version)}: version {version} is not on disk")
         served = AdapterState.capture(policy)

@@ -269,6 +269,8 @@ class Worker:
         if failure is not None:
             raise RoundAbandoned(failure)
         self.loaded_version = published
+        if self.team.is_main:
+            self.prune()
         self.set_state("idle")
         return published
 
@@ -364,6 +366,15 @@ class Worker:
                 write_extra=lambda d: self.trainer.save_state(d, include_adapter=False)), None
         except Exception as exc:  # the lease was lost, the parent rolled back, ...: tell every process
             return None, f"publishing failed: {exc}"
+
+    def prune(self) -> list[int]:
+        """Remove old versions' files (`--keep-versions`, `VersionLifecycle.prune`); return the versions pruned.
+        A failure is logged, not raised: the version is published and the next publish tries again."""
+        try:
+            return VersionLifecycle(self.store, self.adapters).prune(self.config.keep_versions)
+        except Exception:
+            log.exception("pruning old versions failed")
+            return []
 
     def record_failure(self, parent: int, why: Exception) -> None:
         """Record the round's version as failed, with why."""

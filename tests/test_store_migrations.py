@@ -411,6 +411,7 @@ def test_downgrade_from_0005_keeps_the_lease_row(empty_url: str) -> None:
     engine = make_engine(empty_url)
     downgrade_schema(engine, "0004")
     assert "token" not in {c["name"] for c in sa.inspect(engine).get_columns("training_lease")}
+    assert not {"exported_at", "pruned_at"} & {c["name"] for c in sa.inspect(engine).get_columns("adapter_versions")}
     with engine.connect() as connection:
         assert connection.execute(sa.select(LEASE.c.holder)).scalars().all() == ["worker"]
     engine.dispose()

@@ -89,3 +89,11 @@ def test_damaged_optimizer_or_trainer_state_is_refused(tmp_path, tiny_model_dir,
     assert fresh.loaded_version is None
     assert all(torch.equal(a, b) for a, b in zip(before, lora_weights(fresh)))
     assert fresh.load_trainable(1) == 0 and "version 1 cannot be loaded" in fresh.note
+
+
+def test_a_round_prunes_old_versions_files(tmp_path, tiny_model_dir, rated_store):
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, keep_versions=2)
+    assert publish_untrained(worker) == 1 and publish_untrained(worker, parent=1) == 2
+    assert worker.run(max_rounds=1) == 1
+    assert worker.adapters.versions_on_disk() == [2, 3]
+    assert rated_store.get_version(1).pruned_at is not None
