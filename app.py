@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +72,13 @@ def start_worker(argv: list[str]) -> tuple[subprocess.Popen | None, str | None]:
 
 def supervise_worker(argv: list[str], **backoff) -> Supervisor:
     """Start the training worker with the command line `argv` and restart it whenever it exits (with a back-off:
-    `Supervisor`'s keyword arguments); return the running supervisor, whose `state()` the status panel shows."""
+    `Supervisor`'s keyword arguments); return the running supervisor, whose `state()` the status panel shows.
+
+    Without `--worker-id` in `argv` every child gets this app's (`host:pid/worker`), so a restarted child
+    takes its crashed predecessor's lease at once (fencing it off) instead of waiting `--lease-ttl` for it
+    to expire."""
+    if not any(arg == "--worker-id" or arg.startswith("--worker-id=") for arg in argv):
+        argv = [*argv, f"--worker-id={socket.gethostname()}:{os.getpid()}/worker"]
     return Supervisor(lambda: start_worker(argv)[0], **backoff).start()
 
 

@@ -99,3 +99,19 @@ def test_the_status_panel_shows_the_supervisors_state_while_no_worker_holds_the_
     holder = SimpleNamespace(worker_note=lambda: "training worker exited with code 1; restart 2 in 4 s")
     absent = SimpleNamespace(present=False, state="stopped")
     assert FeedbackApp.worker_state(holder, absent) == "paused: training worker exited with code 1; restart 2 in 4 s"
+
+
+def test_every_restarted_child_runs_under_one_worker_id_so_it_takes_the_lease_back_at_once(monkeypatch):
+    started = []
+    monkeypatch.setattr(app, "start_worker", lambda argv: (started.append(argv), (FakeChild(lives=1), None))[1])
+    supervisor = app.supervise_worker(["--db=x"], initial_backoff=0.01, poll_interval=0.01)
+    try:
+        wait_for(lambda: len(started) >= 2)
+    finally:
+        supervisor.stop()
+    ids = {arg for argv in started for arg in argv if arg.startswith("--worker-id=")}
+    assert len(ids) == 1 and ids.pop().endswith(f":{app.os.getpid()}/worker")  # today: host:pid of each child
+    given = []
+    monkeypatch.setattr(app, "start_worker", lambda argv: (given.append(argv), (FakeChild(lives=None), None))[1])
+    app.supervise_worker(["--worker-id=mine"], poll_interval=0.01).stop()
+    assert given in ([], [["--worker-id=mine"]])
