@@ -70,16 +70,21 @@ def start_worker(argv: list[str]) -> tuple[subprocess.Popen | None, str | None]:
     return proc, None
 
 
-def supervise_worker(argv: list[str], **backoff) -> Supervisor:
+def supervise_worker(argv: list[str], store=None, **backoff) -> Supervisor:
     """Start the training worker with the command line `argv` and restart it whenever it exits (with a back-off:
     `Supervisor`'s keyword arguments); return the running supervisor, whose `state()` the status panel shows.
 
     Without `--worker-id` in `argv` every child gets this app's (`host:pid/worker`), so a restarted child
     takes its crashed predecessor's lease at once (fencing it off) instead of waiting `--lease-ttl` for it
-    to expire."""
+    to expire; and, given the `store`, the app releases that lease as soon as a child exits, so the status
+    panel says so at once instead of showing the dead worker's last state until the lease expires."""
+    on_exit = None
     if not any(arg == "--worker-id" or arg.startswith("--worker-id=") for arg in argv):
-        argv = [*argv, f"--worker-id={socket.gethostname()}:{os.getpid()}/worker"]
-    return Supervisor(lambda: start_worker(argv)[0], **backoff).start()
+        holder = f"{socket.gethostname()}:{os.getpid()}/worker"
+        argv = [*argv, f"--worker-id={holder}"]
+        if store is not None:
+            on_exit = lambda why: store.release_lease(holder, state=why)  # noqa: E731
+    return Supervisor(lambda: start_worker(argv)[0], on_exit=on_exit, **backoff).start()
 
 
 def stop_worker(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if app_cfg.worker:
         from ppo_feedback.worker import build_parser as worker_parser
 
-        worker = supervise_worker(worker_argv(args, worker_parser()))
+        worker = supervise_worker(worker_argv(args, worker_parser()), store)
         worker_note = worker.state
     feedback_app = FeedbackApp(serving, store, sampling, users=users, adapters_dir=app_cfg.adapters_dir,
                                worker_note=worker_note, model_cache_dir=model_cfg.cache_dir,

@@ -2,7 +2,7 @@
 
 `Supervisor(start)` calls `start()` (which returns a `subprocess.Popen`-like object: `poll`, `pid`,
 `terminate`, `kill`, `wait`) from a background thread, watches it, and starts it again after it
-exits: after `initial_backoff` seconds, doubling up to `max_backoff`, back to `initial_backoff`
+exits (calling `on_exit(why)` first): after `initial_backoff` seconds, doubling up to `max_backoff`, back to `initial_backoff`
 once a child has run `healthy_after` seconds. `state()` says what it is doing, for the status panel.
 """
 from __future__ import annotations
@@ -20,8 +20,9 @@ class Supervisor:
     """Runs one child process and restarts it whenever it exits, until `stop()`."""
 
     def __init__(self, start: Callable[[], subprocess.Popen], *, initial_backoff: float = 1.0,
-                 max_backoff: float = 60.0, healthy_after: float = 120.0, poll_interval: float = 0.5):
-        self._start = start
+                 max_backoff: float = 60.0, healthy_after: float = 120.0, poll_interval: float = 0.5,
+                 on_exit: Callable[[str], None] | None = None):
+        self._start, self._on_exit = start, on_exit
         self.initial_backoff, self.max_backoff = initial_backoff, max_backoff
         self.healthy_after, self.poll_interval = healthy_after, poll_interval
         self.restarts = 0
@@ -62,6 +63,11 @@ class Supervisor:
                 delay = self.initial_backoff
             self.restarts += 1
             self._state = f"training worker {why}; restart {self.restarts} in {delay:g} s"
+            if self._on_exit is not None:
+                try:
+                    self._on_exit(self._state)
+                except Exception:  # noqa: BLE001 - e.g. the database is down: the lease expires by itself
+                    log.exception("the training worker's exit hook failed")
             log.error("the training worker %s; restarting it in %g s", why, delay)
             if self._stopping.wait(delay):
                 return

@@ -115,3 +115,27 @@ def test_every_restarted_child_runs_under_one_worker_id_so_it_takes_the_lease_ba
     monkeypatch.setattr(app, "start_worker", lambda argv: (given.append(argv), (FakeChild(lives=None), None))[1])
     app.supervise_worker(["--worker-id=mine"], poll_interval=0.01).stop()
     assert given in ([], [["--worker-id=mine"]])
+
+
+def test_the_app_releases_a_dead_childs_lease_at_once_so_the_panel_says_it_stopped(monkeypatch, tmp_path):
+    from db import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    children = []
+
+    def child_that_took_the_lease_and_died(argv):
+        holder = next(a for a in argv if a.startswith("--worker-id=")).split("=", 1)[1]
+        if not children:
+            assert store.acquire_lease(holder, 600, state="training iteration 2 of 4")
+        children.append(FakeChild(lives=3 if len(children) == 0 else None))
+        return children[-1], None
+
+    monkeypatch.setattr(app, "start_worker", child_that_took_the_lease_and_died)
+    supervisor = app.supervise_worker([], store, initial_backoff=30, poll_interval=0.01)
+    try:
+        wait_for(lambda: supervisor.restarts == 1 and not store.worker_status().present)
+        status = store.worker_status()  # today: "present", the dead worker's state, for up to --lease-ttl
+        assert not status.present and status.state == "training worker exited with code 1; restart 1 in 30 s"
+    finally:
+        supervisor.stop()
+        store.close()
