@@ -325,6 +325,10 @@ class VersionLifecycle:
             log.info("pruned the files of versions %s (--keep-versions %d)", pruned, keep)
         return pruned
 
+    def _pruned(self, version: int) -> bool:
+        """Return whether the store records `version` as pruned (False for a version it does not know)."""
+        return any(row.version == version and row.pruned_at is not None for row in self.store.list_versions())
+
     def verify(self, version: int, *, published: bool = False) -> dict[str, Any]:
         """Check that `version` can be loaded: the store has its adapter, its weight files match their checksums.
 
@@ -352,10 +356,10 @@ class VersionLifecycle:
         the version's files are missing, corrupt or do not fit, StoreError when the store refuses
         (not a published version); either way the policy's weights and the store are as before.
         """
-        if version != BASE_VERSION and self.store.get_version(version).pruned_at is not None:
-            raise AdapterLoadError(f"version {version} was pruned (--keep-versions): its files are gone, so it "
-                                   "cannot be served again")
-        if version != BASE_VERSION and not self.adapters.path(version).is_dir():
+        if version != BASE_VERSION and (not self.adapters.path(version).is_dir() or self._pruned(version)):
+            if self._pruned(version):
+                raise AdapterLoadError(f"version {version} was pruned (--keep-versions): its files are gone, so "
+                                       "it cannot be served again")
             raise AdapterLoadError(f"{self.adapters.path(version)}: version {version} is not on disk")
         served = AdapterState.capture(policy)
         try:
