@@ -208,4 +208,4 @@ def test_command_line_from_another_directory(rated: FeedbackStore, store_url: st
     fresh = tmp_path / "new" / "feedback.db"
     result = _python_m_db("upgrade", "--db", str(fresh), cwd=elsewhere)
     assert result.returncode == 0, result.stderr
-    assert "revision 0004" in result.stderr and fresh.exists()
+    assert "revision 0005" in result.stderr and fresh.exists()
