@@ -408,9 +408,13 @@ class Worker:
         A version whose files are missing, corrupt or do not fit (`AdapterLoadError`) is skipped, logged
         once, and named in the worker state for as long as training goes on from an older one.
         """
-        older = sorted((v.version for v in self.store.list_versions()
-                        if v.status == "published" and v.version < serving), reverse=True)
-        for version in [serving, *older, BASE_VERSION]:
+        def candidates():  # the older published versions are listed only when the serving one fails
+            yield serving
+            yield from sorted((v.version for v in self.store.list_versions()
+                               if v.status == "published" and v.version < serving), reverse=True)
+            yield BASE_VERSION
+
+        for version in candidates():
             if version == self.loaded_version:
                 break
             if version in self.unloadable:
