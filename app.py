@@ -8,12 +8,14 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from ppo_feedback.config import WORKER_SECTIONS, AppConfig, LoraSettings, ModelConfig, SamplingConfig, \
     add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace, options_markdown
+from ppo_feedback.supervisor import Supervisor
 
 SECTIONS = ((ModelConfig, "model"), (LoraSettings, "LoRA"), (SamplingConfig, "sampling"), (AppConfig, "app"))
 # every option of app.py, for the README's configuration reference (`python app.py --options-reference`)
@@ -68,6 +70,23 @@ def start_worker(argv: list[str]) -> tuple[subprocess.Popen | None, str | None]:
     return proc, None
 
 
+def supervise_worker(argv: list[str], store=None, **backoff) -> Supervisor:
+    """Start the training worker with the command line `argv` and restart it whenever it exits (with a back-off:
+    `Supervisor`'s keyword arguments); return the running supervisor, whose `state()` the status panel shows.
+
+    Without `--worker-id` in `argv` every child gets this app's (`host:pid/worker`), so a restarted child
+    takes its crashed predecessor's lease at once (fencing it off) instead of waiting `--lease-ttl` for it
+    to expire; and, given the `store`, the app releases that lease as soon as a child exits, so the status
+    panel says so at once instead of showing the dead worker's last state until the lease expires."""
+    on_exit = None
+    if not any(arg == "--worker-id" or arg.startswith("--worker-id=") for arg in argv):
+        holder = f"{socket.gethostname()}:{os.getpid()}/worker"
+        argv = [*argv, f"--worker-id={holder}"]
+        if store is not None:
+            on_exit = lambda why: store.release_lease(holder, state=why)  # noqa: E731
+    return Supervisor(lambda: start_worker(argv)[0], on_exit=on_exit, **backoff).start()
+
+
 def stop_worker(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
     """Ask the worker to stop (SIGTERM), kill it after `timeout` seconds; returns nothing."""
     if proc is None or proc.poll() is not None:
@@ -117,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if app_cfg.worker:
         from ppo_feedback.worker import build_parser as worker_parser
 
-        worker, worker_note = start_worker(worker_argv(args, worker_parser()))
+        worker = supervise_worker(worker_argv(args, worker_parser()), store)
+        worker_note = worker.state
     feedback_app = FeedbackApp(serving, store, sampling, users=users, adapters_dir=app_cfg.adapters_dir,
                                worker_note=worker_note, model_cache_dir=model_cfg.cache_dir,
                                overlap=app_cfg.overlap, mix_versions=app_cfg.mix_versions,
@@ -127,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         build_demo(feedback_app).launch(server_name=app_cfg.host, server_port=app_cfg.port,
                                         **launch_options(feedback_app, app_cfg))
     finally:
-        stop_worker(worker)
+        if worker is not None:
+            worker.stop()
         serving.stop()
         feedback_app.close()
         store.close()

@@ -272,6 +272,10 @@ class AdapterVersion(Base):
     metrics: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
     status_changed_at: Mapped[datetime | None]
+    exported_at: Mapped[datetime | None]
+    """When the version was last exported: `--keep-versions` keeps its files."""
+    pruned_at: Mapped[datetime | None]
+    """When `--keep-versions` removed its files (None: they are kept); it can no longer be served."""
 
 
 class TrainingMetric(Base):
@@ -299,3 +303,5 @@ class TrainingLease(Base):
     expires_at: Mapped[datetime | None]
     round_started_at: Mapped[datetime | None]
     """When the newest training round began reading feedback (closes the undo window, see FeedbackStore.undo)."""
+    token: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    """The fencing token: incremented on every acquisition; a worker's writes name the token it acquired."""

@@ -158,6 +158,8 @@ class AdapterVersion:
     metrics: Mapping[str, Any]
     created_at: datetime
     status_changed_at: datetime | None
+    exported_at: datetime | None = None  # when last exported (retention keeps it)
+    pruned_at: datetime | None = None  # when retention removed its files (it cannot be served again)
 
 
 @dataclass(frozen=True)

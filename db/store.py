@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Update, case, func, literal, or_, select, union, update
+from sqlalchemy import CursorResult, Update, and_, case, func, literal, or_, select, union, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased
 
@@ -68,6 +68,7 @@ MAX_STATE_CHARS = 1000
 _MAX_ATTEMPTS = 8
 _IN_CHUNK = 500
 _FEEDBACK_LOCK = 0x70706662  # PostgreSQL advisory lock key: feedback rows commit in id order
+_VERSIONS_LOCK = 0x70707676  # PostgreSQL advisory lock key: one version change (publish, rollback) at a time
 
 
 def utcnow() -> datetime:
@@ -727,16 +728,17 @@ class FeedbackStore:
 
         return self._run(work, write=False)
 
-    def begin_round(self, holder: str) -> bool:
+    def begin_round(self, holder: str, *, token: int | None = None) -> bool:
         """Record that `holder`'s training round starts reading feedback now (this closes the undo
-        window of earlier submissions); return False, changing nothing, if it lost the lease."""
+        window of earlier submissions); return False, changing nothing, if it lost the lease (with
+        `token`: if the lease was acquired again since, see `acquire_lease`)."""
         holder = check.name(holder, "lease holder")
 
         def work(s: Session) -> bool:
             stmt = (
                 update(m.TrainingLease)
-                .where(m.TrainingLease.id == m.LEASE_ROW_ID, m.TrainingLease.holder == holder)
-                .values(round_started_at=utcnow())
+                .where(*_held_by(holder, token))
+                .values(round_started_at=_db_now(s))
                 .execution_options(synchronize_session=False)
             )
             return _updated_one_row(s, stmt)
@@ -838,28 +840,32 @@ class FeedbackStore:
 
     # ----------------------------------------------------------- training lease
 
-    def acquire_lease(self, holder: str, ttl_s: float, state: str = "idle") -> bool:
-        """Take the training lease for `ttl_s` seconds if it is free, expired or already ours;
-        return whether `holder` now holds it. Atomic across processes and machines."""
+    def acquire_lease(self, holder: str, ttl_s: float, state: str = "idle", *, token: int | None = None) -> int | None:
+        """Take the training lease for `ttl_s` seconds if it is free or expired, by the database's clock;
+        return the new fencing token (every acquisition increments it), or None when another holds it.
+        Atomic across processes and machines.
+
+        Without `token` (a worker starting) the lease is also taken from a holder of the same name (a
+        crashed predecessor under the same `--worker-id`, fenced off by the new token). With the token
+        of its last acquisition (a worker that lost its lease) it is taken back only if free, expired,
+        or still held under that token.
+        """
         holder = check.name(holder, "lease holder")
         ttl = timedelta(seconds=check.positive(ttl_s, "lease duration"))
         state = _state(state)
         lease = m.TrainingLease
+        ours = lease.holder == holder if token is None else and_(lease.holder == holder, lease.token == token)
 
-        def work(s: Session) -> bool:
-            now = utcnow()
+        def work(s: Session) -> int | None:
+            now = _db_now(s)
             stmt = (
                 update(lease)
                 .where(
                     lease.id == m.LEASE_ROW_ID,
-                    or_(
-                        lease.holder.is_(None),
-                        lease.holder == holder,
-                        lease.expires_at.is_(None),
-                        lease.expires_at < now,
-                    ),
+                    or_(lease.holder.is_(None), ours, lease.expires_at.is_(None), lease.expires_at < now),
                 )
                 .values(
+                    token=lease.token + 1,
                     holder=holder,
                     acquired_at=case(
                         (lease.holder == holder, lease.acquired_at), else_=literal(now, m.UTCDateTime())
@@ -870,22 +876,25 @@ class FeedbackStore:
                 )
                 .execution_options(synchronize_session=False)
             )
-            return _updated_one_row(s, stmt)
+            if not _updated_one_row(s, stmt):
+                return None
+            return s.scalar(select(lease.token).where(lease.id == m.LEASE_ROW_ID))
 
         return self._run(work)
 
-    def renew_lease(self, holder: str, ttl_s: float, state: str | None = None) -> bool:
-        """Extend `holder`'s lease to `ttl_s` seconds from now and optionally set the worker state
-        shown in the status panel; return False (changing nothing) if `holder` lost the lease."""
+    def renew_lease(self, holder: str, ttl_s: float, state: str | None = None, *, token: int | None = None) -> bool:
+        """Extend `holder`'s lease to `ttl_s` seconds from now (the database's clock) and optionally set
+        the worker state shown in the status panel; return False (changing nothing) if `holder` lost
+        the lease (with `token`: if the lease was acquired again since)."""
         holder = check.name(holder, "lease holder")
         ttl = timedelta(seconds=check.positive(ttl_s, "lease duration"))
         values: dict[str, Any] = {} if state is None else {"state": _state(state)}
 
         def work(s: Session) -> bool:
-            now = utcnow()
+            now = _db_now(s)
             stmt = (
                 update(m.TrainingLease)
-                .where(m.TrainingLease.id == m.LEASE_ROW_ID, m.TrainingLease.holder == holder)
+                .where(*_held_by(holder, token))
                 .values(heartbeat_at=now, expires_at=now + ttl, **values)
                 .execution_options(synchronize_session=False)
             )
@@ -893,16 +902,17 @@ class FeedbackStore:
 
         return self._run(work)
 
-    def release_lease(self, holder: str, state: str = "stopped") -> bool:
-        """Give the lease up so another worker can train at once; return whether `holder` held it."""
+    def release_lease(self, holder: str, state: str = "stopped", *, token: int | None = None) -> bool:
+        """Give the lease up so another worker can train at once; return whether `holder` held it
+        (with `token`: under that token)."""
         holder = check.name(holder, "lease holder")
         state = _state(state)
 
         def work(s: Session) -> bool:
             stmt = (
                 update(m.TrainingLease)
-                .where(m.TrainingLease.id == m.LEASE_ROW_ID, m.TrainingLease.holder == holder)
-                .values(holder=None, expires_at=None, heartbeat_at=utcnow(), state=state)
+                .where(*_held_by(holder, token))
+                .values(holder=None, expires_at=None, heartbeat_at=_db_now(s), state=state)
                 .execution_options(synchronize_session=False)
             )
             return _updated_one_row(s, stmt)
@@ -917,7 +927,7 @@ class FeedbackStore:
             row = s.get(m.TrainingLease, m.LEASE_ROW_ID)
             if row is None:
                 return WorkerStatus(None, "no worker yet", None, None, False)
-            present = row.holder is not None and row.expires_at is not None and row.expires_at > utcnow()
+            present = row.holder is not None and row.expires_at is not None and row.expires_at > _db_now(s)
             return WorkerStatus(row.holder, row.state, row.heartbeat_at, row.expires_at, present)
 
         return self._run(work, write=False)
@@ -931,12 +941,13 @@ class FeedbackStore:
         )
 
     def publish_version(
-        self, version: int, record: VersionRecord, path: str, *, holder: str | None = None
+        self, version: int, record: VersionRecord, path: str, *, holder: str | None = None, token: int | None = None
     ) -> AdapterVersion:
         """Publish a trained adapter (served from now on) as `version`, described by `record`, its
         files at `path`; return it. With `holder`, refuses unless that worker still holds the
-        lease. Refuses a version number that exists or a parent that is not published (or 0)."""
-        return self._add_version(version, record, "published", path=_path(path), holder=holder)
+        lease (with `token`: under that token). Refuses a version number that exists or a parent
+        that is not published (or 0)."""
+        return self._add_version(version, record, "published", path=_path(path), holder=holder, token=token)
 
     def record_failed_version(
         self,
@@ -947,12 +958,14 @@ class FeedbackStore:
         path: str | None = None,
         metrics: Mapping[str, Any] | None = None,
         holder: str | None = None,
+        token: int | None = None,
     ) -> AdapterVersion:
-        """Record a training run that was not published, with `reason` in its metrics; return it."""
+        """Record a training run that was not published, with `reason` in its metrics; return it
+        (with `holder` and `token`: refused as `publish_version` refuses)."""
         metrics = {**check.json_object(metrics, "metrics"), "reason": check.text(reason, "reason")}
         record = VersionRecord(parent, "", Cursor(), 0, 0, metrics)
         return self._add_version(
-            version, record, "failed", path=None if path is None else _path(path), holder=holder
+            version, record, "failed", path=None if path is None else _path(path), holder=holder, token=token
         )
 
     def rollback_to(self, version: int) -> list[int]:
@@ -961,12 +974,15 @@ class FeedbackStore:
         version = check.integer(version, "adapter version")
 
         def work(s: Session) -> list[int]:
+            self._serialize_versions(s)
             if version != BASE_VERSION:
                 target = _get(s, m.AdapterVersion, version, "adapter version")
                 if target.status != "published":
                     raise StoreError(
                         f"Version {version} is {target.status}; only a published one can be served."
                     )
+                if target.pruned_at is not None:
+                    raise StoreError(_pruned_message(version))
             rows = s.scalars(
                 select(m.AdapterVersion)
                 .where(m.AdapterVersion.version > version, m.AdapterVersion.status == "published")
@@ -976,6 +992,30 @@ class FeedbackStore:
             for row in rows:
                 row.status, row.status_changed_at = "rolled_back", now
             return [row.version for row in rows]
+
+        return self._run(work)
+
+    def mark_exported(self, version: int) -> None:
+        """Record that `version` was exported now (`--keep-versions` keeps its files from then on); returns nothing."""
+        version = check.integer(version, "adapter version", minimum=1)
+
+        def work(s: Session) -> None:
+            _get(s, m.AdapterVersion, version, "adapter version").exported_at = utcnow()
+
+        self._run(work)
+
+    def mark_pruned(self, version: int) -> bool:
+        """Record that `version`'s files are about to be removed (its row and metrics stay); return False,
+        changing nothing, when it is the serving version, exported, or already pruned."""
+        version = check.integer(version, "adapter version", minimum=1)
+
+        def work(s: Session) -> bool:
+            self._serialize_versions(s)
+            row = _get(s, m.AdapterVersion, version, "adapter version")
+            if row.pruned_at is not None or row.exported_at is not None or version == _serving(s):
+                return False
+            row.pruned_at = utcnow()
+            return True
 
         return self._run(work)
 
@@ -1006,14 +1046,21 @@ class FeedbackStore:
 
     # ---------------------------------------------------------- metrics, status
 
-    def record_metrics(self, version: int, iteration: int, values: Mapping[str, float]) -> int:
-        """Store one PPO iteration's metrics of the version being trained; return how many."""
+    def record_metrics(
+        self, version: int, iteration: int, values: Mapping[str, float], *, holder: str | None = None,
+        token: int | None = None,
+    ) -> int:
+        """Store one PPO iteration's metrics of the version being trained; return how many. With
+        `holder` (and `token`), refused with StoreError unless that worker holds the lease."""
+        holder = None if holder is None else check.name(holder, "lease holder")
         version = check.integer(version, "adapter version", minimum=1)
         iteration = check.integer(iteration, "iteration")
         points = [(check.name(k, "metric name"), check.finite(v, f"metric {k!r}")) for k, v in values.items()]
 
         def work(s: Session) -> int:
             now = utcnow()
+            if holder is not None:
+                _require_lease(s, holder, token)
             s.add_all(
                 m.TrainingMetric(version=version, iteration=iteration, name=k, value=v, created_at=now)
                 for k, v in points
@@ -1099,8 +1146,16 @@ class FeedbackStore:
         if self.dialect == "postgresql":
             s.execute(select(func.pg_advisory_xact_lock(_FEEDBACK_LOCK)))
 
+    def _serialize_versions(self, s: Session) -> None:
+        # A publish reads its parent's status and a rollback changes it: under READ COMMITTED both must
+        # hold one lock, or a version trained from a just rolled-back parent is served. SQLite writers
+        # are already serialised by BEGIN IMMEDIATE.
+        if self.dialect == "postgresql":
+            s.execute(select(func.pg_advisory_xact_lock(_VERSIONS_LOCK)))
+
     def _add_version(
-        self, version: int, record: VersionRecord, status: str, *, path: str | None, holder: str | None
+        self, version: int, record: VersionRecord, status: str, *, path: str | None, holder: str | None,
+        token: int | None = None,
     ) -> AdapterVersion:
         version = check.integer(version, "adapter version", minimum=1)
         fields = _version_fields(record)
@@ -1110,9 +1165,10 @@ class FeedbackStore:
             raise StoreError(f"Version {version} cannot have parent {parent}; parents are older.")
 
         def work(s: Session) -> AdapterVersion:
+            self._serialize_versions(s)
             now = utcnow()
             if holder is not None:
-                _require_lease(s, holder, now)
+                _require_lease(s, holder, token)
             if s.get(m.AdapterVersion, version) is not None:
                 raise StoreError(f"Adapter version {version} already exists.")
             if parent != BASE_VERSION:
@@ -1252,10 +1308,34 @@ def _updated_one_row(s: Session, stmt: Update) -> bool:
     return result.rowcount == 1
 
 
-def _require_lease(s: Session, holder: str, now: datetime) -> None:
+def _require_lease(s: Session, holder: str, token: int | None) -> None:
+    """Lock the lease row; raise StoreError unless `holder` holds it unexpired (and under `token`, if given)."""
     lease = s.get(m.TrainingLease, m.LEASE_ROW_ID, with_for_update=True)
-    if lease is None or lease.holder != holder or lease.expires_at is None or lease.expires_at <= now:
+    if lease is None or lease.holder != holder or lease.expires_at is None or lease.expires_at <= _db_now(s):
         raise StoreError(f"Worker {holder!r} no longer holds the training lease.")
+    if token is not None and lease.token != token:
+        raise StoreError(f"Worker {holder!r} lost the training lease: it was acquired again since (token {token}, "
+                         f"now {lease.token}).")
+
+
+def _pruned_message(version: int) -> str:
+    return (f"Version {version} was pruned (--keep-versions): its files are gone, so it cannot be served "
+            "again; its ratings and metrics are kept.")
+
+
+def _held_by(holder: str, token: int | None) -> list[Any]:
+    """Return the WHERE clauses of the lease row held by `holder` (under `token`, if given)."""
+    lease = m.TrainingLease
+    clauses = [lease.id == m.LEASE_ROW_ID, lease.holder == holder]
+    return clauses if token is None else [*clauses, lease.token == token]
+
+
+def _db_now(s: Session) -> datetime:
+    """Return the database's clock (PostgreSQL's transaction time), so that every machine judges lease
+    expiry alike; SQLite's database is on this machine, whose clock it is."""
+    if s.get_bind().dialect.name == "postgresql":
+        return s.scalar(select(func.now())).astimezone(timezone.utc)
+    return utcnow()
 
 
 def _retryable(exc: DBAPIError, conflicts: bool) -> bool:
@@ -1619,4 +1699,6 @@ def _version(row: m.AdapterVersion) -> AdapterVersion:
         dict(row.metrics),
         row.created_at,
         row.status_changed_at,
+        row.exported_at,
+        row.pruned_at,
     )

@@ -11,7 +11,12 @@ publish) or a complete `vNNNN` directory that the store does not list (never ser
 later `clean_stale(store)`). Readers find a version as `root/vNNNN`, never through the path stored
 in the database, so the UI and the worker may mount the shared directory at different places.
 
-One publisher at a time (the worker holding the training lease): a publish removes every `.tmp-*`.
+One publisher at a time (the worker holding the training lease under a fencing token): a publish
+stages in `.tmp-tNNNNNNNNNN-*` named by its token and removes only staging folders of older tokens
+(whose holders can no longer publish) and untokened leftovers, never a newer holder's.
+
+Version folders are mode 0755 and their files 0644 whatever the umask (`DIR_MODE`, `FILE_MODE`), so a
+page and a worker running as different users can both read them.
 """
 from __future__ import annotations
 
@@ -43,6 +48,8 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 VERSION_DIR = re.compile(r"^v(\d{4,})$")
+TOKENED_TMP = re.compile(r"^\.tmp-t(\d+)-")
+DIR_MODE, FILE_MODE = 0o755, 0o644  # readable by every user, writable by the worker's
 
 
 class VersionConflict(RuntimeError):
@@ -179,16 +186,20 @@ class AdapterStore:
         """Check `version`'s weight files (every file with `all_files`) against their checksums; return its metadata."""
         return verify_directory(self.path(version), version, all_files=all_files)
 
-    def clean_stale(self, store=None) -> list[Path]:
+    def clean_stale(self, store=None, token: int | None = None) -> list[Path]:
         """Remove what crashed publishes left behind; return the paths removed.
 
-        Always the `.tmp-*` entries; with a store, also `vNNNN` directories the store has no row
-        for and whose number is below the store's next one (so no publish can still claim them).
+        The `.tmp-*` entries, except staging folders of a publisher holding lease token `token` or a
+        newer one (all tokened ones without `token`); with a store, also `vNNNN` directories the store
+        has no row for and whose number is below the store's next one (so no publish can still claim them).
         """
         removed: list[Path] = []
         if not self.root.is_dir():
             return removed
         for entry in self.root.iterdir():
+            tokened = TOKENED_TMP.match(entry.name)
+            if tokened and (token is None or int(tokened.group(1)) >= token):
+                continue  # another (newer) publisher's, or our own
             if entry.name.startswith(TMP_PREFIX):
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
@@ -205,16 +216,19 @@ class AdapterStore:
                     removed.append(self.path(version))
         return removed
 
-    def write(self, version: int, metadata: dict[str, Any], save: Callable[[Path], None]) -> Path:
+    def write(self, version: int, metadata: dict[str, Any], save: Callable[[Path], None], *,
+              token: int | None = None) -> Path:
         """Write `version` as a complete `vNNNN` directory; return it.
 
         `save(directory)` writes the files; metadata.json (`metadata` with every file's checksum) is
-        added, everything fsynced, and the directory renamed into place. Raises VersionConflict
-        when `vNNNN` exists already; on any error nothing of this call remains.
+        added, modes set (DIR_MODE, FILE_MODE), everything fsynced, and the directory renamed into
+        place. It is staged in `.tmp-tNNNNNNNNNN-*` with the publisher's lease `token`. Raises
+        VersionConflict when `vNNNN` exists already; on any error nothing of this call remains.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.path(version)
-        staging = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.root))
+        prefix = TMP_PREFIX if token is None else f"{TMP_PREFIX}t{token:010d}-"
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
         try:
             save(staging)
             _seal(staging, metadata)
@@ -248,7 +262,9 @@ def _seal(directory: Path, metadata: dict[str, Any]) -> None:
     metadata = {**metadata, "files": {p.name: sha256_file(p) for p in files}}
     (directory / METADATA).write_text(json.dumps(metadata, indent=2, allow_nan=False), encoding="utf-8")
     for p in [*files, directory / METADATA]:
+        os.chmod(p, FILE_MODE)
         _fsync_file(p)
+    os.chmod(directory, DIR_MODE)  # mkdtemp made it 0700
     _fsync_dir(directory)
 
 
@@ -262,15 +278,16 @@ class VersionLifecycle:
         self.adapters = adapters
 
     def publish(self, policy: PolicyWithValueHead, record: VersionRecord, *, holder: str | None = None,
-                write_extra: Callable[[Path], None] | None = None) -> int:
+                token: int | None = None, write_extra: Callable[[Path], None] | None = None) -> int:
         """Write the policy's adapter as the next version, described by `record`, and publish it; return its number.
 
         `write_extra(directory)` may write more files (e.g. `trainer.save_state`). With `holder`,
-        the store refuses unless that worker holds the lease. If another publisher took the
+        the store refuses unless that worker holds the lease (under fencing token `token`, which
+        also names this publish's staging folder). If another publisher took the
         number, raises VersionConflict; if the store refuses the version (lease lost, parent rolled
         back, ...) its error is raised. Either way no `vNNNN` of this call remains.
         """
-        self.adapters.clean_stale(self.store)
+        self.adapters.clean_stale(self.store, token)
         version = self.adapters.next_version(self.store)
         metadata = version_metadata(version, record)  # fails before writing anything on NaN or non-JSON metrics
 
@@ -279,14 +296,38 @@ class VersionLifecycle:
             if write_extra is not None:
                 write_extra(directory)
 
-        final = self.adapters.write(version, metadata, save)
+        final = self.adapters.write(version, metadata, save, token=token)
         try:
-            self.store.publish_version(version, record, str(final.resolve()), holder=holder)
+            self.store.publish_version(version, record, str(final.resolve()), holder=holder, token=token)
         except BaseException:
             self.adapters.remove(version)  # the store did not take it: leave no version directory behind
             raise
         log.info("published adapter version %d (parent %d) in %s", version, record.parent, final)
         return version
+
+    def prune(self, keep: int) -> list[int]:
+        """Remove the files of all but the newest `keep` versions on disk (0: keep all), the serving one and
+        exported ones; return the versions pruned. Each is marked pruned in the store first (`mark_pruned`:
+        it can no longer be rolled back to; its row and metrics stay), then its folder removed.
+        """
+        if keep <= 0:
+            return []
+        rows = {row.version: row for row in self.store.list_versions()}
+        on_disk = [v for v in self.adapters.versions_on_disk() if v in rows]
+        for version in on_disk:
+            if rows[version].pruned_at is not None:  # marked, then a crash before its folder went
+                self.adapters.remove(version)
+        live = [v for v in on_disk if rows[v].pruned_at is None]
+        pruned = [v for v in live[:-keep] if self.store.mark_pruned(v)]
+        for version in pruned:
+            self.adapters.remove(version)
+        if pruned:
+            log.info("pruned the files of versions %s (--keep-versions %d)", pruned, keep)
+        return pruned
+
+    def _pruned(self, version: int) -> bool:
+        """Return whether the store records `version` as pruned (False for a version it does not know)."""
+        return any(row.version == version and row.pruned_at is not None for row in self.store.list_versions())
 
     def verify(self, version: int, *, published: bool = False) -> dict[str, Any]:
         """Check that `version` can be loaded: the store has its adapter, its weight files match their checksums.
@@ -315,7 +356,10 @@ class VersionLifecycle:
         the version's files are missing, corrupt or do not fit, StoreError when the store refuses
         (not a published version); either way the policy's weights and the store are as before.
         """
-        if version != BASE_VERSION and not self.adapters.path(version).is_dir():
+        if version != BASE_VERSION and (not self.adapters.path(version).is_dir() or self._pruned(version)):
+            if self._pruned(version):
+                raise AdapterLoadError(f"version {version} was pruned (--keep-versions): its files are gone, so "
+                                       "it cannot be served again")
             raise AdapterLoadError(f"{self.adapters.path(version)}: version {version} is not on disk")
         served = AdapterState.capture(policy)
         try:

@@ -410,6 +410,8 @@ class WorkerConfig:
     """Also write every PPO iteration's metrics to this TensorBoard log directory."""
     worker_nice: int = 10
     """Niceness the worker adds to its own process at start (os.nice), so that pages being generated on the same machine get the CPU first; 0 keeps the priority it was started with."""
+    keep_versions: int = 20
+    """Adapter versions whose files are kept (0: all): after each publish the worker removes the files of all but the newest N, keeping the serving version and exported ones too; a pruned version's ratings and metrics stay, but it can no longer be rolled back to."""
 
     def validate(self) -> None:
         """Raise ValueError on an impossible setting."""
@@ -421,6 +423,8 @@ class WorkerConfig:
             raise ValueError("--replay-samples must be >= 0")
         if self.lease_ttl <= 0 or self.wait_interval <= 0 or self.max_kl <= 0:
             raise ValueError("--lease-ttl, --wait-interval and --max-kl must be > 0")
+        if self.keep_versions < 0:
+            raise ValueError(f"--keep-versions must be >= 0 (0: keep all), not {self.keep_versions}")
         if not 0 <= self.worker_nice <= 19:
             raise ValueError(f"--worker-nice must be in 0..19 (0: no change), not {self.worker_nice}")
 

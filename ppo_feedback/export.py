@@ -115,6 +115,7 @@ def export_adapter(version: int, out: str | Path, *, store: Any, adapters_dir: s
     with _staged_build(out, version, store, adapters_dir, model, cache_dir, merge=merge, value_head=value_head,
                        device=device) as (chosen, built, _staging):
         _move_into_place(built, out, overwrite)
+    _mark_exported(store, chosen.version)
     log.info("exported version %d to %s", chosen.version, out)
     return out
 
@@ -146,6 +147,7 @@ def export_zip(version: int, out: str | Path, *, store: Any, adapters_dir: str |
                 archive.write(path, f"{out.stem}/{path.relative_to(built).as_posix()}", compress_type=kind)
         _check_free(out, overwrite, zip_file=True)
         os.replace(partial, out)
+    _mark_exported(store, chosen.version)
     log.info("exported version %d to %s", chosen.version, out)
     return out
 
@@ -167,6 +169,17 @@ def _staged_build(out: Path, version: int, store: Any, adapters_dir: str | Path,
                                  device=device), staging
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _mark_exported(store: Any, version: int) -> None:
+    """Record the export in the store, so that `--keep-versions` keeps the version's files; logs, never raises
+    (the export is written already)."""
+    try:
+        with _opened(store) as feedback:
+            feedback.mark_exported(version)
+    except Exception:  # noqa: BLE001 - e.g. a read-only database user: the export stands
+        log.warning("could not record the export of version %d: --keep-versions may prune it", version,
+                    exc_info=True)
 
 
 # ---------------------------------------------------------------------------------------- checks

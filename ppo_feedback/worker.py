@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from db.records import Cursor, FeedbackCounts, VersionRecord
+from db.records import BASE_VERSION, Cursor, FeedbackCounts, VersionRecord
 from .adapters import AdapterState, AdapterStore, VersionLifecycle, apply_version
 from .config import AppConfig, LoraSettings, ModelConfig, ObjectiveConfig, PPOConfig, RewardConfig, RolloutSampling, \
     SamplingConfig, WorkerConfig, add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
@@ -38,19 +38,24 @@ from .feedback import RatedFeedback, Replay, read_feedback
 from .policy import PolicyWithValueHead
 from .rewards import FitReport, RewardModel, fit_reward_model
 from .team import Team
-from .trainer import OPTIMIZER_FILE, PPOTrainer
+from .trainer import OPTIMIZER_FILE, TRAINER_STATE_FILE, PPOTrainer
+from .versions import AdapterLoadError, check_files, read_metadata, version_dir
 
 log = logging.getLogger("ppo_feedback.worker")
+
+MAX_BACKOFF = 60.0
+"""Longest wait, in seconds, between retries after an error (a database outage, ...); the first waits --wait-interval."""
 
 class RoundAbandoned(Exception):
     """The round stopped before publishing (SIGTERM or a lost lease); nothing of it is kept."""
 
 
 class Heartbeat:
-    """Renews the lease from a background thread while the worker trains; notices when it is lost."""
+    """Renews the lease acquired under fencing token `token` from a background thread while the worker
+    trains; notices when it is lost (expired and taken, or acquired again under the same worker id)."""
 
-    def __init__(self, store, holder: str, ttl: float):
-        self.store, self.holder, self.ttl = store, holder, ttl
+    def __init__(self, store, holder: str, ttl: float, token: int | None = None):
+        self.store, self.holder, self.ttl, self.token = store, holder, ttl, token
         self.state = "idle"
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -67,7 +72,7 @@ class Heartbeat:
 
     def _renew(self) -> None:
         try:
-            if not self.store.renew_lease(self.holder, self.ttl, state=self.state):
+            if not self.store.renew_lease(self.holder, self.ttl, state=self.state, token=self.token):
                 self.lost.set()
         except Exception:  # a database hiccup: try again on the next beat; expiry is the real guard
             log.exception("lease renewal failed")
@@ -121,10 +126,13 @@ class Worker:
         self.holder = config.worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.initial = AdapterState.initial(policy)
         self.loaded_version: int | None = None
+        self.unloadable: dict[int, str] = {}  # published versions that cannot be loaded -> why (skipped)
+        self.note: str | None = None  # said after every state while set: the version skipped, the last error
         self._reference_features: torch.Tensor | None = None
         self._examples_at: tuple[tuple, Examples | None] | None = None  # direct_examples' cache
         self._distrusted: tuple[Cursor, str] | None = None  # (feedback end, verdict) of an untrusted reward model
         self.stop_requested = threading.Event()
+        self.lease_token: int | None = None  # the fencing token of this worker's newest acquisition of the lease
         self.heartbeat: Heartbeat | None = None  # process 0's, while it holds the lease
         self.rng = random.Random(ppo_config.seed + self.team.rank)  # each process draws its own prompts
         self.tensorboard = None
@@ -136,18 +144,45 @@ class Worker:
     # ------------------------------------------------------------------------------ main loop
 
     def run(self, max_rounds: int | None = None) -> int:
-        """Train until stopped (or `max_rounds` published versions); return how many versions were published."""
-        published = 0
+        """Train until stopped (or `max_rounds` published versions); return how many versions were published.
+
+        An error in a round (the database unreachable, a version that cannot be loaded, ...) does not end
+        it: the round's weights go back, the error is logged and shown in the worker state, and it tries
+        again after a back-off (--wait-interval, doubling up to MAX_BACKOFF). A data-parallel team stops
+        instead: its processes cannot agree on where to resume.
+        """
+        published, failures = 0, 0
         try:
             while True:
-                action = self.team.from_main(lambda: self.next_action(published, max_rounds))
-                if action == "stop":
-                    return published
-                if action == "round" and self.run_round() is not None:
-                    published += 1
+                try:
+                    action = self.team.from_main(lambda: self.next_action(published, max_rounds))
+                    if action == "stop":
+                        return published
+                    if action == "round" and self.run_round() is not None:
+                        published += 1
+                    failures = 0
+                except Exception as exc:
+                    if self.team.size > 1:
+                        raise
+                    failures += 1
+                    self.back_off(exc, failures)
         finally:
             if self.team.is_main:
-                self.drop_lease()
+                try:
+                    self.drop_lease()
+                except Exception:  # the database is gone: the lease expires by itself
+                    log.exception("could not release the training lease")
+
+    def back_off(self, exc: Exception, failures: int) -> float:
+        """Log an error that interrupted the loop, say so in the worker state and wait; return the seconds waited."""
+        delay = min(MAX_BACKOFF, self.config.wait_interval * 2 ** (failures - 1))
+        log.error("error %d in a row, retrying in %.1f s: %s", failures, delay, exc, exc_info=exc)
+        try:
+            self.set_state(f"error ({type(exc).__name__}), retrying in {delay:.0f} s")
+        except Exception:  # the store is what failed: the heartbeat thread keeps trying
+            pass
+        self.stop_requested.wait(delay)
+        return delay
 
     def next_action(self, published: int, max_rounds: int | None) -> str:
         """Return what to do next: "stop", a "round" (the lease is held) or "wait" (another worker holds it)."""
@@ -162,10 +197,12 @@ class Worker:
             self.heartbeat.stop()
             self.heartbeat = None
         if self.heartbeat is None:
-            if not self.store.acquire_lease(self.holder, self.config.lease_ttl, state="idle"):
+            token = self.store.acquire_lease(self.holder, self.config.lease_ttl, state="idle", token=self.lease_token)
+            if token is None:
                 self.stop_requested.wait(self.config.wait_interval)  # another worker trains
                 return False
-            self.heartbeat = Heartbeat(self.store, self.holder, self.config.lease_ttl)
+            self.lease_token = token
+            self.heartbeat = Heartbeat(self.store, self.holder, self.config.lease_ttl, token)
             self.heartbeat.start()
         return True
 
@@ -174,20 +211,21 @@ class Worker:
         if self.heartbeat is not None:
             self.heartbeat.stop()
             self.heartbeat = None
-        self.store.release_lease(self.holder)
+        if self.lease_token is not None:  # never by name alone: another process may hold it under the same id
+            self.store.release_lease(self.holder, token=self.lease_token)
 
     def set_state(self, state: str) -> None:
-        """Publish the worker's state for the status panel (process 0, which holds the heartbeat)."""
+        """Publish the worker's state for the status panel (process 0, which holds the heartbeat), with the
+        worker's note (a version it skipped) after it."""
         if self.heartbeat is not None:
-            self.heartbeat.set_state(state)
+            self.heartbeat.set_state(state if self.note is None else f"{state} ({self.note})")
 
     # ------------------------------------------------------------------------------ a round
 
     def run_round(self) -> int | None:
         """Run one round if there is enough new feedback; return the published version, else None."""
-        parent, cursor, missing = self.team.from_main(self.plan_round)
-        if parent != self.loaded_version:
-            self.load_version(parent)
+        serving, cursor, missing = self.team.from_main(self.plan_round)
+        parent = self.load_trainable(serving)
         if missing:
             if self.team.is_main:
                 self.set_state(f"waiting for {missing}")
@@ -204,6 +242,9 @@ class Worker:
             self.restore(start)
             self.team.from_main(lambda: self.record_failure(parent, why))
             return None
+        except BaseException:  # a database error, ...: keep nothing of the round; `run` retries
+            self.restore(start)
+            raise
 
     def plan_round(self) -> tuple[int, Cursor, str | None]:
         """Return the serving version, its feedback cursor, and what feedback a round still waits for (None: nothing)."""
@@ -228,6 +269,8 @@ class Worker:
         if failure is not None:
             raise RoundAbandoned(failure)
         self.loaded_version = published
+        if self.team.is_main:
+            self.prune()
         self.set_state("idle")
         return published
 
@@ -239,7 +282,7 @@ class Worker:
         (`FitReport.trusted`) does not optimise it: its plan holds `--reward-model-fallback`'s
         examples instead, or a `wait_reason` (fallback "wait", or the fallback has no examples yet).
         """
-        self.store.begin_round(self.holder)  # submissions before now can no longer be undone (after their grace)
+        self.store.begin_round(self.holder, token=self.lease_token)  # submissions before now can no longer be undone (after their grace)
         feedback_end = self.feedback_end(cursor)
         total = self.store.count_feedback_since()
         version = self.adapters.next_version(self.store)
@@ -319,22 +362,32 @@ class Worker:
                                n_ratings=plan.total.ratings, n_preferences=plan.total.preferences, metrics=metrics)
         try:
             return VersionLifecycle(self.store, self.adapters).publish(
-                self.policy, record, holder=self.holder,
+                self.policy, record, holder=self.holder, token=self.lease_token,
                 write_extra=lambda d: self.trainer.save_state(d, include_adapter=False)), None
         except Exception as exc:  # the lease was lost, the parent rolled back, ...: tell every process
             return None, f"publishing failed: {exc}"
 
+    def prune(self) -> list[int]:
+        """Remove old versions' files (`--keep-versions`, `VersionLifecycle.prune`); return the versions pruned.
+        A failure is logged, not raised: the version is published and the next publish tries again."""
+        try:
+            return VersionLifecycle(self.store, self.adapters).prune(self.config.keep_versions)
+        except Exception:
+            log.exception("pruning old versions failed")
+            return []
+
     def record_failure(self, parent: int, why: Exception) -> None:
         """Record the round's version as failed, with why."""
         version = self.adapters.next_version(self.store)
-        self.store.record_failed_version(version, parent, f"diverged: {why}", holder=self.holder)
+        self.store.record_failed_version(version, parent, f"diverged: {why}", holder=self.holder,
+                                         token=self.lease_token)
         log.error("round discarded, version %d recorded as failed: %s", version, why)
 
     # ------------------------------------------------------------------------------ pieces
 
     def record(self, version: int, iteration: int, stats: dict[str, float]) -> None:
         """Store an iteration's metrics (for the page's plots) and, when asked, write them to TensorBoard."""
-        self.store.record_metrics(version, iteration, stats)
+        self.store.record_metrics(version, iteration, stats, holder=self.holder, token=self.lease_token)
         if self.tensorboard is not None:
             for name, value in stats.items():
                 self.tensorboard.add_scalar(name, value, global_step=self.trainer.iteration)
@@ -348,11 +401,48 @@ class Worker:
                 return cursor
             cursor = page.cursor
 
+    def load_trainable(self, serving: int) -> int:
+        """Load the newest version that can be loaded, from `serving` down (published ones, then 0 = base);
+        return its number, what the round trains from.
+
+        A version whose files are missing, corrupt or do not fit (`AdapterLoadError`) is skipped, logged
+        once, and named in the worker state for as long as training goes on from an older one.
+        """
+        def candidates():  # the older published versions are listed only when the serving one fails
+            yield serving
+            yield from sorted((v.version for v in self.store.list_versions()
+                               if v.status == "published" and v.version < serving), reverse=True)
+            yield BASE_VERSION
+
+        for version in candidates():
+            if version == self.loaded_version:
+                break
+            if version in self.unloadable:
+                continue
+            try:
+                self.load_version(version)
+                break
+            except AdapterLoadError as exc:
+                self.unloadable[version] = str(exc)
+                log.error("skipping version %d, it cannot be loaded: %s", version, exc)
+        loaded = self.loaded_version
+        skipped = [v for v in self.unloadable if loaded < v <= serving]
+        self.note = None if not skipped else \
+            f"version {', '.join(map(str, skipped))} cannot be loaded: training from version {loaded}"
+        return loaded
+
     def load_version(self, version: int) -> None:
-        """Load a version's adapter (0 = base) and, when it has one, its optimizer state."""
+        """Load a version's adapter (0 = base) and, when it has one, its optimizer and trainer state, every
+        file checked against its published checksum first. Raises AdapterLoadError, changing nothing, when
+        one is missing or altered."""
+        if version != BASE_VERSION:
+            directory = version_dir(self.adapters.root, version)
+            meta = read_metadata(directory, version)
+            resume = (directory / OPTIMIZER_FILE).is_file()
+            check_files(directory, meta, (OPTIMIZER_FILE, TRAINER_STATE_FILE) if resume else ())
         directory = apply_version(self.policy, self.adapters.root, version, initial=self.initial)
         self.trainer.optimizer.state.clear()
-        if directory is not None and (directory / OPTIMIZER_FILE).is_file():
+        if directory is not None and resume:
             self.trainer.load_state(directory, include_adapter=False)
         self.loaded_version = version
         log.info("training from version %d", version)

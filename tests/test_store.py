@@ -376,4 +376,4 @@ def test_sqlite_file_created_with_wal_busy_timeout_and_foreign_keys(tmp_path: Pa
                 1,
                 30000,
             )
-        assert feedback_store.schema_revision() == "0005"
+        assert feedback_store.schema_revision() == "0006"

@@ -210,7 +210,7 @@ def test_command_line_from_another_directory(rated: FeedbackStore, store_url: st
     fresh = tmp_path / "new" / "feedback.db"
     result = _python_m_db("upgrade", "--db", str(fresh), cwd=elsewhere)
     assert result.returncode == 0, result.stderr
-    assert "revision 0005" in result.stderr and fresh.exists()
+    assert "revision 0006" in result.stderr and fresh.exists()
 
 
 def test_preference_export_of_a_huge_page_is_bounded_and_lazy(store: FeedbackStore) -> None:

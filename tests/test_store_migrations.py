@@ -163,7 +163,7 @@ def test_upgrade_from_0001_keeps_every_row(empty_url: str) -> None:
     engine.dispose()
 
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == head_revision() == "0005"
+        assert store.schema_revision() == head_revision() == "0006"
         assert store.get_prompt(prompt).text == "Old prompt 🤖"
         assert store.get_generation(good).token_ids == (5, 6)
         history = store.rating_history(good)
@@ -350,7 +350,7 @@ def test_upgrade_to_0004_keeps_ratings_and_preferences_in_force(empty_url: str) 
     engine.dispose()
 
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == "0005"
+        assert store.schema_revision() == "0006"
         before = store.feedback_since()
         assert len(before.ratings) == 9 and len(before.preferences) == 1  # every current row still in force
         history = store.rating_history(expected["ana"][0])
@@ -386,7 +386,7 @@ def test_downgrade_from_0004_keeps_ratings_and_the_preferences_in_force(empty_ur
     assert scores == [4, 2] and pairs == [(ids[1], ids[0])]
     engine.dispose()
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == "0005"
+        assert store.schema_revision() == "0006"
         assert [p.chosen.id for p in store.feedback_since().preferences] == [ids[1]]
 
 
@@ -398,7 +398,7 @@ def test_upgrade_to_0005_admits_every_prompt_and_keeps_who_judged_others_pages(e
     engine.dispose()
 
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == "0005"
+        assert store.schema_revision() == head_revision()
         assert [p.admission for p in store.list_prompts(active_only=False)] == ["admitted", "admitted"]
         assert len(store.list_prompts()) == 2 and store.pending_prompts() == []
         on_anas_page = expected["ana"][0]
@@ -423,6 +423,41 @@ def test_downgrade_from_0005_keeps_feedback_and_leaves_pending_prompts_out_of_th
     assert active == {pending: False, admitted: True}  # 0004 has no admission: kept out of the pool
     engine.dispose()
     with FeedbackStore(empty_url) as store:
-        assert store.schema_revision() == "0005"
+        assert store.schema_revision() == head_revision()
         assert [(r.rating.rater, r.rating.score) for r in store.feedback_since().ratings] == [("ana", 4)]
         assert [p.id for p in store.list_prompts()] == [admitted]
+
+
+LEASE = _table("training_lease", sa.column("id"), sa.column("holder"), sa.column("state"),
+               sa.column("expires_at", sa.DateTime))
+
+
+def test_upgrade_to_0006_gives_a_held_lease_a_token_and_fences_by_it(empty_url: str) -> None:
+    engine = make_engine(empty_url)
+    upgrade_schema(engine, "0005")
+    with engine.begin() as connection:  # a worker held the lease when the app was upgraded
+        connection.execute(sa.update(LEASE).values(holder="old-worker", state="training",
+                                                   expires_at=datetime.now(timezone.utc).replace(tzinfo=None)
+                                                   + timedelta(minutes=5)))
+    engine.dispose()
+    with FeedbackStore(empty_url) as store:
+        assert store.schema_revision() == head_revision()
+        assert store.worker_status().holder == "old-worker" and store.worker_status().present
+        assert store.renew_lease("old-worker", 60, token=0)  # existing rows start at token 0
+        assert store.acquire_lease("new-worker", 60) is None
+        assert store.acquire_lease("old-worker", 60) == 1
+
+
+def test_downgrade_from_0006_keeps_the_lease_row(empty_url: str) -> None:
+    with FeedbackStore(empty_url) as store:
+        assert store.acquire_lease("worker", 60) == 1
+    engine = make_engine(empty_url)
+    downgrade_schema(engine, "0005")
+    assert "token" not in {c["name"] for c in sa.inspect(engine).get_columns("training_lease")}
+    assert not {"exported_at", "pruned_at"} & {c["name"] for c in sa.inspect(engine).get_columns("adapter_versions")}
+    with engine.connect() as connection:
+        assert connection.execute(sa.select(LEASE.c.holder)).scalars().all() == ["worker"]
+    engine.dispose()
+    with FeedbackStore(empty_url) as store:
+        assert store.schema_revision() == head_revision()
+        assert store.acquire_lease("worker", 60) == 1

@@ -147,8 +147,9 @@ def make_worker(tmp_path, tiny_model_dir, store, objective=None, ppo_epochs=1, *
                     PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=ppo_epochs,
                               sampling=RolloutSampling(max_new_tokens=8)), config, "tiny",
                     objective=objective or ObjectiveConfig(reward_model_fallback="ppo"))
-    assert store.acquire_lease(worker.holder, 30)
-    worker.heartbeat = Heartbeat(store, worker.holder, 30)
+    worker.lease_token = store.acquire_lease(worker.holder, 30)
+    assert worker.lease_token
+    worker.heartbeat = Heartbeat(store, worker.holder, 30, worker.lease_token)
     return worker
 
 

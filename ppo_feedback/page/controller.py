@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
@@ -111,7 +111,8 @@ class FeedbackApp:
     """What the page does, independent of the layout: identities, limits, store and model calls."""
 
     def __init__(self, serving, store, sampling: SamplingConfig, *, users: UserDirectory | None = None,
-                 adapters_dir: str | os.PathLike[str] | None = None, worker_note: str | None = None,
+                 adapters_dir: str | os.PathLike[str] | None = None,
+                 worker_note: str | Callable[[], str] | None = None,
                  model_cache_dir: str | None = None, title: str = "ppo-feedback", overlap: float = 0.0,
                  rng: random.Random | None = None, shuffle_seed: int | None = None, mix_versions: bool = False,
                  queue_size: int = 64, generations_per_user: int = 2):
@@ -436,7 +437,8 @@ class FeedbackApp:
         """Return the worker line of the status panel."""
         if status.present:
             return status.state
-        return f"paused: {self.worker_note}" if self.worker_note else "paused: no worker holds the training lease"
+        note = self.worker_note() if callable(self.worker_note) else self.worker_note  # the app's supervisor's state
+        return f"paused: {note}" if note else "paused: no worker holds the training lease"
 
     def forget_status(self) -> None:
         """Drop the cached /status record, so the next `status()` reads the store; returns nothing."""
