@@ -50,13 +50,13 @@ class Supervisor:
                     if self._stopping.is_set():
                         return
                     self.proc = self._start()
-                self._state = f"training worker running (pid {self.proc.pid})"
+                self._state = "training worker running"  # no pid: raters see this line (the holder, admins only, has it)
                 while self.proc.poll() is None and not self._stopping.wait(self.poll_interval):
                     pass
                 why = f"exited with code {self.proc.poll()}"
             except Exception as exc:  # the child could not even be started
                 log.exception("could not start the training worker")
-                why = f"could not start ({exc})"
+                why = f"could not start ({type(exc).__name__}; see the app's log)"  # no paths for raters
             if self._stopping.is_set():
                 return
             if time.monotonic() - started >= self.healthy_after:
