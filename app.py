@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ppo_feedback.config import WORKER_SECTIONS, AppConfig, LoraSettings, ModelConfig, SamplingConfig, \
     add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace, options_markdown
-from ppo_feedback.supervisor import Supervisor
+from ppo_feedback.supervisor import Supervisor, stop_worker  # noqa: F401  (app.stop_worker for scripts)
 
 SECTIONS = ((ModelConfig, "model"), (LoraSettings, "LoRA"), (SamplingConfig, "sampling"), (AppConfig, "app"))
 # every option of app.py, for the README's configuration reference (`python app.py --options-reference`)
@@ -85,18 +85,6 @@ def supervise_worker(argv: list[str], store=None, **backoff) -> Supervisor:
         if store is not None:
             on_exit = lambda why: store.release_lease(holder, state=why)  # noqa: E731
     return Supervisor(lambda: start_worker(argv)[0], on_exit=on_exit, **backoff).start()
-
-
-def stop_worker(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
-    """Ask the worker to stop (SIGTERM), kill it after `timeout` seconds; returns nothing."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

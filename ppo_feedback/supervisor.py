@@ -79,12 +79,18 @@ class Supervisor:
             self._stopping.set()
             proc = self.proc
         self._state = "training worker stopped"
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_worker(proc, timeout)
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+
+
+def stop_worker(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
+    """Ask a worker process to stop (SIGTERM), kill it after `timeout` seconds; returns nothing."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

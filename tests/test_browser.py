@@ -6,14 +6,12 @@ failure instead, since `.ci/run` installs both. Screenshots go to test-artifacts
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from db import Cursor, FeedbackStore, VersionRecord
-from store_fixtures import migrated_sqlite_template
-from test_ui_support import PASSWORDS, SAMPLING, ScriptedServing, launch, load_serving, publish_version, write_users
+from db import Cursor, VersionRecord
+from test_ui_support import page_store, PASSWORDS, SAMPLING, ScriptedServing, launch, load_serving, publish_version, write_users
 
 pytestmark = pytest.mark.browser
 
@@ -47,18 +45,11 @@ def browser():
         chromium.close()
 
 
-def new_store(path: Path, prompts: list[str]) -> FeedbackStore:
-    shutil.copyfile(migrated_sqlite_template(), path)
-    store = FeedbackStore(path, max_prompt_chars=SAMPLING.max_prompt_chars)
-    store.add_prompts(prompts)
-    return store
-
-
 @pytest.fixture(scope="module")
 def live(tiny_model_dir, tmp_path_factory, browser):
     """The page on the tiny model, without logins, polling for new versions every half second."""
     root = tmp_path_factory.mktemp("browser")
-    store = new_store(root / "feedback.db", ["Write a short poem about the sea.", "Name three colours."])
+    store = page_store(root / "feedback.db", ["Write a short poem about the sea.", "Name three colours."])
     serving = load_serving(tiny_model_dir, store, root / "adapters")
     serving.start_polling(0.5)
     launched = launch(serving, store)
@@ -144,7 +135,7 @@ def test_rate_with_the_keyboard_and_see_the_counts_change(live, page):
 
 def scripted_page(tmp_path, prompts: list[str], texts: list[str], **options):
     """Serve the page on ScriptedServing (fixed texts, no model) over a new store; return (launched, store)."""
-    store = new_store(tmp_path / "feedback.db", prompts)
+    store = page_store(tmp_path / "feedback.db", prompts)
     sampling = SAMPLING.__class__(**{**SAMPLING.__dict__, "num_candidates": len(texts)})
     return launch(ScriptedServing(store, texts, tmp_path / "adapters"), store, sampling, **options), store
 
@@ -362,7 +353,7 @@ def test_prompts_and_generations_render_as_text(page, browser, tmp_path):
     """Script and event-handler markup in a pool prompt and in model output is shown literally, never run."""
     prompt = "<script>window.__pwned = 'prompt'</script><img src=x onerror=\"window.__pwned='prompt-img'\">"
     outputs = ["<script>window.__pwned = 'gen'</script>", "<img src=x onerror=\"window.__pwned='gen-img'\"> **bold**"]
-    store = new_store(tmp_path / "feedback.db", [prompt])
+    store = page_store(tmp_path / "feedback.db", [prompt])
     launched = launch(ScriptedServing(store, outputs, tmp_path / "adapters"), store,
                       SAMPLING.__class__(**{**SAMPLING.__dict__, "num_candidates": 2}))
     try:
@@ -397,7 +388,7 @@ def test_the_cards_show_the_text_as_it_is_generated(page, tmp_path):
     """A page's candidates stream into their cards: partial text is on the page before the final message."""
     texts = ["The sea is wide and the sea is deep, and it sings me to sleep.",
              "Waves roll in, waves roll out, that is what the tide is about."]
-    store = new_store(tmp_path / "feedback.db", ["Write a short poem about the sea."])
+    store = page_store(tmp_path / "feedback.db", ["Write a short poem about the sea."])
     serving = ScriptedServing(store, texts, tmp_path / "adapters", step_s=0.4, chars=6)
     launched = launch(serving, store, SAMPLING.__class__(**{**SAMPLING.__dict__, "num_candidates": 2}))
     try:

@@ -3,26 +3,23 @@ details (issue 18)."""
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import gradio as gr
 import pytest
 
-from db import Cursor, FeedbackStore, NewGeneration, StoreError
+from db import Cursor, NewGeneration, StoreError
 from ppo_feedback.page import FeedbackApp, parse_prompt_upload
 from ppo_feedback.page.api import ENDPOINTS, Api, endpoint_function
 from ppo_feedback.page.controller import SWAP_ERROR_FOR_RATERS
-from store_fixtures import migrated_sqlite_template
-from test_ui_support import SAMPLING, ScriptedServing, write_users
+from test_ui_support import page_store, SAMPLING, ScriptedServing, write_users
 
 HUGE = 2**63
 
 
 @pytest.fixture
 def store(tmp_path):
-    shutil.copyfile(migrated_sqlite_template(), tmp_path / "feedback.db")
-    store = FeedbackStore(tmp_path / "feedback.db", max_prompt_chars=SAMPLING.max_prompt_chars)
+    store = page_store(tmp_path / "feedback.db")
     yield store
     store.close()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
 import threading
 
 import httpx
@@ -13,14 +12,12 @@ import pytest
 from gradio_client import Client
 
 import app as app_module
-from db import FeedbackStore
 from ppo_feedback import auth
 from ppo_feedback.auth import DEFAULT_ITERATIONS, SCHEME, User, UserDirectory, write_users_file
 from ppo_feedback.config import AppConfig
 from ppo_feedback.login import ADDRESS_FACTOR, CLIENT_ADDRESS, LoginGuard
 from ppo_feedback.page import DELETE_CACHE, FeedbackApp, build_demo, launch_options
-from store_fixtures import migrated_sqlite_template
-from test_ui_support import PASSWORDS, SAMPLING, ScriptedServing, launch, write_users
+from test_ui_support import page_store, PASSWORDS, SAMPLING, ScriptedServing, launch, write_users
 
 
 class FakeClock:
@@ -35,8 +32,7 @@ class FakeClock:
 
 @pytest.fixture
 def store(tmp_path):
-    shutil.copyfile(migrated_sqlite_template(), tmp_path / "feedback.db")
-    store = FeedbackStore(tmp_path / "feedback.db", max_prompt_chars=SAMPLING.max_prompt_chars)
+    store = page_store(tmp_path / "feedback.db")
     yield store
     store.close()
 

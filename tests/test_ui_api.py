@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 from gradio_client import Client
 
-from db import FeedbackStore
-from store_fixtures import migrated_sqlite_template
-from test_ui_support import PASSWORDS, SAMPLING, launch, load_serving, publish_version, write_users
+from test_ui_support import page_store, PASSWORDS, SAMPLING, launch, load_serving, publish_version, write_users
 
 ITEM_KEYS = {"generation_id", "prompt_id", "page_id", "text", "version"}
 
@@ -20,9 +17,7 @@ ITEM_KEYS = {"generation_id", "prompt_id", "page_id", "text", "version"}
 def env(tiny_model_dir, tmp_path_factory):
     """One store, one serving model and two launched pages on them: with logins and without."""
     root = tmp_path_factory.mktemp("ui_api")
-    shutil.copyfile(migrated_sqlite_template(), root / "feedback.db")
-    store = FeedbackStore(root / "feedback.db", max_prompt_chars=SAMPLING.max_prompt_chars)
-    store.add_prompts([f"Pool prompt number {i}" for i in range(5)])
+    store = page_store(root / "feedback.db", [f"Pool prompt number {i}" for i in range(5)])
     serving = load_serving(tiny_model_dir, store, root / "adapters")
     with_auth = launch(serving, store, users=write_users(root / "users.json"))
     without_auth = launch(serving, store, worker_note="no worker started here (--no-worker)")

@@ -4,6 +4,7 @@ No tests here; the page runs in this process with `prevent_thread_lock`, on a fr
 """
 from __future__ import annotations
 
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from ppo_feedback.config import AppConfig, LoraSettings, ModelConfig, SamplingCo
 from ppo_feedback.generation import Candidate
 from ppo_feedback.page import FeedbackApp, build_demo, launch_options
 from ppo_feedback.serving import PageProgress
+from store_fixtures import migrated_sqlite_template
 
 LORA = LoraSettings(lora_r=4, lora_alpha=8)
 SAMPLING = SamplingConfig(num_candidates=3, max_candidates=4, max_new_tokens=8, max_prompt_chars=200)
@@ -28,6 +30,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def page_store(path: Path, prompts: list[str] = ()) -> FeedbackStore:
+    """Return a new SQLite store at `path` (the migrated template copied), with the page's prompt limit and `prompts`."""
+    shutil.copyfile(migrated_sqlite_template(), path)
+    store = FeedbackStore(path, max_prompt_chars=SAMPLING.max_prompt_chars)
+    store.add_prompts(list(prompts))
+    return store
 
 
 def write_users(path: Path) -> UserDirectory:
