@@ -1,20 +1,31 @@
 """Load and faults: a room of simulated raters against the app while the worker trains.
 
     python bench/load.py [--model tiny|smollm2-135m|DIR] [--raters 16] [--duration 120] [--kill-worker]
+                         [--db-outage SECONDS] [--db URL] [--rate-via json|gradio|both]
                          [-- extra worker/app options, e.g. --min-new-feedback 16]
 
 Starts the app with `--no-worker` and runs `python -m ppo_feedback.worker` itself (so it owns the
-worker's pid), runs `--raters` simulated raters (`simulator`, through `gradio_client`
-only) for `--duration` seconds while a status poller watches `/status`, then stops everything and
-checks the store (read with `db.FeedbackStore`, as a checker) against what the clients saw:
+worker's pid), runs `--raters` simulated raters (`simulator`: /generate through `gradio_client`;
+/next_prompt, /rate and /prefer through the page's JSON routes, `POST /json/<name>`, or with
+`--rate-via gradio` through Gradio's queue as well, or `both`: half the raters each way) for
+`--duration` seconds while a status poller watches `/status`, then stops everything and checks the
+store (read with `db.FeedbackStore`, as a checker) against what the clients saw:
 
-- ratings per second; p50/p95/p99 latency of /rate and /generate (and the other endpoints);
+- ratings per second; p50/p95/p99 latency of /rate (`/json/rate` through the JSON route) and
+  /generate (and the other endpoints), and of the JSON routes' handler time (`Server-Timing`): the
+  rest of a JSON call's latency is HTTP and waiting for a thread, the rest of a Gradio call's the queue;
 - exactly-once: every (generation, rater) rating a client saw accepted is in the database exactly
   once, with that score, and no other rating of this run's generations by these raters is;
 - with `--kill-worker`: the worker is SIGKILLed halfway through (in the middle of a round if one
   comes within a fifth of the duration) and started again (same
   `--worker-id`, so it takes its lease back at once): no client error, no lost rating, and the
-  serving version only moves forward.
+  serving version only moves forward;
+- with `--db-outage SECONDS`: the database is unavailable for that long at the same moment (see
+  `bench/outage.py`: SQLite held under `BEGIN EXCLUSIVE`; PostgreSQL, given with `--db URL`, reached
+  through a TCP gate that cuts and refuses every connection): the worker comes back by itself (holds
+  its lease and publishes a version after the outage), no rating is lost (a refused one is a clear
+  "database is unavailable" error, which the JSON client retries after Retry-After), and the serving
+  version only moves forward.
 
 Prints a few lines and one JSON line. `--model tiny` builds the test suite's tiny GPT-2 locally.
 Torch runs one thread per process (OMP_NUM_THREADS=1 unless set): on a busy 2-core machine two
@@ -37,6 +48,8 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -179,12 +192,13 @@ def _ts(moment: datetime) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def wait_for_recovery(db: Path, runner: "WorkerRunner", timeout: float) -> dict[str, Any]:
-    """After a restart, wait until the new worker holds the lease and has published a version (reading the
-    store, as a checker); return the seconds each took from the restart (None if not within `timeout`)."""
+def wait_for_recovery(db: Path | str, runner: "WorkerRunner", timeout: float, since: float | None = None) -> dict[str, Any]:
+    """After a restart (or, given `since`, after that moment: an outage's end), wait until the worker holds the
+    lease with a heartbeat after it and has published a version after it (reading the store, as a checker);
+    return the seconds each took (None if not within `timeout`)."""
     from db import FeedbackStore
 
-    restarted = [e["at"] for e in runner.events if e["event"] == "started"][-1]
+    restarted = since if since is not None else [e["at"] for e in runner.events if e["event"] == "started"][-1]
     out: dict[str, Any] = {"lease_s": None, "first_version_s": None, "first_version": None}
     with FeedbackStore(db) as store:
         while time.time() - restarted < timeout:
@@ -206,30 +220,71 @@ def monotonic(values: list[int]) -> bool:
     return all(b >= a for a, b in zip(values, values[1:]))
 
 
+def handler_report(timings: list[tuple[str, float]]) -> dict[str, Any]:
+    """Return per JSON route: calls and p50/p95/p99 of the handler time its `Server-Timing` reported (ms)."""
+    from simulator.report import percentile
+
+    out = {}
+    for endpoint in sorted({e for e, _ in timings}):
+        values = [ms for e, ms in timings if e == endpoint]
+        out[f"/json{endpoint}"] = {"calls": len(values),
+                                   **{f"p{q}_ms": round(percentile(values, q), 1) for q in (50, 95, 99)}}
+    return out
+
+
+def outage_errors(calls, outage: dict[str, Any], t0_epoch: float) -> dict[str, Any]:
+    """Return what the clients saw of a database outage: failed calls and the clear ones among them (saying
+    the database is unavailable), and the slowest successful rating that overlapped it."""
+    from ppo_feedback.page.inputs import DATABASE_UNAVAILABLE
+
+    start, end = outage["start"] - t0_epoch, outage["end"] - t0_epoch
+    during = [c for c in calls if c.start_s <= end and c.start_s + c.latency_s >= start]
+    failed = [c for c in calls if not c.ok]
+    clear = [c for c in failed if DATABASE_UNAVAILABLE[:40] in (c.error or "")]
+    ratings = [c.latency_s for c in during if c.ok and c.endpoint.endswith("/rate")]
+    return {"calls_during": len(during), "failed": len(failed), "clear_outage_errors": len(clear),
+            "other_errors": len(failed) - len(clear), "retried_during": sum(1 for c in during if c.retries),
+            "slowest_rating_during_s": round(max(ratings), 2) if ratings else None}
+
+
 def run_load(*, model: str = "tiny", workdir: str | Path | None = None, raters: int = 16, duration: float = 120.0,
              kill_worker: bool = False, preference: str = "sentiment", candidates: int = 4, max_new_tokens: int = 16,
              noise: float = 0.5, bias: float = 0.5, seed: int = 0, worker_args: list[str] = (),
              app_args: list[str] = (), kill_at: float = 0.5, recovery_timeout: float = 180.0,
+             rate_via: str = "json", db_outage: float = 0.0, db_url: str | None = None,
              log=print) -> dict[str, Any]:
-    """Run the load (and, with `kill_worker`, fault) benchmark; return its report."""
+    """Run the load (and, with `kill_worker` or `db_outage` seconds, fault) benchmark; return its report.
+    `db_url`: a PostgreSQL database to use (an empty one, or one this bench used before) instead of a new
+    SQLite file in the work directory."""
+    from bench.outage import TcpGate, hold_sqlite_lock, is_postgres
     from db import FeedbackStore
     from simulator.report import check_exactly_once, latency_report
     from simulator.room import Simulation
 
+    if kill_worker and db_outage:
+        raise ValueError("run --kill-worker and --db-outage separately: both would strike at the same moment")
     say = log or (lambda *_: None)
     own_dir = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="ppo-load-")) if own_dir else Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec = resolve_model(model, workdir)
-    db, adapters, port = workdir / "feedback.db", workdir / "adapters", free_port()
+    db, adapters, port = db_url or workdir / "feedback.db", workdir / "adapters", free_port()
+    postgres = is_postgres(str(db))
+    gate = None
+    if postgres and db_outage:
+        target = make_url(str(db))
+        gate = TcpGate(target.host or "127.0.0.1", target.port or 5432)
+    served_db = gate.url_for(str(db)) if gate else db  # what the app and the worker connect to
     url = f"http://127.0.0.1:{port}/"
-    app = subprocess.Popen(app_command(spec, port, db, adapters, candidates=candidates, max_new_tokens=max_new_tokens,
-                                       extra=list(app_args)),
+    app = subprocess.Popen(app_command(spec, port, served_db, adapters, candidates=candidates,
+                                       max_new_tokens=max_new_tokens, extra=list(app_args)),
                            cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    worker = WorkerRunner(worker_command(spec, db, adapters, max_new_tokens=max_new_tokens, extra=list(worker_args)),
+    worker = WorkerRunner(worker_command(spec, served_db, adapters, max_new_tokens=max_new_tokens,
+                                         extra=list(worker_args)),
                           workdir / "worker.log")
     killer: threading.Thread | None = None
     recovery: dict[str, Any] = {}
+    outage: dict[str, Any] = {}
     try:
         worker.start()
         startup_s = wait_for_app(url, app)
@@ -237,36 +292,53 @@ def run_load(*, model: str = "tiny", workdir: str | Path | None = None, raters: 
         say(f"app up in {startup_s:.1f}s on {url} ({spec}), worker {worker_s:.1f}s later")
         sim = Simulation(url, preference, raters=raters, ratings=None, duration=duration, candidates=candidates,
                          noise=noise, bias=bias, seed=seed, rater_prefix="load", status_interval=0.5,
-                         log=None)
+                         rate_via=rate_via, log=None)
+
+        def sim_state() -> str:
+            point = sim.latest_status()
+            return point.worker_state if point else "unknown"
+
+        def wait_for_a_round() -> str:
+            time.sleep(duration * kill_at)
+            give_up = time.perf_counter() + duration * 0.2
+            while not sim_state().startswith(("training", "fitting")) and time.perf_counter() < give_up:
+                time.sleep(0.1)  # strike in the middle of a round when one comes soon
+            return sim_state()
+
+        if db_outage:
+            def make_outage() -> None:
+                state = wait_for_a_round()
+                say(f"database unavailable for {db_outage:.0f}s (the worker was: {state})")
+                held = gate.outage(db_outage) if gate else hold_sqlite_lock(db, db_outage)
+                outage.update(held, worker_state=state, how="tcp gate" if gate else "BEGIN EXCLUSIVE")
+                say("database back")
+
+            killer = threading.Thread(target=make_outage, name="db-outage", daemon=True)
+            killer.start()
         if kill_worker:
             def kill_and_restart() -> None:
-                time.sleep(duration * kill_at)
-                give_up = time.perf_counter() + duration * 0.2
-                while not sim_state().startswith(("training", "fitting")) and time.perf_counter() < give_up:
-                    time.sleep(0.1)  # kill it in the middle of a round when one comes soon
-                state = sim_state()
+                state = wait_for_a_round()
                 worker.kill()
                 worker.events[-1]["worker_state"] = state
                 say(f"worker SIGKILLed (it was: {state}); restarting it")
                 worker.start()
 
-            def sim_state() -> str:
-                point = sim.latest_status()
-                return point.worker_state if point else "unknown"
-
             killer = threading.Thread(target=kill_and_restart, name="worker-killer", daemon=True)
             killer.start()
         say(f"{raters} raters for {duration:.0f}s ...")
+        t0_epoch = time.time()
         result = sim.run()
         if killer is not None:
             killer.join(timeout=duration + 30)
-            recovery = wait_for_recovery(db, worker, timeout=recovery_timeout)
-            say(f"after the restart: {recovery}")
+            recovery = wait_for_recovery(db, worker, timeout=recovery_timeout, since=outage.get("end"))
+            say(f"after the {'outage' if db_outage else 'restart'}: {recovery}")
     finally:
         if killer is not None:
             killer.join(timeout=duration + 30)
         worker_code = worker.stop()
         stop_process(app)
+        if gate is not None:
+            gate.close()
     with FeedbackStore(db) as store:
         check = check_exactly_once(store, result.accepted, result.generations, [r.name for r in sim.raters])
         versions = [(v.version, v.status, _ts(v.created_at)) for v in store.list_versions()]
@@ -275,14 +347,17 @@ def run_load(*, model: str = "tiny", workdir: str | Path | None = None, raters: 
     restarts = [e["at"] for e in worker.events if e["event"] == "started"][1:]
     after_restart = [v for v, _, at in versions if restarts and at > restarts[-1]]
     latency = latency_report(result)
+    seen_outage = outage_errors(result.calls, outage, t0_epoch) if outage.get("end") else {}
     rating_span = max((r.time_s for r in result.records), default=0.0)
     report = {
-        "bench": "load" + ("+kill-worker" if kill_worker else ""),
+        "bench": "load" + ("+kill-worker" if kill_worker else "") + ("+db-outage" if db_outage else ""),
         "model": model, "raters": raters, "duration_s": duration, "wall_s": round(result.wall_s, 1),
+        "rate_via": rate_via, "database": "postgresql" if postgres else "sqlite",
         "ratings": len(result.records), "preferences": result.preferences,
         "ratings_per_s": round(len(result.records) / result.wall_s, 2) if result.wall_s else None,
         "generations": len(result.generations),
         "latency_ms": latency,
+        "handler_ms": handler_report(result.handler_ms),
         "client_errors": len(result.errors), "error_examples": [c.error for c in result.errors[:5]],
         "rater_failures": result.failures,
         "retried_calls": sum(1 for c in result.calls if c.retries),
@@ -291,6 +366,8 @@ def run_load(*, model: str = "tiny", workdir: str | Path | None = None, raters: 
         "versions": [(v, status) for v, status, _ in versions],
         "versions_after_restart": after_restart,
         "recovery": recovery,
+        "db_outage": {**{k: v for k, v in outage.items() if k not in ("start", "end")},
+                      "seconds": round(outage["end"] - outage["start"], 1), **seen_outage} if outage.get("end") else {},
         "serving_versions_seen": sorted(set(serving)),
         "serving_version_monotonic": monotonic(serving),
         "status_polls": len(serving),
@@ -314,6 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raters", type=int, default=16)
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of rating")
     parser.add_argument("--kill-worker", action="store_true", help="SIGKILL the worker halfway and restart it")
+    parser.add_argument("--db-outage", type=float, default=0.0, metavar="SECONDS",
+                        help="make the database unavailable this long halfway (SQLite: BEGIN EXCLUSIVE; "
+                             "PostgreSQL: a TCP gate cuts and refuses connections)")
+    parser.add_argument("--db", default=None, metavar="URL",
+                        help="a PostgreSQL database to use (default: a new SQLite file in the work directory)")
+    parser.add_argument("--rate-via", choices=("json", "gradio", "both"), default="json",
+                        help="send /next_prompt, /rate and /prefer to the JSON routes, through Gradio's queue, or "
+                             "half the raters each way (default %(default)s)")
     parser.add_argument("--preference", default="sentiment")
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -324,22 +409,32 @@ def main(argv: list[str] | None = None) -> int:
                             "--mini-batch-size", "8", "--ppo-epochs", "2"]
     report = run_load(model=args.model, workdir=args.workdir, raters=args.raters, duration=args.duration,
                       kill_worker=args.kill_worker, preference=args.preference, candidates=args.candidates,
-                      max_new_tokens=args.max_new_tokens, seed=args.seed, worker_args=worker_args)
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, worker_args=worker_args,
+                      rate_via=args.rate_via, db_outage=args.db_outage, db_url=args.db)
     lat = report["latency_ms"]
     print(f"{report['ratings']} ratings in {report['wall_s']}s = {report['ratings_per_s']}/s by {args.raters} raters; "
           f"client errors {report['client_errors']}")
-    for endpoint in ("/rate", "/generate", "/prefer", "/next_prompt", "/status"):
+    for endpoint in ("/json/rate", "/rate", "/generate", "/json/prefer", "/prefer", "/json/next_prompt",
+                     "/next_prompt", "/status"):
         if endpoint in lat:
             l = lat[endpoint]
-            print(f"  {endpoint:<12} {l['calls']:>5} calls  p50 {l['p50_ms']} ms  p95 {l['p95_ms']} ms  "
+            print(f"  {endpoint:<18} {l['calls']:>5} calls  p50 {l['p50_ms']} ms  p95 {l['p95_ms']} ms  "
                   f"p99 {l['p99_ms']} ms  errors {l['errors']}")
+    for endpoint, h in report["handler_ms"].items():
+        print(f"  {endpoint:<18} handler time: p50 {h['p50_ms']} ms  p95 {h['p95_ms']} ms")
+    if report["db_outage"]:
+        print(f"database outage: {report['db_outage']}; after it: {report['recovery']}")
     c = report["exactly_once"]
     print(f"exactly once: {'ok' if c['ok'] else 'FAILED'} ({c['accepted']} accepted, {c['stored']} stored, "
           f"{c['missing']} missing, {c['duplicated']} duplicated, {c['unexpected']} unexpected)")
     print(f"versions {report['versions']}; serving versions seen {report['serving_versions_seen']} "
           f"(monotonic: {report['serving_version_monotonic']}); worker {report['worker']['events']}")
     print(json.dumps(report))
-    ok = c["ok"] and report["client_errors"] == 0 and report["serving_version_monotonic"] and not report["rater_failures"]
+    # during a database outage, a call refused with the clear "database is unavailable" message is allowed
+    allowed = report["db_outage"].get("clear_outage_errors", 0)
+    recovered = not report["db_outage"] or report["recovery"].get("first_version") is not None
+    ok = (c["ok"] and report["client_errors"] - allowed == 0 and report["serving_version_monotonic"]
+          and not report["rater_failures"] and recovered)
     return 0 if ok else 1
 
 

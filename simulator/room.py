@@ -1,4 +1,5 @@
-"""The room: K scripted raters against a running app, through `gradio_client` only, and what they saw."""
+"""The room: K scripted raters against a running app, through `gradio_client` (and, with `rate_via`, the
+page's plain JSON routes for the cheap calls), and what they saw."""
 from __future__ import annotations
 
 import threading
@@ -11,7 +12,10 @@ from .raters import Preference, ScriptedRater, parse_preference, rater_biases
 
 FALLBACK_PROMPTS = ["Tell me something nice about your day.", "Describe your favourite place.",
                     "Write a short note to a friend."]
-ENDPOINTS = ("/next_prompt", "/generate", "/rate", "/prefer", "/status")
+ENDPOINTS = ("/next_prompt", "/generate", "/rate", "/prefer", "/status", "/json/next_prompt", "/json/rate",
+             "/json/prefer")
+RATE_VIA = ("json", "gradio", "both")
+"""Where raters send /next_prompt, /rate and /prefer: the JSON routes, Gradio's queue, or half the raters each."""
 MAX_FAILED_ROUNDS = 10
 """A rater gives up after this many rounds in a row that failed (the app is gone)."""
 
@@ -68,6 +72,7 @@ class SimulationResult:
     wall_s: float
     pace_waits: list[dict[str, Any]]
     failures: list[str] = field(default_factory=list)  # raters that gave up, and why
+    handler_ms: list[tuple[str, float]] = field(default_factory=list)  # JSON routes' Server-Timing: (endpoint, ms)
 
     @property
     def errors(self) -> list[Call]:
@@ -85,6 +90,12 @@ def _default_client_factory(url: str) -> Any:
     return Client(url, verbose=False)
 
 
+def _default_json_factory(url: str) -> Any:
+    from .json_client import JsonClient
+
+    return JsonClient(url)
+
+
 class Simulation:
     """K scripted raters against a running app, through `gradio_client` only."""
 
@@ -93,7 +104,8 @@ class Simulation:
                  seed: int = 0, rater_prefix: str = "sim", pace: int | None = None, pace_lag: int = 1,
                  pace_timeout: float = 600.0,
                  status_interval: float | None = None, retries: int = 3, prefer: bool = True,
-                 client_factory: Callable[[str], Any] = _default_client_factory,
+                 client_factory: Callable[[str], Any] = _default_client_factory, rate_via: str = "gradio",
+                 json_factory: Callable[[str], Any] = _default_json_factory,
                  log: Callable[[str], None] | None = print):
         if ratings is None and duration is None:
             raise ValueError("give a number of ratings, a duration, or both")
@@ -101,7 +113,10 @@ class Simulation:
             raise ValueError("--ratings must be >= 1")
         if raters < 1 or candidates < 1 or (pace is not None and pace < 1) or pace_lag < 1:
             raise ValueError("--raters, --candidates, --pace and --pace-lag must be >= 1")
+        if rate_via not in RATE_VIA:
+            raise ValueError(f"rate_via must be one of {RATE_VIA}, not {rate_via!r}")
         self.url, self.candidates, self.target, self.duration = url, candidates, ratings, duration
+        self.rate_via, self.json_factory = rate_via, json_factory
         self.preference = parse_preference(preference) if isinstance(preference, str) else preference
         self.pace, self.pace_lag, self.pace_timeout = pace, pace_lag, pace_timeout
         self.idle_grace_s = 5.0  # how long the worker must say "waiting for ..." before a wait gives up
@@ -133,12 +148,15 @@ class Simulation:
     def run(self) -> SimulationResult:
         """Run the room until the ratings are in or the duration is over; return what happened."""
         clients = [self.client_factory(self.url) for _ in self.raters]
+        # the cheap calls of rater i: the JSON routes (None: through Gradio); with "both", the even-numbered raters'
+        cheap = [self.json_factory(self.url) if self.rate_via == "json" or (self.rate_via == "both" and i % 2 == 0)
+                 else None for i in range(len(self.raters))]
         status_client = self.client_factory(self.url)
         self._t0 = time.perf_counter()
         if self.pace:
             self._start_version = self._call(status_client, "/status")["serving_version"]
-        threads = [threading.Thread(target=self._rater_main, args=(r, c), name=r.name, daemon=True)
-                   for r, c in zip(self.raters, clients)]
+        threads = [threading.Thread(target=self._rater_main, args=(r, c, j), name=r.name, daemon=True)
+                   for r, c, j in zip(self.raters, clients, cheap)]
         poller = None
         if self.status_interval:
             poller = threading.Thread(target=self._poll_status, args=(self.client_factory(self.url),),
@@ -157,7 +175,8 @@ class Simulation:
         self._stop.set()
         if poller is not None:
             poller.join(timeout=10)
-        for client in [*clients, status_client]:
+        handler_ms = [timing for j in cheap if j is not None for timing in getattr(j, "handler_ms", ())]
+        for client in [*clients, *(j for j in cheap if j is not None), status_client]:
             close = getattr(client, "close", None)
             if close is not None:
                 try:
@@ -167,7 +186,8 @@ class Simulation:
         return SimulationResult(records=list(self._records), calls=list(self._calls), status=list(self._status),
                                 generations=dict(self._generations), accepted=dict(self._accepted),
                                 preferences=self._preferences, wall_s=time.perf_counter() - self._t0,
-                                pace_waits=list(self._pace_waits), failures=list(self._failures))
+                                pace_waits=list(self._pace_waits), failures=list(self._failures),
+                                handler_ms=handler_ms)
 
     def latest_status(self) -> StatusPoint | None:
         """Return the status poller's newest view of /status (None before the first poll or without a poller)."""
@@ -183,34 +203,39 @@ class Simulation:
         if self.log is not None:
             self.log(message)
 
-    def _call(self, client: Any, endpoint: str, *args: Any, retry: bool = True) -> Any:
-        """Call an endpoint, retrying transport failures (never errors the app raised); record each outcome."""
+    def _call(self, client: Any, endpoint: str, *args: Any, retry: bool = True, json_route: bool = False) -> Any:
+        """Call an endpoint (recorded as /json/<name> when `client` is a JsonClient, `json_route`), retrying
+        transport failures and "retry later" answers (after the Retry-After they give), never errors the
+        app raised; record each outcome."""
         from gradio_client.exceptions import AppError
 
+        from .json_client import RetryLater, RouteRefused
+
+        label = f"/json{endpoint}" if json_route else endpoint
         attempts = 1 + (self.retries if retry else 0)
         start = time.perf_counter()
         error = None
         for attempt in range(attempts):
             try:
                 result = client.predict(*args, api_name=endpoint)
-            except AppError as exc:  # the app said no: a real error, never retried
+            except (AppError, RouteRefused) as exc:  # the app said no: a real error, never retried
                 error = f"{type(exc).__name__}: {exc}"
                 break
-            except Exception as exc:  # noqa: BLE001 - connection trouble: the call may be repeated
+            except Exception as exc:  # noqa: BLE001 - connection trouble, an outage: the call may be repeated
                 error = f"{type(exc).__name__}: {exc}"
                 if attempt + 1 < attempts and not self._stop.is_set():
-                    time.sleep(0.2 * (attempt + 1))
+                    time.sleep(max(0.2 * (attempt + 1), getattr(exc, "retry_after_s", 0.0)))
                     continue
                 break
             else:
                 with self._lock:
-                    self._calls.append(Call(endpoint, start - self._t0, time.perf_counter() - start, True,
+                    self._calls.append(Call(label, start - self._t0, time.perf_counter() - start, True,
                                             retries=attempt))
                 return result
         with self._lock:
-            self._calls.append(Call(endpoint, start - self._t0, time.perf_counter() - start, False, error,
-                                    retries=attempts - 1))
-        raise RuntimeError(f"{endpoint}: {error}")
+            self._calls.append(Call(label, start - self._t0, time.perf_counter() - start, False, error,
+                                    retries=attempt))
+        raise RuntimeError(f"{label}: {error}")
 
     def _reserve(self, want: int, client: Any) -> int:
         """Return how many rating slots this rater may fill now (0 = stop), waiting at a pace boundary."""
@@ -325,16 +350,16 @@ class Simulation:
                 pass
             self._stop.wait(self.status_interval)
 
-    def _rater_main(self, rater: ScriptedRater, client: Any) -> None:
+    def _rater_main(self, rater: ScriptedRater, client: Any, cheap: Any = None) -> None:
         try:
-            self._rate_until_done(rater, client)
+            self._rate_until_done(rater, client, cheap)
         except Exception as exc:  # noqa: BLE001 - reported after the run
             message = f"{rater.name} gave up: {type(exc).__name__}: {exc}"
             self._say(message)
             with self._lock:
                 self._failures.append(message)
 
-    def _rate_until_done(self, rater: ScriptedRater, client: Any) -> None:
+    def _rate_until_done(self, rater: ScriptedRater, client: Any, cheap: Any = None) -> None:
         seen_prompts: list[str] = []
         failed_in_a_row = 0
         while not self._stop.is_set():
@@ -343,7 +368,7 @@ class Simulation:
                 return
             accepted = 0
             try:
-                accepted = self._one_round(rater, client, n, seen_prompts)
+                accepted = self._one_round(rater, client, n, seen_prompts, cheap)
                 failed_in_a_row = 0
             except RuntimeError:
                 failed_in_a_row += 1
@@ -353,9 +378,12 @@ class Simulation:
             finally:
                 self._release(n, accepted)
 
-    def _one_round(self, rater: ScriptedRater, client: Any, n: int, seen_prompts: list[str]) -> int:
-        """Prompt, generate n, rate each, prefer the best; return how many ratings the app accepted."""
-        pool = self._call(client, "/next_prompt", rater.name)
+    def _one_round(self, rater: ScriptedRater, client: Any, n: int, seen_prompts: list[str], cheap: Any = None) -> int:
+        """Prompt, generate n, rate each, prefer the best; return how many ratings the app accepted. The cheap
+        calls (/next_prompt, /rate, /prefer) go to `cheap` (a JsonClient) when given, else to `client`."""
+        via_json = cheap is not None
+        cheap = cheap if via_json else client
+        pool = self._call(cheap, "/next_prompt", rater.name, json_route=via_json)
         prompt = pool.get("text") if isinstance(pool, dict) else None
         if prompt is None:  # this rater has rated the whole pool: ask again about one it has seen
             prompt = rater.rng.choice(seen_prompts or FALLBACK_PROMPTS)
@@ -375,7 +403,7 @@ class Simulation:
         for i, (item, j) in enumerate(zip(items, judgements)):
             gid = int(item["generation_id"])
             try:
-                self._call(client, "/rate", gid, j.score, "", rater.name)
+                self._call(cheap, "/rate", gid, j.score, "", rater.name, json_route=via_json)
             except RuntimeError:
                 continue
             accepted += 1
@@ -386,8 +414,8 @@ class Simulation:
                                                   j.score, best == i))
         if self.prefer and best is not None:
             try:
-                self._call(client, "/prefer", int(items[best]["generation_id"]),
-                           [int(items[i]["generation_id"]) for i in beaten], rater.name)
+                self._call(cheap, "/prefer", int(items[best]["generation_id"]),
+                           [int(items[i]["generation_id"]) for i in beaten], rater.name, json_route=via_json)
                 with self._lock:
                     self._preferences += len(beaten)
             except RuntimeError:

@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -311,6 +312,84 @@ def test_pacing_goes_on_once_the_worker_published_enough_versions(store, lag, wa
     assert {w["outcome"] for w in result.pace_waits} == {"trained"}
 
 
+def test_with_rate_via_both_half_the_raters_rate_through_the_json_routes(store):
+    json_clients = []
+
+    def json_factory(url):
+        client = FakeClient(store, TEXTS)
+        client.handler_ms = [("/rate", 1.0)]
+        json_clients.append(client)
+        return client
+
+    sim = Simulation("fake", "keyword:happy", raters=4, ratings=16, candidates=2, seed=4, rate_via="both",
+                     client_factory=lambda url: FakeClient(store, TEXTS), json_factory=json_factory, log=None)
+    result = sim.run()
+    assert len(json_clients) == 2 and len(result.records) == 16 and not result.errors
+    assert {c.endpoint for c in result.calls} == {"/next_prompt", "/json/next_prompt", "/generate", "/rate",
+                                                  "/json/rate", "/prefer", "/json/prefer"}
+    assert result.handler_ms == [("/rate", 1.0)] * 2
+    assert check_exactly_once(store, result.accepted, result.generations, [r.name for r in sim.raters])["ok"]
+    with pytest.raises(ValueError, match="rate_via"):
+        Simulation("fake", "sentiment", ratings=1, rate_via="smoke-signals")
+
+
+def test_a_rating_answered_retry_later_is_sent_again_after_retry_after(store):
+    from simulator.json_client import RetryLater
+
+    class Outage(FakeClient):
+        def predict(self, *args, api_name):
+            if api_name == "/rate" and not getattr(self, "refused", False):
+                self.refused = True
+                raise RetryLater("The database is unavailable just now", 0.3)
+            return super().predict(*args, api_name=api_name)
+
+    sim = Simulation("fake", "sentiment", raters=1, ratings=2, candidates=2, rate_via="json", log=None,
+                     client_factory=lambda url: FakeClient(store, TEXTS), json_factory=lambda url: Outage(store, TEXTS))
+    result = sim.run()
+    retried = [c for c in result.calls if c.retries]
+    assert len(result.records) == 2 and not result.errors
+    assert [c.endpoint for c in retried] == ["/json/rate"] and retried[0].latency_s >= 0.3
+
+
+def test_the_tcp_gate_cuts_and_refuses_connections_during_an_outage():
+    import socket
+    import threading
+
+    from bench.outage import TcpGate
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda c=conn: [c.sendall(d) for d in iter(lambda: c.recv(100), b"")],
+                             daemon=True).start()
+
+    threading.Thread(target=echo, daemon=True).start()
+    gate = TcpGate("127.0.0.1", server.getsockname()[1])
+    try:
+        before = socket.create_connection(("127.0.0.1", gate.port), timeout=2)
+        before.sendall(b"ping")
+        assert before.recv(100) == b"ping"
+        outage = threading.Thread(target=gate.outage, args=(1.0,))
+        outage.start()
+        time.sleep(0.3)
+        assert before.recv(100) == b""  # cut
+        during = socket.create_connection(("127.0.0.1", gate.port), timeout=2)
+        assert during.recv(100) == b""  # refused: closed at once
+        outage.join()
+        after = socket.create_connection(("127.0.0.1", gate.port), timeout=2)
+        after.sendall(b"pong")
+        assert after.recv(100) == b"pong"
+        assert gate.url_for("postgresql+psycopg://u:p@db.example:5432/x").endswith(f"@127.0.0.1:{gate.port}/x")
+    finally:
+        gate.close()
+        server.close()
+
+
 # --------------------------------------------------------------------- a launched app (tiny model)
 
 def _launch_app(model_dir, tmp_path, port, *extra):
@@ -373,6 +452,26 @@ def test_short_load_run_is_exactly_once_with_a_worker_killed_and_restarted(tiny_
     assert report["client_errors"] == 0 and not report["error_examples"], report["error_examples"]
     assert report["serving_version_monotonic"]
     assert report["worker"]["killed"] and report["worker"]["restarted"]
+
+
+@pytest.mark.slow
+def test_short_load_run_through_the_json_routes_survives_a_database_outage(tiny_model_dir, tmp_path):
+    from bench.load import run_load
+
+    worker_args = ["--min-new-feedback", "4", "--ppo-iterations", "1", "--batch-size", "2", "--mini-batch-size", "2",
+                   "--ppo-epochs", "1", "--reference-samples", "2", "--min-ratings", "4", "--min-rated-prompts", "1"]
+    report = run_load(model=str(tiny_model_dir), workdir=tmp_path, raters=3, duration=10.0, db_outage=3.0,
+                      kill_at=0.3, candidates=2, max_new_tokens=4, recovery_timeout=120, worker_args=worker_args,
+                      rate_via="json", log=None)
+    assert report["exactly_once"]["ok"], report["exactly_once"]
+    assert report["ratings"] > 0 and not report["rater_failures"]
+    assert report["latency_ms"]["/json/rate"]["calls"] > 0 and "/rate" not in report["latency_ms"]
+    assert report["handler_ms"]["/json/rate"]["p95_ms"] > 0
+    outage = report["db_outage"]
+    assert outage["how"] == "BEGIN EXCLUSIVE" and outage["seconds"] >= 3.0 and outage["other_errors"] == 0, outage
+    assert report["client_errors"] == outage["clear_outage_errors"], report["error_examples"]
+    assert report["serving_version_monotonic"]
+    assert report["recovery"]["first_version"] is not None, report["recovery"]  # the worker came back by itself
 
 
 @pytest.mark.slow

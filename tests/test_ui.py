@@ -370,5 +370,6 @@ def test_readme_api_table_lists_the_endpoints_of_the_table():
     from ppo_feedback.page.api import ENDPOINTS
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| `/(\w+)`( \(admin\))? \|", readme, flags=re.MULTILINE)
-    assert [(name, bool(admin)) for name, admin in rows] == [(e.name, e.admin_action is not None) for e in ENDPOINTS]
+    rows = re.findall(r"^\| `/(\w+)`( \(admin\))?( \(JSON\))? \|", readme, flags=re.MULTILINE)
+    assert [(name, bool(admin), bool(json_route)) for name, admin, json_route in rows] == [
+        (e.name, e.admin_action is not None, e.json_route) for e in ENDPOINTS]

@@ -9,6 +9,7 @@
 - `limits.py`: the bounds on the queue (its size, each user's model calls);
 - `cards.py`: the Rate tab's cards as data (blind shuffled order, what a submission says, progress);
 - `guards.py`: what every request passes first (the Host check without logins, sessions of removed users);
+- `routes.py`: the cheap endpoints also as plain JSON routes beside the page (`POST /json/<name>`);
 - `keyboard.js`, `keyboard.css`: the Rate tab's keyboard shortcuts.
 
 Model text, prompts and comments are only ever shown in text boxes, never as HTML or Markdown.
@@ -35,6 +36,7 @@ from .handlers import wire_page
 from .inputs import Forbidden, builtin_prompts, parse_prompt_upload, shown_errors
 from .layout import lay_out
 from .limits import bound_queue
+from .routes import json_routes
 
 _HERE = Path(__file__).resolve().parent
 KEYBOARD_HEAD = (f"<style>\n{(_HERE / 'keyboard.css').read_text(encoding='utf-8')}</style>\n"
@@ -63,7 +65,7 @@ def launch_options(app: FeedbackApp, config: AppConfig | None = None, *,
     default AppConfig(): bound to 127.0.0.1): the keyboard script, the upload limit, a public link only
     with logins and, with a users file, the login (hashed off the event loop, guessing refused, see
     `LoginGuard`, whose clock is `clock`) and the end of removed users' sessions; without one, the
-    Host check (`LoopbackHostOnly`) when bound to this machine."""
+    Host check (`LoopbackHostOnly`) when bound to this machine; and the JSON routes (`routes.py`)."""
     config = config or AppConfig()
     middleware: list[Middleware] = []
     options: dict[str, Any] = {"head": KEYBOARD_HEAD, "show_error": True, "share": False,
@@ -78,5 +80,5 @@ def launch_options(app: FeedbackApp, config: AppConfig | None = None, *,
         middleware.append(Middleware(SessionGuard, users=app.users))
     elif is_loopback(config.host):
         middleware.append(Middleware(LoopbackHostOnly))
-    options["app_kwargs"] = {"middleware": middleware}
+    options["app_kwargs"] = {"middleware": middleware, "routes": json_routes(app)}
     return options

@@ -42,6 +42,9 @@ class Endpoint:
     defaults: Callable[[FeedbackApp], dict[str, Any]] = field(default=lambda app: {})
     button: Callable[[Page], tuple] | None = None
     """For endpoints returning a file: page -> (button, inputs, output), so the page downloads it too."""
+    json_route: bool = False
+    """Also served as a plain JSON route beside the page (`POST /json/<name>`, see `routes.py`): the cheap
+    endpoints, which need no place in Gradio's queue."""
 
 
 class Api:
@@ -136,18 +139,18 @@ class Api:
 
 
 ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint("next_prompt"),
+    Endpoint("next_prompt", json_route=True),
     Endpoint("generate", queue="model", defaults=lambda app: {"n": app.sampling.num_candidates}),
     Endpoint("generate_stream", queue="model", defaults=lambda app: {"n": app.sampling.num_candidates}),
-    Endpoint("rate"),
-    Endpoint("prefer"),
-    Endpoint("submit"),
-    Endpoint("undo"),
-    Endpoint("skip"),
-    Endpoint("my_submissions"),
+    Endpoint("rate", json_route=True),
+    Endpoint("prefer", json_route=True),
+    Endpoint("submit", json_route=True),
+    Endpoint("undo", json_route=True),
+    Endpoint("skip", json_route=True),
+    Endpoint("my_submissions", json_route=True),
     Endpoint("overlap_page"),
-    Endpoint("guidelines"),
-    Endpoint("status"),
+    Endpoint("guidelines", json_route=True),
+    Endpoint("status", json_route=True),
     Endpoint("export_adapter", admin_action="download adapters", queue="default",
              button=lambda page: (page.operate.adapter_button, [page.operate.version], [page.operate.adapter_file])),
     Endpoint("export_ratings", admin_action="export ratings", queue="default",
@@ -162,9 +165,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 
 
 def endpoint_function(api: Api, endpoint: Endpoint) -> Callable:
-    """Return the function Gradio serves for a row: its `Api` method with the row's defaults in the
-    signature Gradio reads, the admin check first (admin endpoints take the request for it, and pass it on
-    to a method that declares it: one that needs who acts), and bad input shown as a readable error."""
+    """Return the function Gradio serves for a row: `endpoint_call`'s, with bad input shown as a readable error."""
+    return shown_errors(endpoint_call(api, endpoint))
+
+
+def endpoint_call(api: Api, endpoint: Endpoint) -> Callable:
+    """Return the function serving a row (Gradio's, and the JSON route's): its `Api` method with the row's
+    defaults in the signature Gradio reads, and the admin check first (admin endpoints take the request for
+    it, and pass it on to a method that declares it: one that needs who acts). Bad input raises ValueError
+    or PermissionError; arguments that do not fit the signature raise TypeError."""
     method = getattr(api, endpoint.name)
     defaults = endpoint.defaults(api.app)
     declared = inspect.signature(method).parameters
@@ -203,7 +212,7 @@ def endpoint_function(api: Api, endpoint: Endpoint) -> Callable:
     call.__signature__ = signature
     call.__annotations__ = {**method.__annotations__, "return": returns,
                             **({"request": gr.Request} if endpoint.admin_action else {})}
-    return shown_errors(call)
+    return call
 
 
 def register_endpoints(app: FeedbackApp, page: Page) -> None:

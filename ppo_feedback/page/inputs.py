@@ -87,11 +87,28 @@ def md_escape(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>&])", r"\\\1", text)
 
 
+DATABASE_UNAVAILABLE = ("The database is unavailable just now; try again in a few seconds (sending the same "
+                        "rating or submission again stores it once).")
+"""What a request that met a database outage is told (a lost connection, a lock held past the busy timeout)."""
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Return whether `exc` says the database could not be reached or stayed locked (worth retrying later),
+    rather than that the request was wrong."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    return isinstance(exc, (OperationalError, PoolTimeout)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
 def shown_errors(fn: Callable) -> Callable:
     """Return `fn` with bad-input exceptions turned into gr.Error: ValueError (StoreError, PromptError,
-    AdapterLoadError, ExportError, limits) and PermissionError (Forbidden). Anything else stays a
-    server error. Generator functions keep streaming."""
+    AdapterLoadError, ExportError, limits) and PermissionError (Forbidden), and a database outage into
+    DATABASE_UNAVAILABLE. Anything else stays a server error. Generator functions keep streaming."""
     def convert(exc: Exception) -> gr.Error:
+        if database_unavailable(exc):
+            return gr.Error(DATABASE_UNAVAILABLE, print_exception=False)
         return gr.Error(html.escape(str(exc), quote=False), print_exception=False)  # toasts render HTML
 
     if inspect.isgeneratorfunction(fn):
@@ -101,7 +118,9 @@ def shown_errors(fn: Callable) -> Callable:
                 yield from fn(*args, **kwargs)
             except gr.Error:
                 raise
-            except (ValueError, PermissionError) as exc:
+            except Exception as exc:
+                if not isinstance(exc, (ValueError, PermissionError)) and not database_unavailable(exc):
+                    raise
                 raise convert(exc) from exc
         return generator
 
@@ -111,6 +130,8 @@ def shown_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except (ValueError, PermissionError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, (ValueError, PermissionError)) and not database_unavailable(exc):
+                raise
             raise convert(exc) from exc
     return wrapper
