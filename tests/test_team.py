@@ -49,6 +49,7 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 def test_two_pages_one_postgres_share_ratings_and_versions(tmp_path, tiny_model_dir):
     from gradio_client import Client
+    from gradio_client.exceptions import AppError
 
     base_url = os.environ.get(PG_URL_ENV)
     if not base_url:
@@ -67,7 +68,10 @@ def test_two_pages_one_postgres_share_ratings_and_versions(tmp_path, tiny_model_
             [generation] = a.predict("Shared prompt", 1, "ann", api_name="/generate")
             a.predict(generation["generation_id"], 4, "", "ann", api_name="/rate")
             assert b.predict(api_name="/status")["counts"]["ratings"] == 1
-            b.predict(generation["generation_id"], 2, "", "bob", api_name="/rate")
+            with pytest.raises(AppError, match="not shown to 'bob'"):  # one page's rule holds on every page
+                b.predict(generation["generation_id"], 2, "", "bob", api_name="/rate")
+            [own] = b.predict("Shared prompt", 1, "bob", api_name="/generate")
+            b.predict(own["generation_id"], 2, "", "bob", api_name="/rate")
             assert a.predict(api_name="/status")["counts"]["ratings"] == 2
 
             # a trainer elsewhere publishes version 1 into the shared directory and database
