@@ -12,16 +12,11 @@ from db import Cursor, NewGeneration, StoreError
 from ppo_feedback.page import FeedbackApp, parse_prompt_upload
 from ppo_feedback.page.api import ENDPOINTS, Api, endpoint_function
 from ppo_feedback.page.controller import SWAP_ERROR_FOR_RATERS
-from test_ui_support import page_store, SAMPLING, ScriptedServing, write_users
+from page_fixtures import store  # noqa: F401  (fixture)
+from test_ui_support import SAMPLING, ScriptedServing, write_users
 
 HUGE = 2**63
 
-
-@pytest.fixture
-def store(tmp_path):
-    store = page_store(tmp_path / "feedback.db")
-    yield store
-    store.close()
 
 
 @pytest.fixture

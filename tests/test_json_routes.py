@@ -4,43 +4,20 @@ every refusal a JSON {"error"} with a 4xx code; a database outage a 503 with Ret
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from db import FeedbackStore
 from ppo_feedback import auth
 from ppo_feedback.auth import write_users_file
 from ppo_feedback.page.api import ENDPOINTS
 from ppo_feedback.page.inputs import DATABASE_UNAVAILABLE, shown_errors
 from ppo_feedback.page.routes import MAX_BODY_BYTES
-from store_fixtures import migrated_sqlite_template
-from test_ui_support import PASSWORDS, SAMPLING, ScriptedServing, launch, write_users
+from page_fixtures import serve, store  # noqa: F401  (fixtures)
+from test_ui_support import PASSWORDS, write_users
 
 
-@pytest.fixture
-def store(tmp_path):
-    shutil.copyfile(migrated_sqlite_template(), tmp_path / "feedback.db")
-    store = FeedbackStore(tmp_path / "feedback.db", max_prompt_chars=SAMPLING.max_prompt_chars)
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def serve(store, tmp_path):
-    """Launch the page on scripted texts (no model); close every page at the end."""
-    launched = []
-
-    def start(**options):
-        page = launch(ScriptedServing(store, ["one", "two", "three"], tmp_path / "adapters"), store, **options)
-        launched.append(page)
-        return page
-
-    yield start
-    for page in launched:
-        page.close()
 
 
 def post(client, page, name: str, body=None, **kwargs) -> httpx.Response:

@@ -17,7 +17,8 @@ from ppo_feedback.auth import DEFAULT_ITERATIONS, SCHEME, User, UserDirectory, w
 from ppo_feedback.config import AppConfig
 from ppo_feedback.login import ADDRESS_FACTOR, CLIENT_ADDRESS, LoginGuard
 from ppo_feedback.page import DELETE_CACHE, FeedbackApp, build_demo, launch_options
-from test_ui_support import page_store, PASSWORDS, SAMPLING, ScriptedServing, launch, write_users
+from page_fixtures import serve, store  # noqa: F401  (fixtures)
+from test_ui_support import PASSWORDS, SAMPLING, ScriptedServing, launch, write_users
 
 
 class FakeClock:
@@ -30,26 +31,6 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture
-def store(tmp_path):
-    store = page_store(tmp_path / "feedback.db")
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def serve(store, tmp_path):
-    """Launch the page on scripted texts (no model) with the given options; close every page at the end."""
-    launched = []
-
-    def start(**options):
-        page = launch(ScriptedServing(store, ["one", "two", "three"], tmp_path / "adapters"), store, **options)
-        launched.append(page)
-        return page
-
-    yield start
-    for page in launched:
-        page.close()
 
 
 def log_in(url: str, name: str, password: str, client: httpx.Client | None = None) -> httpx.Response:
