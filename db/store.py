@@ -1241,10 +1241,15 @@ def _overlap_stmt(rater: str) -> Any:
     )
 
 
+def _is_viewer(s: Session, page_id: int, rater: str) -> bool:
+    """Return whether the page was offered to `rater` besides the rater who asked for it."""
+    return s.scalar(select(m.PageViewer.id).where(m.PageViewer.page_id == page_id,
+                                                  m.PageViewer.rater == rater)) is not None
+
+
 def _add_viewer(s: Session, page_id: int, rater: str) -> bool:
     """Record `rater` as a viewer of the page unless they are already; return whether the row is new."""
-    found = s.scalar(select(m.PageViewer.id).where(m.PageViewer.page_id == page_id, m.PageViewer.rater == rater))
-    if found is not None:
+    if _is_viewer(s, page_id, rater):
         return False
     s.add(m.PageViewer(page_id=page_id, rater=rater, created_at=utcnow()))
     s.flush()
@@ -1271,8 +1276,7 @@ def _require_page_shown(s: Session, page_id: int, asked_by: str | None, rater: s
     (a viewer), or nobody asked for it (a page a script recorded)."""
     if asked_by is None or asked_by == rater:
         return
-    viewer = s.scalar(select(m.PageViewer.id).where(m.PageViewer.page_id == page_id, m.PageViewer.rater == rater))
-    if viewer is None:
+    if not _is_viewer(s, page_id, rater):
         raise StoreError(f"Page {page_id} was not shown to {rater!r}: judge only the candidates you were shown.")
 
 
