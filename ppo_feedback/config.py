@@ -448,6 +448,8 @@ class ObjectiveConfig:
     """Examples per optimizer step of a direct round (DPO: pairs; RAFT: kept candidates; KTO: labelled candidates)."""
     direct_target_kl: Optional[float] = None
     """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured after each pass; CleanRL's target_kl early stop); unset: every pass runs."""
+    direct_from_base: bool = False
+    """Each direct round trains a fresh adapter from the base model on all rated pages so far (a new optimizer too), instead of continuing from the version it loaded: the newest version is then one fit of the whole feedback, not the sum of every round's passes over the early pages (PPO's reward-model fallback rounds always continue)."""
     good_score: float = 1.0
     """Normalised score (a rater's own standard deviations above their own mean) from which a rated candidate counts as good; what a direct objective makes likelier must be good: RAFT keeps good candidates above their page's mean, DPO's pairs from ratings need a good chosen one (picks always count), KTO's desirable ones are good (-inf: every candidate above its page's mean, or above its rater's mean for KTO)."""
     reward_model_fallback: str = "raft"

@@ -329,11 +329,15 @@ class Worker:
         return stats
 
     def train_direct(self, plan: RoundPlan) -> dict[str, float]:
-        """Run the round's direct objective on the plan's examples, recorded as iteration 1; return its stats."""
+        """Run the round's direct objective on the plan's examples (from the base with `--direct-from-base`),
+        recorded as iteration 1; return its stats."""
         self.check_continue()
         objective = plan.examples.objective
         instead = "" if plan.report is None else f" instead of PPO ({plan.report.agreement.summary()})"
         self.set_state(f"training {objective} on {len(plan.examples)} examples{instead}")
+        if self.objective.direct and self.objective.direct_from_base:  # one fit of all pages, from the base
+            self.initial.restore()
+            self.trainer.optimizer.state.clear()
         stats = self.direct.step(plan.examples, self.pick_prompts())
         self.check_divergence(stats)
         if self.team.is_main:

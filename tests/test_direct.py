@@ -176,6 +176,25 @@ def test_direct_round_stops_its_passes_once_fresh_samples_pass_the_target_kl(tmp
     assert all(torch.equal(a, b) for a, b in zip(trained, worker.policy.trainable_parameters()))  # the same passes
 
 
+def test_direct_from_base_fits_every_round_afresh_from_the_base(tmp_path, tiny_model_dir, rated_store):
+    from db.records import Cursor
+
+    trained = {}
+    for from_base in (False, True):
+        worker = make_worker(tmp_path / str(from_base), tiny_model_dir, rated_store,
+                             objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_from_base=from_base))
+        plan, iteration = worker.prepare(Cursor()), worker.trainer.iteration
+        rounds = []
+        for _ in range(2):  # the same round twice, the second starting where the first ended
+            worker.trainer.iteration = iteration  # the same shuffle
+            worker.train(plan)
+            rounds.append([p.detach().clone() for p in worker.policy.trainable_parameters()])
+        trained[from_base] = rounds
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    assert same(*trained[True])  # from the base each time: the second round is the first again
+    assert not same(*trained[False])  # continuing: the second round moved on from the first
+
+
 def test_direct_round_with_a_non_finite_loss_is_discarded(tmp_path, tiny_model_dir, rated_store):
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
                          objective=ObjectiveConfig(objective="dpo", good_score=0.5))
