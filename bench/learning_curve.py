@@ -171,9 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="independent runs, run i with seed --seed + i for the raters and the worker (--seed); "
                              "prints each run's held-out difference and their mean with a 95%% t interval over runs")
+    parser.add_argument("--summarize", nargs="+", metavar="RUN_DIR", default=None,
+                        help="run nothing: read the report.json of these finished runs (of one taste and one set "
+                             "of options, e.g. seeds run apart) and print what --repeats prints of them")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.summarize:
+        reports = [json.loads((Path(d) / "report.json").read_text()) for d in args.summarize]
+        if len({(r["preference"], tuple(without_seed(r["training"]))) for r in reports}) > 1:
+            parser.error("--summarize: the runs differ in taste or options; summarize each set apart")
+        print_summary(summarize_runs(reports))
+        return 0
 
     from simulator.raters import parse_preference
 
@@ -184,24 +193,44 @@ def main(argv: list[str] | None = None) -> int:
                f"{args.preference.replace(':', '-').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
     print("command: python bench/learning_curve.py " + shlex.join(given))
     if args.repeats == 1:
-        run_once(args, preference, prompts, training, out, args.seed)
+        run_once(args, preference, prompts, [*without_seed(training), "--seed", str(args.seed)], out, args.seed)
         return 0
     reports = []
     for i in range(args.repeats):
         seed = args.seed + i
         print(f"\n=== run {i + 1} of {args.repeats}: seed {seed} ===")
-        reports.append(run_once(args, preference, prompts, [*training, "--seed", str(seed)], out / f"run-{i + 1}",
+        reports.append(run_once(args, preference, prompts, [*without_seed(training), "--seed", str(seed)],
+                                out / f"run-{i + 1}",
                                 seed))
     summary = summarize_runs(reports)
-    summary.update({"preference": args.preference, "training": training})
-    print(f"\n{args.repeats} runs, held-out difference newest - v0 per run: "
-          + ", ".join(f"{d:+.3f} ± {h:.3f}" for d, h in zip(summary["differences"], summary["differences_ci95"])))
-    print(f"mean difference {summary['difference_mean']:+.3f} ± {summary['difference_ci95']:.3f} (95% t interval "
-          f"over runs); goal met in {sum(summary['goal_met'])} of {args.repeats}; KL per run {summary['kl']}; "
-          f"base-model perplexity per run {summary['base_perplexity']}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
+    print_summary(summary)
     return 0
+
+
+def without_seed(options: list[str]) -> list[str]:
+    """Return app/worker options without their `--seed N` (a run's seed is this benchmark's `--seed`)."""
+    kept, skip = [], False
+    for option in options:
+        if skip:
+            skip = False
+        elif option == "--seed":
+            skip = True
+        elif not option.startswith("--seed="):
+            kept.append(option)
+    return kept
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print several runs' held-out differences, their mean with its interval over runs, and the JSON line."""
+    n = summary["repeats"]
+    print(f"\n{n} runs, held-out difference newest - v0 per run: "
+          + ", ".join(f"{d:+.3f} ± {h:.3f}" for d, h in zip(summary["differences"], summary["differences_ci95"])))
+    print(f"mean difference {summary['difference_mean']:+.3f} ± {summary['difference_ci95']} (95% t interval "
+          f"over runs); goal met in {sum(summary['goal_met'])} of {n}; KL per run {summary['kl']}; "
+          f"perplexity ratio per run {summary['perplexity_ratio']}; distinct-2 ratio per run "
+          f"{summary['distinct_bigram_ratio']}; seconds per run {summary['total_s']}")
+    print(json.dumps(summary))
 
 
 def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -214,6 +243,7 @@ def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return {"bench": "learning_curve", "repeats": len(reports), "seeds": [r["seed"] for r in reports],
             "differences": differences, "differences_ci95": [r["held_out"]["difference"]["ci95"] for r in reports],
             "difference_mean": round(mean, 4), "difference_ci95": None if math.isnan(half) else round(half, 4),
+            "preference": reports[0]["preference"], "training": without_seed(reports[0]["training"]),
             "goal_met": [r["goal_met"] for r in reports], "kl": [r["held_out"]["kl_newest"]["mean"] for r in reports],
             "base_perplexity": [r["held_out"]["base_perplexity"][f"v{r['versions_published'][-1]}"
                                                                   if r["versions_published"] else "v0"]

@@ -506,7 +506,7 @@ def test_learning_curve_repeats_summarise_over_runs():
 
     def report(seed, difference, half, kl, newest):
         return {"seed": seed, "out": f"run-{seed}", "goal_met": difference - half > 0, "versions_published": newest,
-                "total_s": 600 + seed,
+                "total_s": 600 + seed, "preference": "keyword:you", "training": ["--wait-interval", "1", "--seed", str(seed)],
                 "held_out": {"difference": {"mean": difference, "ci95": half}, "kl_newest": {"mean": kl},
                              "base_perplexity": {f"v{newest[-1] if newest else 0}": 12.0 + seed, "v0": 11.9},
                              "perplexity_ratio": 1.0 + seed / 10, "distinct_bigram_ratio": 0.9}}
@@ -523,3 +523,32 @@ def test_learning_curve_repeats_summarise_over_runs():
     assert summary["perplexity_ratio"] == [1.0, 1.1, 1.2] and summary["total_s"] == [600, 601, 602]
     single = summarize_runs([report(0, 0.30, 0.10, 8.0, [1])])
     assert single["difference_mean"] == pytest.approx(0.3) and single["difference_ci95"] is None
+
+
+def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_path, capsys):
+    import json
+
+    from bench.learning_curve import main, without_seed
+
+    assert without_seed(["--beta", "1", "--seed", "1", "--seed=2", "--rpo-alpha", "1"]) == \
+        ["--beta", "1", "--rpo-alpha", "1"]
+    runs = []
+    for seed, difference in ((0, 0.3), (1, 0.1), (2, 0.2)):
+        report = {"seed": seed, "out": f"run-{seed}", "goal_met": True, "versions_published": [1], "total_s": 600,
+                  "preference": "keyword:you", "training": ["--wait-interval", "1", "--seed", str(seed)],
+                  "held_out": {"difference": {"mean": difference, "ci95": 0.1}, "kl_newest": {"mean": 5.0},
+                               "base_perplexity": {"v1": 12.0, "v0": 11.9}, "perplexity_ratio": 1.0,
+                               "distinct_bigram_ratio": 0.9}}
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "report.json").write_text(json.dumps(report))
+        runs.append(str(tmp_path / str(seed)))
+    assert main(["--summarize", *runs]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["differences"] == [0.3, 0.1, 0.2] and summary["difference_mean"] == pytest.approx(0.2)
+    assert summary["training"] == ["--wait-interval", "1"]
+    other = json.loads((tmp_path / "2" / "report.json").read_text())
+    other["training"] += ["--beta", "0.5"]
+    (tmp_path / "2" / "report.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit):
+        main(["--summarize", *runs])
+    assert "differ in taste or options" in capsys.readouterr().err
