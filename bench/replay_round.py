@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         judge = dict(samples=args.samples, max_new_tokens=sampling.max_new_tokens,
                      temperature=sampling.temperature, top_p=sampling.top_p)
         base = evaluate_policy(worker.policy, prompts, preference, **judge)
+        while not worker.hold_lease():  # rounds record their metrics under the training lease, as the worker's do
+            print("waiting for the copied store's training lease to expire")
         trained_s, stats = time.perf_counter(), {}
         for i in range(args.rounds):
             plan = worker.prepare(Cursor())  # from the start: all feedback
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {i + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(stats.items())
                                                  if k.startswith(("loss/", "objective/", "direct/"))), flush=True)
         trained_s = time.perf_counter() - trained_s
+        worker.drop_lease()
         new = evaluate_policy(worker.policy, prompts, preference, **judge)
         worker.store.close()
     difference, half = t_interval([b - a for a, b in zip(base["per_prompt"], new["per_prompt"])])
