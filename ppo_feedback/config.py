@@ -447,7 +447,7 @@ class ObjectiveConfig:
     direct_batch_size: int = 8
     """Examples per optimizer step of a direct round (DPO: pairs; RAFT: kept candidates; KTO: labelled candidates)."""
     direct_target_kl: Optional[float] = None
-    """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured after each pass; CleanRL's target_kl early stop); unset: every pass runs."""
+    """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured after each pass and every 4 optimizer steps within one; CleanRL's target_kl early stop); unset: every pass runs."""
     direct_from_base: bool = False
     """Each direct round trains a fresh adapter from the base model on all rated pages so far (a new optimizer too), instead of continuing from the version it loaded: the newest version is then one fit of the whole feedback, not the sum of every round's passes over the early pages (PPO's reward-model fallback rounds always continue)."""
     good_score: float = 1.0

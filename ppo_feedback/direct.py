@@ -7,7 +7,8 @@ score: `examples` makes the objective's examples from the rated pages (`RatedFee
 examples with the objective's loss (`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
 `batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`); with
-`--direct-target-kl` it measures that after every pass and stops early once it is above the target.
+`--direct-target-kl` it measures that after every pass (and every `KL_CHECK_STEPS` steps within one) and
+stops early once it is above the target.
 
 What each learns from (one page: the candidates one rater asked for and saw side by side):
 
@@ -65,6 +66,9 @@ class Examples:
     def __len__(self) -> int:
         return len(self.items)
 
+
+KL_CHECK_STEPS = 4
+"""With `--direct-target-kl`, optimizer steps between two KL measurements inside a pass (and one after each pass)."""
 
 WAITING_FOR = {
     "dpo": "a good candidate rated above another of its page, or a pick",
@@ -145,8 +149,8 @@ class DirectTrainer:
 
     def step(self, found: Examples, prompts: Sequence[str]) -> dict[str, float]:
         """Train on `found` for `--direct-epochs` passes, then measure the KL of fresh samples of `prompts`;
-        return the round's stats. With `--direct-target-kl` the KL is measured after every pass and the
-        passes stop once it is above the target.
+        return the round's stats. With `--direct-target-kl` the KL is measured after every pass and every
+        `KL_CHECK_STEPS` optimizer steps within one, and the round stops once it is above the target.
 
         Raises FloatingPointError, before that minibatch's step, on a non-finite loss.
         """
@@ -159,18 +163,25 @@ class DirectTrainer:
         for done in range(1, self.config.direct_epochs + 1):
             last_pass: dict[str, list[float]] = defaultdict(list)
             order = torch.randperm(len(found), generator=generator).tolist()
-            for start in range(0, len(order), size):
-                loss, stats = self.loss(found, layout, reference, order[start:start + size])
+            batches = [order[i:i + size] for i in range(0, len(order), size)]
+            for k, batch in enumerate(batches, 1):
+                loss, stats = self.loss(found, layout, reference, batch)
                 self.ppo.optimize(loss)
                 losses.append(float(loss.detach()))
                 for name, value in stats.items():
                     last_pass[name].append(float(value))
-            if target is not None or done == self.config.direct_epochs:
-                kl, length = self.kl(prompts)  # fresh samples: after the last pass, or after each one to stop early
-                if target is not None and kl > target:
-                    break
+                end_of_pass = k == len(batches)
+                if (target is not None and (end_of_pass or len(losses) % KL_CHECK_STEPS == 0)) or \
+                        (end_of_pass and done == self.config.direct_epochs):
+                    kl, length = self.kl(prompts)  # fresh samples: at the end, or often enough to stop early
+                    if target is not None and kl > target:
+                        break
+            else:
+                continue
+            break  # above the target
         self.ppo.iteration += 1
         return self.stats(found, losses, last_pass, kl=kl, length=length, passes=done)
+
 
     def layout(self, found: Examples) -> Rollout:
         """Return every sequence of `found` laid out as the sampler lays out its own, on the policy's device."""
@@ -258,7 +269,8 @@ class DirectTrainer:
         the last pass's; `objective/scores`: the last pass's mean implied reward margin `rewards/margins`
         (dpo, kto; else kto's `rewards/chosen` or `rewards/rejected`, whichever it has), raft's mean implied
         reward of its kept samples `rewards/chosen`; `objective/kl` and `val/mean_length`: of fresh samples
-        after the last pass; `direct/passes`: the passes run (fewer than `--direct-epochs` when stopped on KL).
+        after the last step; `direct/passes`: the passes begun (fewer than `--direct-epochs` when stopped on KL),
+        `direct/steps`: the optimizer steps taken.
         """
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         stats = {f"loss/{found.objective}": mean(losses), **{name: mean(v) for name, v in last_pass.items()}}
@@ -266,5 +278,6 @@ class DirectTrainer:
         stats["objective/scores"] = next(stats[name] for name in rewards if name in stats)
         stats["objective/kl"], stats["val/mean_length"] = kl, length
         stats.update({"direct/examples": float(len(found)), "direct/passes": float(passes),
+                      "direct/steps": float(len(losses)),
                       "lr": self.ppo.optimizer.param_groups[0]["lr"], "iteration": self.ppo.iteration})
         return self.ppo.team.mean_stats(stats)

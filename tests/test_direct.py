@@ -176,6 +176,28 @@ def test_direct_round_stops_its_passes_once_fresh_samples_pass_the_target_kl(tmp
     assert all(torch.equal(a, b) for a, b in zip(trained, worker.policy.trainable_parameters()))  # the same passes
 
 
+def test_direct_round_measures_the_kl_inside_a_long_pass_and_stops_there(tmp_path, tiny_model_dir, rated_store,
+                                                                          monkeypatch):
+    from db.records import Cursor
+    from ppo_feedback import direct
+
+    monkeypatch.setattr(direct, "KL_CHECK_STEPS", 2)
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_batch_size=1))
+    plan, start = worker.prepare(Cursor()), worker.snapshot()
+    assert len(plan.examples) > direct.KL_CHECK_STEPS  # one pass is more steps than between two measurements
+    measured = []
+    real_kl = worker.direct.kl
+    worker.direct.kl = lambda prompts: measured.append(real_kl(prompts)) or measured[-1]
+    full = worker.train(plan)
+    assert full["direct/steps"] == 2 * len(plan.examples) and len(measured) == 1  # no target: once, at the end
+    worker.restore(start)
+    measured.clear()
+    worker.direct.config = replace(worker.direct.config, direct_target_kl=1e-9)
+    stopped = worker.train(plan)
+    assert stopped["direct/steps"] == direct.KL_CHECK_STEPS and stopped["direct/passes"] == 1 and len(measured) == 1
+
+
 def test_direct_from_base_fits_every_round_afresh_from_the_base(tmp_path, tiny_model_dir, rated_store):
     from db.records import Cursor
 
