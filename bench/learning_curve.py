@@ -200,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = args.seed + i
         print(f"\n=== run {i + 1} of {args.repeats}: seed {seed} ===")
         reports.append(run_once(args, preference, prompts, [*without_seed(training), "--seed", str(seed)],
-                                out / f"run-{i + 1}",
-                                seed))
+                                out / f"run-{i + 1}", seed))
     summary = summarize_runs(reports)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)

@@ -182,7 +182,6 @@ class DirectTrainer:
         self.ppo.iteration += 1
         return self.stats(found, losses, last_pass, kl=kl, length=length, passes=done)
 
-
     def layout(self, found: Examples) -> Rollout:
         """Return every sequence of `found` laid out as the sampler lays out its own, on the policy's device."""
         prompts, responses = zip(*found.sequences)
