@@ -131,8 +131,9 @@ def test_two_workers_only_one_trains(tmp_path, tiny_model_dir, rated_store):
 # ------------------------------------------------------------------------------ in-process rounds
 
 def make_worker(tmp_path, tiny_model_dir, store, objective=None, ppo_epochs=1, **worker_overrides):
-    """A worker on the tiny model; PPO rounds optimise their reward model even when it is not trusted
-    (a few ratings of a tiny model's text), so the PPO path runs (`test_reward_gate.py` tests the gate)."""
+    """A worker on the tiny model training PPO (named, whatever the default objective is); PPO rounds optimise
+    their reward model even when it is not trusted (a few ratings of a tiny model's text), so the PPO path
+    runs (`test_reward_gate.py` tests the gate)."""
     from ppo_feedback.adapters import AdapterStore
     from ppo_feedback.modeling import add_lora, load_model
     from ppo_feedback.policy import PolicyWithValueHead
@@ -146,7 +147,7 @@ def make_worker(tmp_path, tiny_model_dir, store, objective=None, ppo_epochs=1, *
     worker = Worker(store, AdapterStore(tmp_path / "adapters"), policy,
                     PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=ppo_epochs,
                               sampling=RolloutSampling(max_new_tokens=8)), config, "tiny",
-                    objective=objective or ObjectiveConfig(reward_model_fallback="ppo"))
+                    objective=objective or ObjectiveConfig(objective="ppo", reward_model_fallback="ppo"))
     worker.lease_token = store.acquire_lease(worker.holder, 30)
     assert worker.lease_token
     worker.heartbeat = Heartbeat(store, worker.holder, 30, worker.lease_token)
