@@ -160,6 +160,7 @@ class DirectTrainer:
         generator = torch.Generator().manual_seed(c.seed + self.ppo.iteration)  # one shuffle for the whole team
         size, target = self.config.direct_batch_size, self.config.direct_target_kl
         losses: list[float] = []
+        above = False  # the KL of fresh samples is above the target: the round stops
         for done in range(1, self.config.direct_epochs + 1):
             last_pass: dict[str, list[float]] = defaultdict(list)
             order = torch.randperm(len(found), generator=generator).tolist()
@@ -174,11 +175,11 @@ class DirectTrainer:
                 if (target is not None and (end_of_pass or len(losses) % KL_CHECK_STEPS == 0)) or \
                         (end_of_pass and done == self.config.direct_epochs):
                     kl, length = self.kl(prompts)  # fresh samples: at the end, or often enough to stop early
-                    if target is not None and kl > target:
+                    above = target is not None and kl > target
+                    if above:
                         break
-            else:
-                continue
-            break  # above the target
+            if above:
+                break
         self.ppo.iteration += 1
         return self.stats(found, losses, last_pass, kl=kl, length=length, passes=done)
 

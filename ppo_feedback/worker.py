@@ -173,6 +173,11 @@ class Worker:
                 except Exception:  # the database is gone: the lease expires by itself
                     log.exception("could not release the training lease")
 
+    @property
+    def from_base(self) -> bool:
+        """Whether every round trains from the base model (`--direct-from-base` with a direct objective)."""
+        return self.objective.direct and self.objective.direct_from_base
+
     def back_off(self, exc: Exception, failures: int) -> float:
         """Log an error that interrupted the loop, say so in the worker state and wait; return the seconds waited."""
         delay = min(MAX_BACKOFF, self.config.wait_interval * 2 ** (failures - 1))
@@ -225,7 +230,7 @@ class Worker:
     def run_round(self) -> int | None:
         """Run one round if there is enough new feedback; return the published version, else None."""
         serving, cursor, missing = self.team.from_main(self.plan_round)
-        parent = self.load_trainable(serving)
+        parent = serving if self.from_base else self.load_trainable(serving)  # from the base: nothing to load
         if missing:
             if self.team.is_main:
                 self.set_state(f"waiting for {missing}")
@@ -335,9 +340,8 @@ class Worker:
         objective = plan.examples.objective
         instead = "" if plan.report is None else f" instead of PPO ({plan.report.agreement.summary()})"
         self.set_state(f"training {objective} on {len(plan.examples)} examples{instead}")
-        if self.objective.direct and self.objective.direct_from_base:  # one fit of all pages, from the base
-            self.initial.restore()
-            self.trainer.optimizer.state.clear()
+        if self.from_base:  # one fit of all pages, from the base
+            self.load_version(BASE_VERSION)
         stats = self.direct.step(plan.examples, self.pick_prompts())
         self.check_divergence(stats)
         if self.team.is_main:

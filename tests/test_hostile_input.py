@@ -18,7 +18,6 @@ from test_ui_support import SAMPLING, ScriptedServing, write_users
 HUGE = 2**63
 
 
-
 @pytest.fixture
 def app(store, tmp_path):
     serving = ScriptedServing(store, ["one", "two"], tmp_path / "adapters")

@@ -18,8 +18,6 @@ from page_fixtures import serve, store  # noqa: F401  (fixtures)
 from test_ui_support import PASSWORDS, write_users
 
 
-
-
 def post(client, page, name: str, body=None, **kwargs) -> httpx.Response:
     return client.post(f"{page.url}json/{name}", json=body, **kwargs)
 

@@ -31,8 +31,6 @@ class FakeClock:
         return self.now
 
 
-
-
 def log_in(url: str, name: str, password: str, client: httpx.Client | None = None) -> httpx.Response:
     return (client or httpx).post(f"{url}login", data={"username": name, "password": password})
 
