@@ -448,6 +448,8 @@ class ObjectiveConfig:
     """Examples per optimizer step of a direct round (DPO: pairs; RAFT: kept candidates; KTO: labelled candidates)."""
     direct_target_kl: Optional[float] = None
     """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured after each pass and every 4 optimizer steps within one; CleanRL's target_kl early stop); unset: every pass runs."""
+    direct_max_steps: Optional[int] = None
+    """At most this many optimizer steps a direct round (its passes stop there; unset: every pass runs): a round's cost stays bounded as the rated pages grow, so rounds keep pace with the raters."""
     direct_from_base: bool = False
     """Each direct round trains a fresh adapter from the base model on all rated pages so far (a new optimizer too), instead of continuing from the version it loaded: the newest version is then one fit of the whole feedback, not the sum of every round's passes over the early pages (PPO's reward-model fallback rounds always continue)."""
     good_score: float = 1.0
@@ -471,6 +473,8 @@ class ObjectiveConfig:
             raise ValueError(f"--direct-target-kl must be > 0, not {self.direct_target_kl}")
         if self.direct_epochs < 1 or self.direct_batch_size < 1:
             raise ValueError("--direct-epochs and --direct-batch-size must be >= 1")
+        if self.direct_max_steps is not None and self.direct_max_steps < 1:
+            raise ValueError(f"--direct-max-steps must be >= 1, not {self.direct_max_steps}")
         if math.isnan(self.good_score) or self.good_score == math.inf:
             raise ValueError(f"--good-score must be a number or -inf, not {self.good_score}")
         if not (0 <= self.rpo_alpha < float("inf")):

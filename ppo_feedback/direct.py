@@ -2,9 +2,10 @@
 
 A direct round learns from the stored feedback itself, without a reward model or fresh samples to
 score: `examples` makes the objective's examples from the rated pages (`RatedFeedback`), and
-`DirectTrainer.step` lays them out (`rollout_of`), takes their reference log-probabilities once
-(adapter off, no grad), runs `--direct-epochs` passes of shuffled minibatches of `--direct-batch-size`
-examples with the objective's loss (`objectives`), one optimizer step each through the
+`DirectTrainer.step` lays them out (`rollout_of`), takes their reference log-probabilities (adapter off,
+no grad; once per sequence while the worker runs), runs `--direct-epochs` passes of shuffled minibatches of
+`--direct-batch-size` examples (at most `--direct-max-steps` of them) with the objective's loss
+(`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
 `batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`); with
 `--direct-target-kl` it measures that after every pass (and every `KL_CHECK_STEPS` steps within one) and
@@ -146,21 +147,23 @@ class DirectTrainer:
         if not config.direct:
             raise ValueError("DirectTrainer trains dpo, ipo, raft or kto; ppo rounds use PPOTrainer")
         self.ppo, self.config, self.policy = ppo, config, ppo.policy
+        self._reference: dict[tuple[str, tuple[int, ...]], float] = {}  # the base never changes: kept across rounds
 
     def step(self, found: Examples, prompts: Sequence[str]) -> dict[str, float]:
-        """Train on `found` for `--direct-epochs` passes, then measure the KL of fresh samples of `prompts`;
-        return the round's stats. With `--direct-target-kl` the KL is measured after every pass and every
+        """Train on `found` for `--direct-epochs` passes (at most `--direct-max-steps` optimizer steps), then
+        measure the KL of fresh samples of `prompts`; return the round's stats. With `--direct-target-kl` the KL is measured after every pass and every
         `KL_CHECK_STEPS` optimizer steps within one, and the round stops once it is above the target.
 
         Raises FloatingPointError, before that minibatch's step, on a non-finite loss.
         """
         c = self.ppo.config
         layout = self.layout(found)
-        reference = self.sequence_logprobs(layout, range(len(found.sequences)), reference=True)  # (S,)
+        reference = self.reference_logprobs(found, layout)  # (S,)
         generator = torch.Generator().manual_seed(c.seed + self.ppo.iteration)  # one shuffle for the whole team
         size, target = self.config.direct_batch_size, self.config.direct_target_kl
+        steps = self.planned_steps(len(found))
         losses: list[float] = []
-        above = False  # the KL of fresh samples is above the target: the round stops
+        stop = False  # the KL of fresh samples is above the target, or the step budget is spent
         for done in range(1, self.config.direct_epochs + 1):
             last_pass: dict[str, list[float]] = defaultdict(list)
             order = torch.randperm(len(found), generator=generator).tolist()
@@ -171,17 +174,33 @@ class DirectTrainer:
                 losses.append(float(loss.detach()))
                 for name, value in stats.items():
                     last_pass[name].append(float(value))
-                end_of_pass = k == len(batches)
-                if (target is not None and (end_of_pass or len(losses) % KL_CHECK_STEPS == 0)) or \
-                        (end_of_pass and done == self.config.direct_epochs):
+                last = len(losses) == steps
+                if last or (target is not None and (k == len(batches) or len(losses) % KL_CHECK_STEPS == 0)):
                     kl, length = self.kl(prompts)  # fresh samples: at the end, or often enough to stop early
-                    above = target is not None and kl > target
-                    if above:
+                    stop = last or (target is not None and kl > target)
+                    if stop:
                         break
-            if above:
+            if stop:
                 break
         self.ppo.iteration += 1
         return self.stats(found, losses, last_pass, kl=kl, length=length, passes=done)
+
+    def planned_steps(self, n: int) -> int:
+        """Return the optimizer steps a round on `n` examples takes unless stopped on KL: `--direct-epochs`
+        passes of ceil(n / `--direct-batch-size`) minibatches, at most `--direct-max-steps`."""
+        steps = self.config.direct_epochs * math.ceil(n / self.config.direct_batch_size)
+        return steps if self.config.direct_max_steps is None else min(steps, self.config.direct_max_steps)
+
+    def reference_logprobs(self, found: Examples, layout: Rollout) -> torch.Tensor:
+        """Return the (S,) reference log-probabilities of every sequence of `found`, computing only those no
+        earlier round of this trainer has (the reference, the base model at the sampling temperature, never
+        changes while the worker runs)."""
+        keys = [(prompt, tuple(tokens)) for prompt, tokens in found.sequences]
+        missing = [i for i, key in enumerate(keys) if key not in self._reference]
+        if missing:
+            for i, value in zip(missing, self.sequence_logprobs(layout, missing, reference=True).tolist()):
+                self._reference[keys[i]] = value
+        return torch.tensor([self._reference[key] for key in keys], device=layout.query_response.device)
 
     def layout(self, found: Examples) -> Rollout:
         """Return every sequence of `found` laid out as the sampler lays out its own, on the policy's device."""
@@ -269,7 +288,7 @@ class DirectTrainer:
         the last pass's; `objective/scores`: the last pass's mean implied reward margin `rewards/margins`
         (dpo, kto; else kto's `rewards/chosen` or `rewards/rejected`, whichever it has), raft's mean implied
         reward of its kept samples `rewards/chosen`; `objective/kl` and `val/mean_length`: of fresh samples
-        after the last step; `direct/passes`: the passes begun (fewer than `--direct-epochs` when stopped on KL),
+        after the last step; `direct/passes`: the passes begun (fewer than `--direct-epochs` when stopped on KL or at the step budget),
         `direct/steps`: the optimizer steps taken.
         """
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731

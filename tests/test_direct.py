@@ -198,6 +198,44 @@ def test_direct_round_measures_the_kl_inside_a_long_pass_and_stops_there(tmp_pat
     assert stopped["direct/steps"] == direct.KL_CHECK_STEPS and stopped["direct/passes"] == 1 and len(measured) == 1
 
 
+def test_direct_round_stops_at_its_step_budget(tmp_path, tiny_model_dir, rated_store):
+    from db.records import Cursor
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_batch_size=1,
+                                                   direct_max_steps=3))
+    plan = worker.prepare(Cursor())
+    assert 2 * len(plan.examples) > 3  # two passes would be more steps than the budget
+    measured = []
+    real_kl = worker.direct.kl
+    worker.direct.kl = lambda prompts: measured.append(real_kl(prompts)) or measured[-1]
+    stats = worker.train(plan)
+    assert stats["direct/steps"] == 3 and len(measured) == 1 and stats["objective/kl"] == measured[0][0]
+    with pytest.raises(ValueError, match="--direct-max-steps"):
+        ObjectiveConfig(objective="dpo", direct_max_steps=0).validate()
+
+
+def test_reference_logprobs_are_computed_once_per_sequence_across_rounds(tmp_path, tiny_model_dir, rated_store):
+    from db.records import Cursor
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", good_score=0.5))
+    plan, trainer = worker.prepare(Cursor()), worker.direct
+    layout = trainer.layout(plan.examples)
+    fresh = trainer.sequence_logprobs(layout, range(len(plan.examples.sequences)), reference=True)
+    rows = []
+    real = trainer.sequence_logprobs
+    trainer.sequence_logprobs = lambda layout, r, **kw: (rows.extend(r) if kw.get("reference") else None) or \
+        real(layout, r, **kw)
+    worker.train(plan)
+    assert sorted(rows) == list(range(len(plan.examples.sequences)))  # the first round: every sequence once
+    rows.clear()
+    worker.train(plan)  # trains the adapter, so a policy forward would now differ from the reference
+    assert rows == []  # the base did not change: nothing recomputed
+    cached = trainer.reference_logprobs(plan.examples, layout)
+    assert torch.allclose(cached, fresh, atol=1e-5)
+
+
 def test_direct_from_base_fits_every_round_afresh_from_the_base(tmp_path, tiny_model_dir, rated_store):
     from db.records import Cursor
 
