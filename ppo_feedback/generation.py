@@ -8,7 +8,6 @@ issue #2358). So a recorded log-probability always equals a fresh forward's, top
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from .policy import position_ids_for, split_causal_lm
+from .policy import cache_keyword, position_ids_for, split_causal_lm
 
 T = TypeVar("T")
 
@@ -129,12 +128,6 @@ def rollout_of(tokenizer, prompts: list[str], responses: list[list[int]], *, tem
                    logprobs=behaviour.to(device) * mask, values=None, temperature=temperature)
 
 
-def _cache_keyword(trunk) -> str:
-    """Return the name the trunk's forward uses for the KV cache (`cache` in transformers 5.2x)."""
-    params = inspect.signature(trunk.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Return probs (B, V) restricted to each row's smallest set with mass >= top_p (not renormalised)."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -227,7 +220,7 @@ def decode(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempera
     prefill = _Prefill(tokenizer, prompts, max_new_tokens, device, max_positions(model))
     eos = tokenizer.eos_token_id if stop_at_eos else None
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache, cache_kw = DynamicCache(), _cache_keyword(trunk)
+    cache, cache_kw = DynamicCache(), cache_keyword(trunk)
     hidden = trunk(input_ids=prefill.input_ids, attention_mask=prefill.attention_mask,
                    position_ids=position_ids_for(prefill.attention_mask), use_cache=True,
                    **{cache_kw: cache}).last_hidden_state[:, -1][prefill.rows]  # (B, H)

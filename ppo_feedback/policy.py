@@ -1,16 +1,20 @@
 """One base network in every role: policy (base + LoRA), reference (adapter disabled), value head.
 
 One forward of the trunk gives the last hidden states; the LM head is applied to the response slice
-only, so the `(B, R, V)` logits exist once per forward and the prompt's logits never do.
+only, so the `(B, R, V)` logits exist once per forward and the prompt's logits never do. Rows that
+share a prompt (a page's candidates, a DPO pair) have it computed once: the trunk runs over the
+distinct prompts, then over every row's response with its prompt's KV cache (`_hidden_shared`).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import DynamicCache
 
 from .ppo import entropy_from_logits
 from .versions import ADAPTER_WEIGHTS, VALUE_HEAD_WEIGHTS, AdapterLoadError
@@ -36,6 +40,22 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Return position ids that skip left padding, the same rule `generate` uses: cumsum(mask) - 1."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_keyword(trunk: nn.Module) -> str:
+    """Return the name the trunk's forward uses for the KV cache (`cache` in transformers 5.2x)."""
+    params = inspect.signature(trunk.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def distinct_prompts(query_response: torch.Tensor, attention_mask: torch.Tensor,
+                     context_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (input_ids (U, P), attention_mask (U, P), rows (B,)): the batch's distinct prompt columns,
+    padded as the batch is, and the index of each row's prompt among them."""
+    P = context_length
+    prompts = torch.cat([query_response[:, :P], attention_mask[:, :P].to(query_response.dtype)], dim=1)
+    distinct, rows = torch.unique(prompts, dim=0, return_inverse=True)
+    return distinct[:, :P], distinct[:, P:].to(attention_mask.dtype), rows
 
 
 class PolicyWithValueHead(nn.Module):
@@ -70,10 +90,42 @@ class PolicyWithValueHead(nn.Module):
 
     def _hidden(self, query_response: torch.Tensor, attention_mask: torch.Tensor,
                 context_length: int) -> torch.Tensor:
-        """Return (B, R + 1, H) last hidden states, from the one predicting response token 0 to the last."""
+        """Return (B, R + 1, H) last hidden states, from the one predicting response token 0 to the last.
+
+        Each distinct prompt is computed once (`_hidden_shared`) when some rows share one; when every
+        row has its own (or there is no response), one forward over the whole batch (`_hidden_full`).
+        """
+        if 0 < context_length < query_response.shape[1]:
+            prompt_ids, prompt_mask, rows = distinct_prompts(query_response, attention_mask, context_length)
+            if len(prompt_ids) < len(query_response):
+                return self._hidden_shared(query_response, attention_mask, prompt_ids, prompt_mask, rows)
+        return self._hidden_full(query_response, attention_mask, context_length)
+
+    def _hidden_full(self, query_response: torch.Tensor, attention_mask: torch.Tensor,
+                     context_length: int) -> torch.Tensor:
+        """Return `_hidden`'s (B, R + 1, H) from one forward of the trunk over the whole (B, P + R) batch."""
         hidden = self.trunk(input_ids=query_response, attention_mask=attention_mask,
                             position_ids=position_ids_for(attention_mask), use_cache=False).last_hidden_state
         return hidden[:, context_length - 1:]
+
+    def _hidden_shared(self, query_response: torch.Tensor, attention_mask: torch.Tensor, prompt_ids: torch.Tensor,
+                       prompt_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Return `_hidden`'s (B, R + 1, H) with each of the U distinct prompts (`distinct_prompts`) computed once.
+
+        The trunk runs over the (U, P) prompts with the KV cache, the cache is copied to the rows
+        (`rows`: each row's prompt), then the trunk runs over the (B, R) responses after it, at the
+        positions the full forward gives them. The copy is an indexing, so every row's gradient
+        flows back into its shared prompt's keys and values (LoRA's v_proj trains on prompt tokens).
+        """
+        P = prompt_ids.shape[1]
+        cache, cache_kw = DynamicCache(), cache_keyword(self.trunk)
+        last = self.trunk(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_for(prompt_mask),
+                          use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1:]  # (U, 1, H)
+        cache.batch_select_indices(rows)  # (U, ...) -> (B, ...) keys and values, out of place
+        responses = self.trunk(input_ids=query_response[:, P:], attention_mask=attention_mask,
+                               position_ids=position_ids_for(attention_mask)[:, P:], use_cache=True,
+                               **{cache_kw: cache}).last_hidden_state  # (B, R, H)
+        return torch.cat([last[rows], responses], dim=1)
 
     def _forward(self, query_response: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
                  temperature: float) -> ForwardOutput:
