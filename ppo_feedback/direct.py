@@ -67,6 +67,12 @@ class Examples:
     def __len__(self) -> int:
         return len(self.items)
 
+    def key(self, i: int) -> tuple:
+        """Return what identifies item `i` from round to round: its sequences (KTO's: its own, not the
+        mismatched partner, which changes as pages are added)."""
+        item = self.items[i][:1] if self.objective == "kto" else self.items[i]
+        return tuple((self.sequences[j][0], tuple(self.sequences[j][1])) for j in item)
+
 
 KL_CHECK_STEPS = 4
 """With `--direct-target-kl`, optimizer steps between two KL measurements inside a pass (and one after each pass)."""
@@ -148,11 +154,13 @@ class DirectTrainer:
             raise ValueError("DirectTrainer trains dpo, ipo, raft or kto; ppo rounds use PPOTrainer")
         self.ppo, self.config, self.policy = ppo, config, ppo.policy
         self._reference: dict[tuple[str, tuple[int, ...]], float] = {}  # the base never changes: kept across rounds
+        self.seen: dict[tuple, int] = {}  # times the adapter was trained on an item (`Examples.key`), by its rounds
 
     def step(self, found: Examples, prompts: Sequence[str]) -> dict[str, float]:
-        """Train on `found` for `--direct-epochs` passes (at most `--direct-max-steps` optimizer steps), then
-        measure the KL of fresh samples of `prompts`; return the round's stats. With `--direct-target-kl` the KL is measured after every pass and every
-        `KL_CHECK_STEPS` optimizer steps within one, and the round stops once it is above the target.
+        """Train on `found` for `--direct-epochs` passes (at most `--direct-max-steps` optimizer steps, in the
+        order `schedule` gives), then measure the KL of fresh samples of `prompts`; return the round's stats.
+        With `--direct-target-kl` the KL is measured after every pass and every `KL_CHECK_STEPS` optimizer
+        steps within one, and the round stops once it is above the target.
 
         Raises FloatingPointError, before that minibatch's step, on a non-finite loss.
         """
@@ -160,30 +168,50 @@ class DirectTrainer:
         layout = self.layout(found)
         reference = self.reference_logprobs(found, layout)  # (S,)
         generator = torch.Generator().manual_seed(c.seed + self.ppo.iteration)  # one shuffle for the whole team
-        size, target = self.config.direct_batch_size, self.config.direct_target_kl
-        steps = self.planned_steps(len(found))
+        target = self.config.direct_target_kl
+        batches = self.schedule(found, generator)
         losses: list[float] = []
-        stop = False  # the KL of fresh samples is above the target, or the step budget is spent
-        for done in range(1, self.config.direct_epochs + 1):
-            last_pass: dict[str, list[float]] = defaultdict(list)
-            order = torch.randperm(len(found), generator=generator).tolist()
-            batches = [order[i:i + size] for i in range(0, len(order), size)]
-            for k, batch in enumerate(batches, 1):
-                loss, stats = self.loss(found, layout, reference, batch)
-                self.ppo.optimize(loss)
-                losses.append(float(loss.detach()))
-                for name, value in stats.items():
-                    last_pass[name].append(float(value))
-                last = len(losses) == steps
-                if last or (target is not None and (k == len(batches) or len(losses) % KL_CHECK_STEPS == 0)):
-                    kl, length = self.kl(prompts)  # fresh samples: at the end, or often enough to stop early
-                    stop = last or (target is not None and kl > target)
-                    if stop:
-                        break
-            if stop:
-                break
+        for k, (level, batch) in enumerate(batches, 1):
+            if k == 1 or level != batches[k - 2][0]:
+                last_pass: dict[str, list[float]] = defaultdict(list)
+            loss, stats = self.loss(found, layout, reference, batch)
+            self.ppo.optimize(loss)
+            losses.append(float(loss.detach()))
+            for name, value in stats.items():
+                last_pass[name].append(float(value))
+            last, end_of_pass = k == len(batches), k == len(batches) or batches[k][0] != level
+            if last or (target is not None and (end_of_pass or k % KL_CHECK_STEPS == 0)):
+                kl, length = self.kl(prompts)  # fresh samples: at the end, or often enough to stop early
+                if target is not None and kl > target:
+                    break
+        for _, batch in batches[:len(losses)]:
+            for i in batch:
+                self.seen[found.key(i)] = self.seen.get(found.key(i), 0) + 1
         self.ppo.iteration += 1
-        return self.stats(found, losses, last_pass, kl=kl, length=length, passes=done)
+        return self.stats(found, losses, last_pass, kl=kl, length=length, passes=level - batches[0][0] + 1)
+
+    def schedule(self, found: Examples, generator: torch.Generator) -> list[tuple[int, list[int]]]:
+        """Return the round's minibatches of item indices, each with its pass level, least trained first.
+
+        An item already trained on `seen` times by this adapter (earlier rounds, when continuing) first
+        takes part at level `seen`; level by level, the items taking part are shuffled and cut into
+        minibatches of `--direct-batch-size`, until `planned_steps`. From a fresh adapter (every item
+        unseen) these are `--direct-epochs` shuffled passes over all items; continuing one, a round
+        trains the newest pages first and no item twice before every other has been trained on as often.
+        """
+        size, steps = self.config.direct_batch_size, self.planned_steps(len(found))
+        first = [self.seen.get(found.key(i), 0) for i in range(len(found))]
+        batches: list[tuple[int, list[int]]] = []
+        level = min(first)
+        while len(batches) < steps:
+            order = [i for i in torch.randperm(len(found), generator=generator).tolist() if first[i] <= level]
+            batches += [(level, order[j:j + size]) for j in range(0, len(order), size)]
+            level += 1
+        return batches[:steps]
+
+    def forget(self) -> None:
+        """Forget how often each item was trained on: the adapter was replaced (a version loaded, or the base)."""
+        self.seen.clear()
 
     def planned_steps(self, n: int) -> int:
         """Return the optimizer steps a round on `n` examples takes unless stopped on KL: `--direct-epochs`

@@ -450,22 +450,28 @@ class Worker:
             check_files(directory, meta, (OPTIMIZER_FILE, TRAINER_STATE_FILE) if resume else ())
         directory = apply_version(self.policy, self.adapters.root, version, initial=self.initial)
         self.trainer.optimizer.state.clear()
+        if self.direct is not None:
+            self.direct.forget()
         if directory is not None and resume:
             self.trainer.load_state(directory, include_adapter=False)
         self.loaded_version = version
         log.info("training from version %d", version)
 
-    def snapshot(self) -> tuple[AdapterState, dict, float, int]:
-        """Return what a discarded round must restore: adapter, optimizer, KL coefficient, iteration."""
+    def snapshot(self) -> tuple[AdapterState, dict, float, int, dict]:
+        """Return what a discarded round must restore: adapter, optimizer, KL coefficient, iteration, and
+        how often a direct round's items were trained on."""
+        seen = dict(self.direct.seen) if self.direct is not None else {}
         return (AdapterState.capture(self.policy), copy.deepcopy(self.trainer.optimizer.state_dict()),
-                self.trainer.kl_ctl.value, self.trainer.iteration)
+                self.trainer.kl_ctl.value, self.trainer.iteration, seen)
 
     def restore(self, snapshot) -> None:
         """Put back a snapshot taken at the start of a round."""
-        adapter, optimizer, kl_coef, iteration = snapshot
+        adapter, optimizer, kl_coef, iteration, seen = snapshot
         adapter.restore()
         self.trainer.optimizer.load_state_dict(optimizer)
         self.trainer.kl_ctl.value, self.trainer.iteration = kl_coef, iteration
+        if self.direct is not None:
+            self.direct.seen = seen
 
     def check_continue(self) -> None:
         """Raise RoundAbandoned (in every process) when a stop was requested or the lease was lost."""

@@ -215,6 +215,43 @@ def test_direct_round_stops_at_its_step_budget(tmp_path, tiny_model_dir, rated_s
         ObjectiveConfig(objective="dpo", direct_max_steps=0).validate()
 
 
+def test_schedule_trains_the_least_trained_items_first(tmp_path, tiny_model_dir, rated_store):
+    from ppo_feedback.direct import Examples
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", direct_batch_size=2, direct_epochs=2))
+    trainer = worker.direct
+    found = Examples("dpo", [("p", [j]) for j in range(12)], [(2 * i, 2 * i + 1) for i in range(6)])
+    fresh = trainer.schedule(found, torch.Generator().manual_seed(0))
+    assert [level for level, _ in fresh] == [0, 0, 0, 1, 1, 1]  # a fresh adapter: two shuffled passes
+    for level in (0, 1):
+        assert sorted(i for lv, batch in fresh if lv == level for i in batch) == list(range(6))
+    trainer.seen = {found.key(i): 2 for i in range(4)}  # items 0-3 trained on twice by earlier rounds
+    continuing = trainer.schedule(found, torch.Generator().manual_seed(0))
+    assert len(continuing) == 6  # the same number of steps
+    assert [sorted(batch) for _, batch in continuing[:2]] == [[4, 5], [4, 5]]  # the new items catch up first
+    assert sorted(i for _, batch in continuing[2:5] for i in batch) == list(range(6))  # then all, once each
+    trainer.seen = {found.key(0): 1}
+    assert found.key(0) == (("p", (0,)), ("p", (1,)))
+    worker.load_version(0)  # the adapter replaced: what it was trained on is forgotten
+    assert trainer.seen == {}
+
+
+def test_a_round_counts_only_the_minibatches_it_trained_on(tmp_path, tiny_model_dir, rated_store):
+    from db.records import Cursor
+    from ppo_feedback.direct import KL_CHECK_STEPS
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_batch_size=1,
+                                                   direct_target_kl=1e-9))
+    plan, start = worker.prepare(Cursor()), worker.snapshot()
+    worker.direct.kl = lambda prompts: (1.0, 8.0)  # above the target at the first measurement
+    stats = worker.train(plan)
+    assert stats["direct/steps"] == KL_CHECK_STEPS and sum(worker.direct.seen.values()) == KL_CHECK_STEPS
+    worker.restore(start)  # a discarded round: its counts go too
+    assert worker.direct.seen == {}
+
+
 def test_reference_logprobs_are_computed_once_per_sequence_across_rounds(tmp_path, tiny_model_dir, rated_store):
     from db.records import Cursor
 
