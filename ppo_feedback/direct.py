@@ -67,11 +67,16 @@ class Examples:
     def __len__(self) -> int:
         return len(self.items)
 
+    def sequence_key(self, j: int) -> tuple[str, tuple[int, ...]]:
+        """Return what identifies sequence `j` from round to round: its prompt and response tokens."""
+        prompt, tokens = self.sequences[j]
+        return prompt, tuple(tokens)
+
     def key(self, i: int) -> tuple:
-        """Return what identifies item `i` from round to round: its sequences (KTO's: its own, not the
+        """Return what identifies item `i` from round to round: its sequences' keys (KTO's: its own, not the
         mismatched partner, which changes as pages are added)."""
         item = self.items[i][:1] if self.objective == "kto" else self.items[i]
-        return tuple((self.sequences[j][0], tuple(self.sequences[j][1])) for j in item)
+        return tuple(self.sequence_key(j) for j in item)
 
 
 KL_CHECK_STEPS = 4
@@ -172,7 +177,7 @@ class DirectTrainer:
         batches = self.schedule(found, generator)
         losses: list[float] = []
         for k, (level, batch) in enumerate(batches, 1):
-            if k == 1 or level != batches[k - 2][0]:
+            if k == 1 or batches[k - 2][0] != level:  # a pass begins: its statistics start afresh
                 last_pass: dict[str, list[float]] = defaultdict(list)
             loss, stats = self.loss(found, layout, reference, batch)
             self.ppo.optimize(loss)
@@ -184,9 +189,9 @@ class DirectTrainer:
                 kl, length = self.kl(prompts)  # fresh samples: at the end, or often enough to stop early
                 if target is not None and kl > target:
                     break
-        for _, batch in batches[:len(losses)]:
-            for i in batch:
-                self.seen[found.key(i)] = self.seen.get(found.key(i), 0) + 1
+        for _, batch in batches[:len(losses)]:  # the minibatches trained on, not those after a KL stop
+            for key in map(found.key, batch):
+                self.seen[key] = self.seen.get(key, 0) + 1
         self.ppo.iteration += 1
         return self.stats(found, losses, last_pass, kl=kl, length=length, passes=level - batches[0][0] + 1)
 
@@ -223,7 +228,7 @@ class DirectTrainer:
         """Return the (S,) reference log-probabilities of every sequence of `found`, computing only those no
         earlier round of this trainer has (the reference, the base model at the sampling temperature, never
         changes while the worker runs)."""
-        keys = [(prompt, tuple(tokens)) for prompt, tokens in found.sequences]
+        keys = [found.sequence_key(j) for j in range(len(found.sequences))]
         missing = [i for i, key in enumerate(keys) if key not in self._reference]
         if missing:
             for i, value in zip(missing, self.sequence_logprobs(layout, missing, reference=True).tolist()):
@@ -316,8 +321,8 @@ class DirectTrainer:
         the last pass's; `objective/scores`: the last pass's mean implied reward margin `rewards/margins`
         (dpo, kto; else kto's `rewards/chosen` or `rewards/rejected`, whichever it has), raft's mean implied
         reward of its kept samples `rewards/chosen`; `objective/kl` and `val/mean_length`: of fresh samples
-        after the last step; `direct/passes`: the passes begun (fewer than `--direct-epochs` when stopped on KL or at the step budget),
-        `direct/steps`: the optimizer steps taken.
+        after the last step; `direct/passes`: the passes begun (fewer than `--direct-epochs` when stopped on KL
+        or at the step budget), `direct/steps`: the optimizer steps taken.
         """
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         stats = {f"loss/{found.objective}": mean(losses), **{name: mean(v) for name, v in last_pass.items()}}
