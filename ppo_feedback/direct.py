@@ -4,7 +4,7 @@ A direct round learns from the stored feedback itself, without a reward model or
 score: `examples` makes the objective's examples from the rated pages (`RatedFeedback`), and
 `DirectTrainer.step` lays them out (`rollout_of`), takes their reference log-probabilities (adapter off,
 no grad; once per sequence while the worker runs), runs `--direct-epochs` passes of shuffled minibatches of
-`--direct-batch-size` examples (at most `--direct-max-steps` of them) with the objective's loss
+`--direct-batch-size` examples (a page's examples kept together: they share sequences and a prompt) (at most `--direct-max-steps` of them) with the objective's loss
 (`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
 `batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`); with
@@ -56,13 +56,15 @@ class Examples:
     """A direct objective's examples: the (prompt, response tokens) sequences to lay out, and items over them.
 
     An item is a tuple of sequence indices: (chosen, rejected) for dpo, (kept,) for raft,
-    (own, mismatched) for kto, whose `desirable` says each item's label.
+    (own, mismatched) for kto, whose `desirable` says each item's label; `pages` the page each item was
+    judged on (its first sequence's), so that a minibatch takes a page's items together (`DirectTrainer.schedule`).
     """
 
     objective: str
     sequences: list[tuple[str, list[int]]]
     items: list[tuple[int, ...]]
     desirable: list[bool] | None = None
+    pages: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -114,8 +116,9 @@ def _dpo_examples(feedback: RatedFeedback, usable: list[bool], good: float) -> E
     pair only when its chosen candidate is good; picks always."""
     pairs = [(c, r) for c, r in feedback.orderings(min_chosen=good) if usable[c] and usable[r]]
     rows = sorted({row for pair in pairs for row in pair})
-    position = {row: i for i, row in enumerate(rows)}
-    return Examples("dpo", _sequences_of(feedback, rows), [(position[c], position[r]) for c, r in pairs])
+    position, page = {row: i for i, row in enumerate(rows)}, feedback.page_ids
+    return Examples("dpo", _sequences_of(feedback, rows), [(position[c], position[r]) for c, r in pairs],
+                    pages=[page[c] for c, _ in pairs])
 
 
 def _raft_examples(feedback: RatedFeedback, usable: list[bool], good: float) -> Examples:
@@ -124,7 +127,8 @@ def _raft_examples(feedback: RatedFeedback, usable: list[bool], good: float) -> 
     keep = above_page_mean(feedback.scores, feedback.page_ids, min_score=good).tolist()
     blocked = feedback.blocked
     rows = [row for row, kept in enumerate(keep) if kept and usable[row] and row not in blocked]
-    return Examples("raft", _sequences_of(feedback, rows), [(i,) for i in range(len(rows))])
+    return Examples("raft", _sequences_of(feedback, rows), [(i,) for i in range(len(rows))],
+                    pages=[feedback.page_ids[r] for r in rows])
 
 
 def _kto_examples(feedback: RatedFeedback, usable: list[bool], good: float) -> Examples | None:
@@ -147,7 +151,8 @@ def _kto_examples(feedback: RatedFeedback, usable: list[bool], good: float) -> E
     own = _sequences_of(feedback, rows)
     mismatched = [(own[i][0], own[j][1]) for i, j in enumerate(partner)]  # prompt i, response of row j
     n = len(rows)
-    return Examples("kto", own + mismatched, [(i, n + i) for i in range(n)], [desirable[r] for r in rows])
+    return Examples("kto", own + mismatched, [(i, n + i) for i in range(n)], [desirable[r] for r in rows],
+                    pages=[feedback.page_ids[r] for r in rows])
 
 
 class DirectTrainer:
@@ -203,6 +208,8 @@ class DirectTrainer:
         minibatches of `--direct-batch-size`, until `planned_steps`. From a fresh adapter (every item
         unseen) these are `--direct-epochs` shuffled passes over all items; continuing one, a round
         trains the newest pages first and no item twice before every other has been trained on as often.
+        With `found.pages` the shuffle keeps each page's items together (pages in random order, each
+        page's items in random order): they share sequences and their prompt, which a forward computes once.
         """
         size, steps = self.config.direct_batch_size, self.planned_steps(len(found))
         first = [self.seen.get(found.key(i), 0) for i in range(len(found))]
@@ -210,6 +217,10 @@ class DirectTrainer:
         level = min(first)
         while len(batches) < steps:
             order = [i for i in torch.randperm(len(found), generator=generator).tolist() if first[i] <= level]
+            if found.pages is not None:
+                pages = sorted(set(found.pages))
+                rank = dict(zip(pages, torch.randperm(len(pages), generator=generator).tolist()))
+                order.sort(key=lambda i: rank[found.pages[i]])  # stable: a page's items keep their shuffle
             batches += [(level, order[j:j + size]) for j in range(0, len(order), size)]
             level += 1
         return batches[:steps]
@@ -244,13 +255,16 @@ class DirectTrainer:
 
     def sequence_logprobs(self, layout: Rollout, rows: Sequence[int], *, reference: bool = False,
                           average: bool = False) -> torch.Tensor:
-        """Return the (len(rows),) sequence log-probabilities of `rows` of the layout: the policy's, or the
+        """Return the (len(rows),) sequence log-probabilities of `rows` of the layout: the policy's (one forward
+        over the distinct rows; a row listed twice is computed once and its gradient accumulates), or the
         reference's (adapter off, no grad, `direct_batch_size` rows a forward)."""
-        T = self.ppo.config.sampling.temperature
-        index = torch.as_tensor(list(rows), dtype=torch.long, device=layout.query_response.device)
+        T, device = self.ppo.config.sampling.temperature, layout.query_response.device
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=device)
         if not reference:
-            out = self.policy(layout.query_response[index], layout.attention_mask[index], layout.context_length, T)
-            return sequence_logprobs(out.logprobs, layout.response_mask[index], average=average)
+            distinct, back = torch.unique(index, return_inverse=True)
+            out = self.policy(layout.query_response[distinct], layout.attention_mask[distinct],
+                              layout.context_length, T)
+            return sequence_logprobs(out.logprobs, layout.response_mask[distinct], average=average)[back]
         pieces = []
         for chunk in index.split(self.config.direct_batch_size):
             ref = self.policy.reference(layout.query_response[chunk], layout.attention_mask[chunk],

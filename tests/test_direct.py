@@ -237,6 +237,59 @@ def test_schedule_trains_the_least_trained_items_first(tmp_path, tiny_model_dir,
     assert trainer.seen == {}
 
 
+def test_schedule_keeps_each_pages_items_together(tmp_path, tiny_model_dir, rated_store):
+    from ppo_feedback.direct import Examples
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", direct_batch_size=3, direct_epochs=3))
+    pages = [7, 3, 7, 9, 3, 7, 9, 1, 3, 7]
+    found = Examples("dpo", [("p", [j]) for j in range(20)], [(2 * i, 2 * i + 1) for i in range(10)], pages=pages)
+    batches = worker.direct.schedule(found, torch.Generator().manual_seed(0))
+    orders = []
+    for level in range(3):
+        order = [i for lv, batch in batches if lv == level for i in batch]
+        assert sorted(order) == list(range(10))  # every item once a pass
+        runs = [pages[i] for k, i in enumerate(order) if k == 0 or pages[order[k - 1]] != pages[i]]
+        assert len(runs) == len(set(pages))  # each page's items in one run
+        orders.append(order)
+    assert len({tuple(o) for o in orders}) > 1  # shuffled afresh each pass
+    unpaged = worker.direct.schedule(replace(found, pages=None), torch.Generator().manual_seed(0))
+    assert unpaged[0][1] == torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()[:3]
+
+
+def test_examples_know_the_page_each_item_was_judged_on():
+    page_ids = [4, 4, 4, 8, 8, 8, 9, 9]
+    fb = feedback([2.0, 0.0, -1.0, 1.5, NAN, -1.0, 1.0, -1.0], page_ids)
+    for objective in ("dpo", "raft", "kto"):
+        found = examples(objective, fb)
+        rows = [found.sequences[item[0]][1][0] - 1 for item in found.items]  # row i's response is [i + 1]
+        assert found.pages == [page_ids[r] for r in rows] and set(found.pages) == {4, 8, 9}, objective
+
+
+def test_a_minibatch_computes_a_repeated_sequence_once(tmp_path, tiny_model_dir, rated_store):
+    from db.records import Cursor
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", good_score=0.5))
+    trainer = worker.direct
+    layout = trainer.layout(worker.prepare(Cursor()).examples)
+    rows, forwarded = [0, 1, 0, 2, 1], []
+    real = trainer.policy.forward
+    trainer.policy.forward = lambda qr, *a, **kw: forwarded.append(len(qr)) or real(qr, *a, **kw)
+    once = trainer.sequence_logprobs(layout, rows)
+    assert forwarded == [3]  # rows 0, 1 and 2, each once
+    trainer.policy.forward = real
+    separately = torch.stack([trainer.sequence_logprobs(layout, [r])[0] for r in rows])
+    assert torch.allclose(once, separately, atol=1e-5)
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    params = [p for p in trainer.policy.trainable_parameters() if p.requires_grad]
+    grads_once = torch.autograd.grad((once * weights).sum(), params, allow_unused=True)
+    grads_apart = torch.autograd.grad((separately * weights).sum(), params, allow_unused=True)
+    for a, b in zip(grads_once, grads_apart):
+        if a is not None or b is not None:
+            assert torch.allclose(a, b, atol=1e-5)  # a repeated row's gradient accumulates
+
+
 def test_a_round_counts_only_the_minibatches_it_trained_on(tmp_path, tiny_model_dir, rated_store):
     from db.records import Cursor
     from ppo_feedback.direct import KL_CHECK_STEPS
