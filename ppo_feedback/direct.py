@@ -80,6 +80,12 @@ class Examples:
         item = self.items[i][:1] if self.objective == "kto" else self.items[i]
         return tuple(self.sequence_key(j) for j in item)
 
+    def fingerprint(self) -> frozenset:
+        """Return what the examples teach, as a set: each item's key with its label (KTO's desirable), so that
+        equal fingerprints mean a round on these examples would learn nothing new."""
+        labels = self.desirable if self.desirable is not None else [None] * len(self)
+        return frozenset((self.key(i), labels[i]) for i in range(len(self)))
+
 
 KL_CHECK_STEPS = 4
 """With `--direct-target-kl`, optimizer steps between two KL measurements inside a pass (and one after each pass)."""

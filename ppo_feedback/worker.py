@@ -130,6 +130,7 @@ class Worker:
         self.note: str | None = None  # said after every state while set: the version skipped, the last error
         self._reference_features: torch.Tensor | None = None
         self._examples_at: tuple[tuple, Examples | None] | None = None  # direct_examples' cache
+        self._published_examples: tuple[int, frozenset] | None = None  # (version, fingerprint) of the last direct round
         self._distrusted: tuple[Cursor, str] | None = None  # (feedback end, verdict) of an untrusted reward model
         self.stop_requested = threading.Event()
         self.lease_token: int | None = None  # the fencing token of this worker's newest acquisition of the lease
@@ -257,11 +258,21 @@ class Worker:
         cursor = self.store.cursor_of(parent)
         missing = missing_feedback(self.config, self.store.count_feedback_since(),
                                    self.store.count_feedback_since(cursor))
-        if missing is None and self.objective.direct and self.direct_examples(cursor) is None:
-            missing = WAITING_FOR[self.objective.objective]
+        if missing is None and self.objective.direct:
+            missing = self.missing_examples(parent, self.direct_examples(cursor))
         if missing is None and self._distrusted is not None and self._distrusted[0] == self.feedback_end(cursor):
             missing = f"more feedback: the {self._distrusted[1]}"
         return parent, cursor, missing
+
+    def missing_examples(self, parent: int, found: Examples | None) -> str | None:
+        """Return what a direct round on `found` waits for (None: nothing): examples at all, or, when `parent`
+        is the version this worker's last direct round published from exactly these examples, new ones (the
+        ratings since made no new pair, kept candidate or label: a round would only train on the same again)."""
+        if found is None:
+            return WAITING_FOR[self.objective.objective]
+        if self._published_examples == (parent, found.fingerprint()):
+            return f"new examples: v{parent} was trained on all the feedback gives ({WAITING_FOR[found.objective]})"
+        return None
 
     def train_and_publish(self, parent: int, cursor: Cursor) -> int:
         """Refit the reward model and run the PPO iterations (or a direct round) and publish; return the new version."""
@@ -274,6 +285,8 @@ class Worker:
         if failure is not None:
             raise RoundAbandoned(failure)
         self.loaded_version = published
+        if plan.examples is not None:
+            self._published_examples = (published, plan.examples.fingerprint())
         if self.team.is_main:
             self.prune()
         self.set_state("idle")

@@ -376,6 +376,28 @@ def test_direct_round_waits_when_no_page_tells_candidates_apart(tmp_path, tiny_m
     store.close()
 
 
+def test_direct_round_waits_for_new_examples_not_only_new_ratings(tmp_path, tiny_model_dir, rated_store):
+    from db import NewGeneration
+
+    def page(prompt_id, scores, rater="ann"):
+        gens = rated_store.record_generations(prompt_id, 1, [NewGeneration(f"text {k}", [k + 5], [-1.0], {})
+                                                           for k in range(len(scores))])
+        for g, score in zip(gens, scores):
+            rated_store.rate(g.id, rater, score)
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", good_score=0.5), min_new_feedback=4)
+    assert worker.run_round() == 1
+    prompt_id = rated_store.list_prompts()[0].id
+    page(prompt_id, [4, 4])
+    page(prompt_id, [2, 2], rater="bob")  # 4 new ratings, each page rated alike: no new pair
+    assert worker.run_round() is None
+    assert worker.store.worker_status().state == f"waiting for new examples: v1 was trained on all the feedback " \
+                                                 f"gives ({WAITING_FOR['dpo']})"
+    page(prompt_id, [5, 1, 1, 1])  # a new pair
+    assert worker.run_round() == 2
+
+
 @pytest.mark.slow  # a real worker process
 def test_worker_process_trains_raft_from_the_command_line(tmp_path, tiny_model_dir, rated_store):
     from test_worker import start, wait_for, worker_cmd
