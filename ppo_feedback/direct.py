@@ -8,8 +8,8 @@ no grad; once per sequence while the worker runs), runs `--direct-epochs` passes
 (`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
 `batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`); with
-`--direct-target-kl` it measures that after every pass (and every `KL_CHECK_STEPS` steps within one) and
-stops early once it is above the target.
+`--direct-target-kl` it measures that every `KL_CHECK_STEPS` optimizer steps and stops early once it is
+above the target.
 
 What each learns from (one page: the candidates one rater asked for and saw side by side):
 
@@ -88,7 +88,8 @@ class Examples:
 
 
 KL_CHECK_STEPS = 4
-"""With `--direct-target-kl`, optimizer steps between two KL measurements inside a pass (and one after each pass)."""
+"""With `--direct-target-kl`, optimizer steps between two KL measurements (and one after the last step), however
+the passes fall: a measurement samples and scores a batch, the cost of a few steps, so not after every short pass."""
 
 WAITING_FOR = {
     "dpo": "a good candidate rated above another of its page, or a pick",
@@ -175,8 +176,8 @@ class DirectTrainer:
     def step(self, found: Examples, prompts: Sequence[str]) -> dict[str, float]:
         """Train on `found` for `--direct-epochs` passes (at most `--direct-max-steps` optimizer steps, in the
         order `schedule` gives), then measure the KL of fresh samples of `prompts`; return the round's stats.
-        With `--direct-target-kl` the KL is measured after every pass and every `KL_CHECK_STEPS` optimizer
-        steps within one, and the round stops once it is above the target.
+        With `--direct-target-kl` the KL is measured every `KL_CHECK_STEPS` optimizer steps, and the round
+        stops once it is above the target.
 
         Raises FloatingPointError, before that minibatch's step, on a non-finite loss.
         """
@@ -195,8 +196,7 @@ class DirectTrainer:
             losses.append(float(loss.detach()))
             for name, value in stats.items():
                 last_pass[name].append(float(value))
-            last, end_of_pass = k == len(batches), k == len(batches) or batches[k][0] != level
-            if last or (target is not None and (end_of_pass or k % KL_CHECK_STEPS == 0)):
+            if k == len(batches) or (target is not None and k % KL_CHECK_STEPS == 0):
                 kl, length = self.kl(prompts)  # fresh samples: at the end, or often enough to stop early
                 if target is not None and kl > target:
                     break
@@ -211,7 +211,7 @@ class DirectTrainer:
 
         An item already trained on `seen` times by this adapter (earlier rounds, when continuing) first
         takes part at level `seen`; level by level, the items taking part are shuffled and cut into
-        minibatches of `--direct-batch-size`, until `planned_steps`. From a fresh adapter (every item
+        the fewest minibatches of at most `--direct-batch-size` (of near-equal sizes), until `planned_steps`. From a fresh adapter (every item
         unseen) these are `--direct-epochs` shuffled passes over all items; continuing one, a round
         trains the newest pages first and no item twice before every other has been trained on as often.
         With `found.pages` the shuffle keeps each page's items together (pages in random order, each
@@ -227,7 +227,9 @@ class DirectTrainer:
                 pages = sorted(set(found.pages))
                 rank = dict(zip(pages, torch.randperm(len(pages), generator=generator).tolist()))
                 order.sort(key=lambda i: rank[found.pages[i]])  # stable: a page's items keep their shuffle
-            batches += [(level, order[j:j + size]) for j in range(0, len(order), size)]
+            cuts = math.ceil(len(order) / size)  # minibatches of near-equal sizes, none a small remainder
+            bounds = [round(j * len(order) / cuts) for j in range(cuts + 1)]
+            batches += [(level, order[a:b]) for a, b in zip(bounds, bounds[1:])]
             level += 1
         return batches[:steps]
 

@@ -159,20 +159,26 @@ def test_rpo_holds_up_the_chosen_candidates_likelihood_more_than_dpo(tmp_path, t
 
 def test_direct_round_stops_its_passes_once_fresh_samples_pass_the_target_kl(tmp_path, tiny_model_dir, rated_store):
     from db.records import Cursor
+    from ppo_feedback.direct import KL_CHECK_STEPS
 
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_epochs=4))
+                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_epochs=8))
     plan, start = worker.prepare(Cursor()), worker.snapshot()
+    assert len(plan.examples) <= worker.direct.config.direct_batch_size  # a pass is one step
     full = worker.train(plan)
     trained = [p.detach().clone() for p in worker.policy.trainable_parameters()]
-    assert full["direct/passes"] == 4
+    assert full["direct/passes"] == 8
     worker.restore(start)
     worker.direct.config = replace(worker.direct.config, direct_target_kl=abs(full["objective/kl"]) / 1e6)
     stopped = worker.train(plan)
-    assert stopped["direct/passes"] < 4 and stopped["objective/kl"] > worker.direct.config.direct_target_kl
+    assert stopped["direct/passes"] == KL_CHECK_STEPS  # measured after 4 steps (not after every pass), above
+    assert stopped["objective/kl"] > worker.direct.config.direct_target_kl
     worker.restore(start)
+    measured = []
+    real_kl = worker.direct.kl
+    worker.direct.kl = lambda prompts: measured.append(real_kl(prompts)) or measured[-1]
     worker.direct.config = replace(worker.direct.config, direct_target_kl=1e9)  # never reached: every pass runs
-    assert worker.train(plan)["direct/passes"] == 4
+    assert worker.train(plan)["direct/passes"] == 8 and len(measured) == 2  # after steps 4 and 8
     assert all(torch.equal(a, b) for a, b in zip(trained, worker.policy.trainable_parameters()))  # the same passes
 
 
@@ -253,8 +259,10 @@ def test_schedule_keeps_each_pages_items_together(tmp_path, tiny_model_dir, rate
         assert len(runs) == len(set(pages))  # each page's items in one run
         orders.append(order)
     assert len({tuple(o) for o in orders}) > 1  # shuffled afresh each pass
+    assert sorted(len(batch) for _, batch in batches[:4]) == [2, 2, 3, 3]  # 10 items in 4: no remainder of 1
     unpaged = worker.direct.schedule(replace(found, pages=None), torch.Generator().manual_seed(0))
-    assert unpaged[0][1] == torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()[:3]
+    first = len(unpaged[0][1])
+    assert unpaged[0][1] == torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()[:first]
 
 
 def test_examples_know_the_page_each_item_was_judged_on():
