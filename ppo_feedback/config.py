@@ -443,11 +443,11 @@ class ObjectiveConfig:
     rpo_alpha: float = 0.0
     """DPO's (and IPO's) added weight on the chosen responses' negative log-likelihood per token (RPO, Pang et al. 2024; 1.0 in the paper; 0: plain DPO): keeps what the raters chose likely, so DPO does not drift onto text neither candidate resembles."""
     direct_epochs: int = 2
-    """Passes over all of a direct round's examples (every rated page so far), in shuffled minibatches."""
+    """Passes over all of a direct round's examples (every rated page so far), in shuffled minibatches (a page's examples together)."""
     direct_batch_size: int = 8
     """Examples per optimizer step of a direct round (DPO: pairs; RAFT: kept candidates; KTO: labelled candidates)."""
     direct_target_kl: Optional[float] = None
-    """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured after each pass and every 4 optimizer steps within one; CleanRL's target_kl early stop); unset: every pass runs."""
+    """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured every 4 optimizer steps and after the last; CleanRL's target_kl early stop); unset: every pass runs."""
     direct_max_steps: Optional[int] = None
     """At most this many optimizer steps a direct round (its passes stop there; unset: every pass runs): a round's cost stays bounded as the rated pages grow, so rounds keep pace with the raters."""
     direct_from_base: bool = False
