@@ -100,6 +100,15 @@ def reset_to_base(policy: PolicyWithValueHead) -> None:
             p.zero_()
 
 
+@torch.no_grad()
+def shrink_toward_base(policy: PolicyWithValueHead, factor: float) -> None:
+    """Scale the adapter's change to the base model by `factor` (every LoRA B: B·A becomes factor·B·A, so
+    the policy moves that far back toward the base, 0 being the base itself); returns nothing."""
+    for name, p in _adapter_parameters(policy).items():
+        if "lora_B" in name:
+            p.mul_(factor)
+
+
 def apply_version(policy: PolicyWithValueHead, root: str | Path, version: int, *,
                   initial: AdapterState | None = None, verify: bool = True) -> Path | None:
     """Load `version` into the policy in place (0 = the base model); return its directory (None for 0).

@@ -452,6 +452,8 @@ class ObjectiveConfig:
     """At most this many optimizer steps a direct round (its passes stop there; unset: every pass runs): a round's cost stays bounded as the rated pages grow, so rounds keep pace with the raters."""
     direct_from_base: bool = False
     """Each direct round trains a fresh adapter from the base model on all rated pages so far (a new optimizer too), instead of continuing from the version it loaded: the newest version is then one fit of the whole feedback, not the sum of every round's passes over the early pages (PPO's reward-model fallback rounds always continue)."""
+    direct_shrink: float = 1.0
+    """A direct round that continues from the version it loaded first scales that adapter's change to the base by this factor (every LoRA B; shrink-and-perturb without the perturbation, Ash & Adams 2020): what earlier rounds learned fades by it each round, so a round has KL room under --direct-target-kl for the pages rated since, where a continued adapter otherwise only adds to its drift; 1: off (no effect with --direct-from-base)."""
     good_score: float = 1.0
     """Normalised score (a rater's own standard deviations above their own mean) from which a rated candidate counts as good; what a direct objective makes likelier must be good: RAFT keeps good candidates above their page's mean, DPO's pairs from ratings need a good chosen one (picks always count), KTO's desirable ones are good (-inf: every candidate above its page's mean, or above its rater's mean for KTO)."""
     reward_model_fallback: str = "raft"
@@ -473,6 +475,8 @@ class ObjectiveConfig:
             raise ValueError(f"--direct-target-kl must be > 0, not {self.direct_target_kl}")
         if self.direct_epochs < 1 or self.direct_batch_size < 1:
             raise ValueError("--direct-epochs and --direct-batch-size must be >= 1")
+        if not 0 < self.direct_shrink <= 1:
+            raise ValueError(f"--direct-shrink must be in (0, 1], not {self.direct_shrink}")
         if self.direct_max_steps is not None and self.direct_max_steps < 1:
             raise ValueError(f"--direct-max-steps must be >= 1, not {self.direct_max_steps}")
         if math.isnan(self.good_score) or self.good_score == math.inf:

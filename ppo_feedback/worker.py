@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from db.records import BASE_VERSION, Cursor, FeedbackCounts, VersionRecord
-from .adapters import AdapterState, AdapterStore, VersionLifecycle, apply_version
+from .adapters import AdapterState, AdapterStore, VersionLifecycle, apply_version, shrink_toward_base
 from .config import AppConfig, LoraSettings, ModelConfig, ObjectiveConfig, PPOConfig, RewardConfig, RolloutSampling, \
     SamplingConfig, WorkerConfig, add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
 from .direct import WAITING_FOR, DirectTrainer, Examples, examples
@@ -355,6 +355,8 @@ class Worker:
         self.set_state(f"training {objective} on {len(plan.examples)} examples{instead}")
         if self.from_base:  # one fit of all pages, from the base
             self.load_version(BASE_VERSION)
+        elif self.objective.direct and self.objective.direct_shrink < 1:  # earlier rounds' fit fades
+            shrink_toward_base(self.policy, self.objective.direct_shrink)
         stats = self.direct.step(plan.examples, self.pick_prompts())
         self.check_divergence(stats)
         if self.team.is_main:

@@ -353,6 +353,26 @@ def test_direct_from_base_fits_every_round_afresh_from_the_base(tmp_path, tiny_m
     assert not same(*trained[False])  # continuing: the second round moved on from the first
 
 
+def test_a_continuing_round_first_shrinks_the_adapter_toward_the_base(tmp_path, tiny_model_dir, rated_store):
+    from db.records import Cursor
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_shrink=0.25))
+    plan = worker.prepare(Cursor())
+    worker.train(plan)
+    after_first = {n: p.detach().clone() for n, p in worker.policy.named_parameters() if "lora" in n}
+    at_start = {}
+    real_step = worker.direct.step
+    worker.direct.step = lambda *a: at_start.update(
+        {n: p.detach().clone() for n, p in worker.policy.named_parameters() if "lora" in n}) or real_step(*a)
+    worker.train(plan)
+    assert any(after_first[n].abs().sum() > 0 for n in after_first if "lora_B" in n)
+    for name, value in after_first.items():  # B scaled by the factor, A as it was
+        assert torch.allclose(at_start[name], value * (0.25 if "lora_B" in name else 1.0)), name
+    with pytest.raises(ValueError, match="--direct-shrink"):
+        ObjectiveConfig(objective="dpo", direct_shrink=0.0).validate()
+
+
 def test_direct_round_with_a_non_finite_loss_is_discarded(tmp_path, tiny_model_dir, rated_store):
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
                          objective=ObjectiveConfig(objective="dpo", good_score=0.5))
