@@ -4,8 +4,8 @@ A direct round learns from the stored feedback itself, without a reward model or
 score: `examples` makes the objective's examples from the rated pages (`RatedFeedback`), and
 `DirectTrainer.step` lays them out (`rollout_of`), takes their reference log-probabilities (adapter off,
 no grad; once per sequence while the worker runs), runs `--direct-epochs` passes of shuffled minibatches of
-`--direct-batch-size` examples (a page's examples kept together: they share sequences and a prompt) (at most `--direct-max-steps` of them) with the objective's loss
-(`objectives`), one optimizer step each through the
+at most `--direct-batch-size` examples, a page's together (they share candidates and a prompt), at most
+`--direct-max-steps` of them, with the objective's loss (`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
 `batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`); with
 `--direct-target-kl` it measures that every `KL_CHECK_STEPS` optimizer steps and stops early once it is
@@ -210,10 +210,11 @@ class DirectTrainer:
         """Return the round's minibatches of item indices, each with its pass level, least trained first.
 
         An item already trained on `seen` times by this adapter (earlier rounds, when continuing) first
-        takes part at level `seen`; level by level, the items taking part are shuffled and cut into
-        the fewest minibatches of at most `--direct-batch-size` (of near-equal sizes), until `planned_steps`. From a fresh adapter (every item
-        unseen) these are `--direct-epochs` shuffled passes over all items; continuing one, a round
-        trains the newest pages first and no item twice before every other has been trained on as often.
+        takes part at level `seen`; level by level, the items taking part are shuffled and cut into the
+        fewest minibatches of at most `--direct-batch-size` (near-equal sizes), until `planned_steps`. From
+        a fresh adapter (every item unseen) these are `--direct-epochs` shuffled passes over all items;
+        continuing one, a round trains the newest pages first and no item twice before every other has been
+        trained on as often.
         With `found.pages` the shuffle keeps each page's items together (pages in random order, each
         page's items in random order): they share sequences and their prompt, which a forward computes once.
         """
