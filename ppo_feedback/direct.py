@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -80,9 +81,11 @@ class Examples:
         item = self.items[i][:1] if self.objective == "kto" else self.items[i]
         return tuple(self.sequence_key(j) for j in item)
 
+    @cached_property
     def fingerprint(self) -> frozenset:
-        """Return what the examples teach, as a set: each item's key with its label (KTO's desirable), so that
-        equal fingerprints mean a round on these examples would learn nothing new."""
+        """What the examples teach, as a set: each item's key with its label (KTO's desirable), so that equal
+        fingerprints mean a round on these examples would learn nothing new (computed once: a waiting worker
+        compares it at every poll)."""
         labels = self.desirable if self.desirable is not None else [None] * len(self)
         return frozenset((self.key(i), labels[i]) for i in range(len(self)))
 

@@ -270,7 +270,8 @@ class Worker:
         ratings since made no new pair, kept candidate or label: a round would only train on the same again)."""
         if found is None:
             return WAITING_FOR[self.objective.objective]
-        if self._published_examples == (parent, found.fingerprint()):
+        published = self._published_examples
+        if published is not None and published[0] == parent and published[1] == found.fingerprint:
             return f"new examples: v{parent} was trained on all the feedback gives ({WAITING_FOR[found.objective]})"
         return None
 
@@ -286,7 +287,7 @@ class Worker:
             raise RoundAbandoned(failure)
         self.loaded_version = published
         if plan.examples is not None:
-            self._published_examples = (published, plan.examples.fingerprint())
+            self._published_examples = (published, plan.examples.fingerprint)
         if self.team.is_main:
             self.prune()
         self.set_state("idle")
