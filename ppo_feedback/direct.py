@@ -90,6 +90,11 @@ class Examples:
         return frozenset((self.key(i), labels[i]) for i in range(len(self)))
 
 
+MIN_REFIT_PASSES = 2
+"""With `--direct-from-base` and `--direct-max-steps`, the passes over every example a round from the base must
+have room for in the step budget (fewer if `--direct-epochs` asks fewer): a refit needs about two passes to move
+the model at all, so once the pages outgrow that a round continues from the version it loaded instead."""
+
 KL_CHECK_STEPS = 4
 """With `--direct-target-kl`, optimizer steps between two KL measurements (and one after the last step), however
 the passes fall: a measurement samples and scores a batch, the cost of a few steps, so not after every short pass."""
@@ -240,6 +245,15 @@ class DirectTrainer:
     def forget(self) -> None:
         """Forget how often each item was trained on: the adapter was replaced (a version loaded, or the base)."""
         self.seen.clear()
+
+    def refits(self, n: int) -> bool:
+        """Return whether a round on `n` examples trains a fresh adapter from the base (`--direct-from-base`):
+        always without `--direct-max-steps`; with it, while min(`--direct-epochs`, `MIN_REFIT_PASSES`) passes
+        over the `n` examples fit the budget (a refit the budget cuts to under that learns next to nothing)."""
+        if not self.config.direct_from_base:
+            return False
+        passes = min(self.config.direct_epochs, MIN_REFIT_PASSES) * math.ceil(n / self.config.direct_batch_size)
+        return self.config.direct_max_steps is None or passes <= self.config.direct_max_steps
 
     def planned_steps(self, n: int) -> int:
         """Return the optimizer steps a round on `n` examples takes unless stopped on KL: `--direct-epochs`

@@ -174,11 +174,6 @@ class Worker:
                 except Exception:  # the database is gone: the lease expires by itself
                     log.exception("could not release the training lease")
 
-    @property
-    def from_base(self) -> bool:
-        """Whether every round trains from the base model (`--direct-from-base` with a direct objective)."""
-        return self.objective.direct and self.objective.direct_from_base
-
     def back_off(self, exc: Exception, failures: int) -> float:
         """Log an error that interrupted the loop, say so in the worker state and wait; return the seconds waited."""
         delay = min(MAX_BACKOFF, self.config.wait_interval * 2 ** (failures - 1))
@@ -231,7 +226,7 @@ class Worker:
     def run_round(self) -> int | None:
         """Run one round if there is enough new feedback; return the published version, else None."""
         serving, cursor, missing = self.team.from_main(self.plan_round)
-        parent = serving if self.from_base else self.load_trainable(serving)  # from the base: nothing to load
+        parent = self.load_trainable(serving)
         if missing:
             if self.team.is_main:
                 self.set_state(f"waiting for {missing}")
@@ -348,17 +343,20 @@ class Worker:
         return stats
 
     def train_direct(self, plan: RoundPlan) -> dict[str, float]:
-        """Run the round's direct objective on the plan's examples (from the base with `--direct-from-base`),
-        recorded as iteration 1; return its stats."""
+        """Run the round's direct objective on the plan's examples, recorded as iteration 1; return its stats,
+        with `direct/from_base` 1 when it refitted from the base (`DirectTrainer.refits`), else 0 (it continued
+        from the loaded version, first shrunk by `--direct-shrink`)."""
         self.check_continue()
         objective = plan.examples.objective
         instead = "" if plan.report is None else f" instead of PPO ({plan.report.agreement.summary()})"
-        self.set_state(f"training {objective} on {len(plan.examples)} examples{instead}")
-        if self.from_base:  # one fit of all pages, from the base
+        refit = self.objective.direct and self.direct.refits(len(plan.examples))  # fallback rounds continue
+        afresh = " from the base" if refit else ""
+        self.set_state(f"training {objective} on {len(plan.examples)} examples{afresh}{instead}")
+        if refit:  # one fit of all pages, from the base
             self.load_version(BASE_VERSION)
         elif self.objective.direct and self.objective.direct_shrink < 1:  # earlier rounds' fit fades
             shrink_toward_base(self.policy, self.objective.direct_shrink)
-        stats = self.direct.step(plan.examples, self.pick_prompts())
+        stats = {**self.direct.step(plan.examples, self.pick_prompts()), "direct/from_base": float(refit)}
         self.check_divergence(stats)
         if self.team.is_main:
             self.record(plan.version, 1, stats)

@@ -353,6 +353,32 @@ def test_direct_from_base_fits_every_round_afresh_from_the_base(tmp_path, tiny_m
     assert not same(*trained[False])  # continuing: the second round moved on from the first
 
 
+def test_from_the_base_a_round_continues_once_its_step_budget_cannot_hold_two_passes(tmp_path, tiny_model_dir,
+                                                                                  rated_store):
+    from db.records import Cursor
+    from ppo_feedback.direct import MIN_REFIT_PASSES
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_from_base=True,
+                                                   direct_batch_size=1, direct_epochs=4))
+    plan, iteration = worker.prepare(Cursor()), worker.trainer.iteration
+    n = len(plan.examples)
+    assert n >= 2 and MIN_REFIT_PASSES == 2
+    for budget, refit in ((2 * n, True), (2 * n - 1, False)):  # two passes of n one-example minibatches
+        worker.objective.direct_max_steps = budget
+        rounds, flags = [], []
+        for _ in range(2):  # the same round twice, the second starting where the first ended
+            worker.trainer.iteration = iteration  # the same shuffle
+            flags.append(worker.train(plan)["direct/from_base"])
+            rounds.append([p.detach().clone() for p in worker.policy.trainable_parameters()])
+        assert flags == [float(refit)] * 2
+        assert all(torch.equal(a, b) for a, b in zip(*rounds)) == refit  # a refit repeats itself exactly
+    worker.objective.direct_epochs, worker.objective.direct_max_steps = 1, n  # one pass asked: one must fit
+    assert worker.direct.refits(n) and not worker.direct.refits(n + 1)
+    worker.objective.direct_from_base = False
+    assert not worker.direct.refits(1)
+
+
 def test_a_continuing_round_first_shrinks_the_adapter_toward_the_base(tmp_path, tiny_model_dir, rated_store):
     from db.records import Cursor
 
