@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be at least 1")
     if args.summarize:
         reports = [json.loads((Path(d) / "report.json").read_text()) for d in args.summarize]
-        if len({(r["preference"], tuple(without_seed(r["training"]))) for r in reports}) > 1:
-            parser.error("--summarize: the runs differ in taste or options; summarize each set apart")
+        if len({(r["preference"], json.dumps(resolved_settings(r), sort_keys=True)) for r in reports}) > 1:
+            parser.error("--summarize: the runs differ in taste or settings; summarize each set apart")
         print_summary(summarize_runs(reports))
         return 0
 
@@ -218,6 +218,22 @@ def without_seed(options: list[str]) -> list[str]:
         elif not option.startswith("--seed="):
             kept.append(option)
     return kept
+
+
+def settings_of(training: list[str]) -> dict[str, Any]:
+    """Return every app and worker setting that the options `training` resolve to, but the seed: what makes two
+    runs the same runs, whatever order their options were given in and whether a default was spelled out."""
+    from app import build_parser as app_parser
+
+    settings = vars(app_parser().parse_args(without_seed(training)))
+    settings.pop("seed", None)
+    return settings
+
+
+def resolved_settings(report: dict[str, Any]) -> dict[str, Any]:
+    """Return the settings a finished run trained with: as it recorded them, or, for a report from before runs
+    recorded them, its options resolved with today's defaults."""
+    return report.get("settings") or settings_of(report["training"])
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -328,7 +344,7 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
     report = {
         "bench": "learning_curve", "model": args.model, "preference": args.preference,
         "ratings": len(result.records), "preferences": result.preferences, "raters": args.raters, "seed": seed,
-        "training": training, "pace": args.pace,
+        "training": training, "settings": settings_of(training), "pace": args.pace,
         "curve": [{"version": x["version"], "ratings_so_far": x["ratings_so_far"], "n_ratings": x["n_ratings"],
                    "mean_taste": r(x["mean_taste"]), "ci95": r(x["ci95"])} for x in rows],
         "pace_waits": result.pace_waits,

@@ -528,14 +528,18 @@ def test_learning_curve_repeats_summarise_over_runs():
 def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_path, capsys):
     import json
 
-    from bench.learning_curve import main, without_seed
+    from bench.learning_curve import main, settings_of, without_seed
 
     assert without_seed(["--beta", "1", "--seed", "1", "--seed=2", "--rpo-alpha", "1"]) == \
         ["--beta", "1", "--rpo-alpha", "1"]
+    from ppo_feedback.config import ObjectiveConfig
+
     runs = []
+    same = {0: ["--wait-interval", "1"], 1: ["--beta", str(ObjectiveConfig().beta), "--wait-interval", "1"],
+            2: ["--wait-interval", "1.0"]}  # the same settings: a default spelled out, another order, 1.0
     for seed, difference in ((0, 0.3), (1, 0.1), (2, 0.2)):
         report = {"seed": seed, "out": f"run-{seed}", "goal_met": True, "versions_published": [1], "total_s": 600,
-                  "preference": "keyword:you", "training": ["--wait-interval", "1", "--seed", str(seed)],
+                  "preference": "keyword:you", "training": [*same[seed], "--seed", str(seed)],
                   "held_out": {"difference": {"mean": difference, "ci95": 0.1}, "kl_newest": {"mean": 5.0},
                                "base_perplexity": {"v1": 12.0, "v0": 11.9}, "perplexity_ratio": 1.0,
                                "distinct_bigram_ratio": 0.9}}
@@ -551,4 +555,9 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     (tmp_path / "2" / "report.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit):
         main(["--summarize", *runs])
-    assert "differ in taste or options" in capsys.readouterr().err
+    assert "differ in taste or settings" in capsys.readouterr().err
+    other["training"] = same[2] + ["--seed", "2"]
+    other["settings"] = {**settings_of(same[2]), "direct_epochs": 99}  # what the run recorded wins
+    (tmp_path / "2" / "report.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit):
+        main(["--summarize", *runs])
