@@ -17,6 +17,15 @@ from test_worker import make_worker, rated_store  # noqa: F401  (a fixture)
 NAN = math.nan
 
 
+def plain(objective: str, **overrides) -> ObjectiveConfig:
+    """A direct objective with every drift and cost bound off (one round continues the last, no shrink, no step
+    budget, no KL stop, no RPO term, beta 0.1, 2 passes) unless `overrides` sets one: each test turns on the one
+    mechanism it is about, whatever the app's defaults are."""
+    settings = dict(beta=0.1, rpo_alpha=0.0, direct_epochs=2, direct_target_kl=None, direct_max_steps=None,
+                    direct_from_base=False, direct_shrink=1.0)
+    return ObjectiveConfig(objective=objective, **{**settings, **overrides})
+
+
 def feedback(scores, page_ids, pairs=(), prompts=None, empty=()):
     """RatedFeedback of one generation per score; row i's response is [i + 1] ([] for rows in `empty`)."""
     generations = [SimpleNamespace(page_id=p, token_ids=[] if i in empty else [i + 1], logprobs=[])
@@ -40,7 +49,7 @@ def test_objective_option_refuses_unknown_names_and_bad_beta():
     with pytest.raises(ValueError, match="--rpo-alpha"):
         ObjectiveConfig(objective="dpo", rpo_alpha=-1.0).validate()
     assert main(["--objective", "orpo", "--db", "unused.db"]) == 2  # refused before any model loads
-    assert not ObjectiveConfig().direct and ObjectiveConfig(objective="kto").direct
+    assert not ObjectiveConfig(objective="ppo").direct and ObjectiveConfig(objective="kto").direct
 
 
 # ------------------------------------------------------------------------------ examples
@@ -117,7 +126,7 @@ def test_direct_round_publishes_a_policy_that_prefers_the_better_rated(tmp_path,
 
     # rated_store's better candidates are normalised to +0.75 (4 ratings a rater, shrunk to the global mean)
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective=objective, good_score=0.5, direct_epochs=4))
+                         objective=plain(objective, good_score=0.5, direct_epochs=4))
     assert worker.run_round() == 1
     version = rated_store.get_version(1)
     assert version.status == "published"
@@ -141,7 +150,7 @@ def test_rpo_holds_up_the_chosen_candidates_likelihood_more_than_dpo(tmp_path, t
     from ppo_feedback.feedback import read_feedback
 
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_epochs=4))
+                         objective=plain("dpo", good_score=0.5, direct_epochs=4))
     plan, start = worker.prepare(Cursor()), worker.snapshot()
     fb = read_feedback(rated_store)
     chosen = [rows[int(fb.scores[rows].argmax())] for rows in fb.rated_pages().values()]
@@ -162,7 +171,7 @@ def test_direct_round_stops_its_passes_once_fresh_samples_pass_the_target_kl(tmp
     from ppo_feedback.direct import KL_CHECK_STEPS
 
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_epochs=8))
+                         objective=plain("dpo", good_score=0.5, direct_epochs=8))
     plan, start = worker.prepare(Cursor()), worker.snapshot()
     assert len(plan.examples) <= worker.direct.config.direct_batch_size  # a pass is one step
     full = worker.train(plan)
@@ -189,7 +198,7 @@ def test_direct_round_measures_the_kl_inside_a_long_pass_and_stops_there(tmp_pat
 
     monkeypatch.setattr(direct, "KL_CHECK_STEPS", 2)
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_batch_size=1))
+                         objective=plain("dpo", good_score=0.5, direct_batch_size=1))
     plan, start = worker.prepare(Cursor()), worker.snapshot()
     assert len(plan.examples) > direct.KL_CHECK_STEPS  # one pass is more steps than between two measurements
     measured = []
@@ -208,7 +217,7 @@ def test_direct_round_stops_at_its_step_budget(tmp_path, tiny_model_dir, rated_s
     from db.records import Cursor
 
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_batch_size=1,
+                         objective=plain("dpo", good_score=0.5, direct_batch_size=1,
                                                    direct_max_steps=3))
     plan = worker.prepare(Cursor())
     assert 2 * len(plan.examples) > 3  # two passes would be more steps than the budget
@@ -225,7 +234,7 @@ def test_schedule_trains_the_least_trained_items_first(tmp_path, tiny_model_dir,
     from ppo_feedback.direct import Examples
 
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", direct_batch_size=2, direct_epochs=2))
+                         objective=plain("dpo", direct_batch_size=2, direct_epochs=2))
     trainer = worker.direct
     found = Examples("dpo", [("p", [j]) for j in range(12)], [(2 * i, 2 * i + 1) for i in range(6)])
     fresh = trainer.schedule(found, torch.Generator().manual_seed(0))
@@ -247,7 +256,7 @@ def test_schedule_keeps_each_pages_items_together(tmp_path, tiny_model_dir, rate
     from ppo_feedback.direct import Examples
 
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", direct_batch_size=3, direct_epochs=3))
+                         objective=plain("dpo", direct_batch_size=3, direct_epochs=3))
     pages = [7, 3, 7, 9, 3, 7, 9, 1, 3, 7]
     found = Examples("dpo", [("p", [j]) for j in range(20)], [(2 * i, 2 * i + 1) for i in range(10)], pages=pages)
     batches = worker.direct.schedule(found, torch.Generator().manual_seed(0))
@@ -278,7 +287,7 @@ def test_a_minibatch_computes_a_repeated_sequence_once(tmp_path, tiny_model_dir,
     from db.records import Cursor
 
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", good_score=0.5))
+                         objective=plain("dpo", good_score=0.5))
     trainer = worker.direct
     layout = trainer.layout(worker.prepare(Cursor()).examples)
     rows, forwarded = [0, 1, 0, 2, 1], []
@@ -303,7 +312,7 @@ def test_a_round_counts_only_the_minibatches_it_trained_on(tmp_path, tiny_model_
     from ppo_feedback.direct import KL_CHECK_STEPS
 
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_batch_size=1,
+                         objective=plain("dpo", good_score=0.5, direct_batch_size=1,
                                                    direct_target_kl=1e-9))
     plan, start = worker.prepare(Cursor()), worker.snapshot()
     worker.direct.kl = lambda prompts: (1.0, 8.0)  # above the target at the first measurement
@@ -317,7 +326,7 @@ def test_reference_logprobs_are_computed_once_per_sequence_across_rounds(tmp_pat
     from db.records import Cursor
 
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", good_score=0.5))
+                         objective=plain("dpo", good_score=0.5))
     plan, trainer = worker.prepare(Cursor()), worker.direct
     layout = trainer.layout(plan.examples)
     fresh = trainer.sequence_logprobs(layout, range(len(plan.examples.sequences)), reference=True)
@@ -340,7 +349,7 @@ def test_direct_from_base_fits_every_round_afresh_from_the_base(tmp_path, tiny_m
     trained = {}
     for from_base in (False, True):
         worker = make_worker(tmp_path / str(from_base), tiny_model_dir, rated_store,
-                             objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_from_base=from_base))
+                             objective=plain("dpo", good_score=0.5, direct_from_base=from_base))
         plan, iteration = worker.prepare(Cursor()), worker.trainer.iteration
         rounds = []
         for _ in range(2):  # the same round twice, the second starting where the first ended
@@ -359,7 +368,7 @@ def test_from_the_base_a_round_continues_once_its_step_budget_cannot_hold_two_pa
     from ppo_feedback.direct import MIN_REFIT_PASSES
 
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_from_base=True,
+                         objective=plain("dpo", good_score=0.5, direct_from_base=True,
                                                    direct_batch_size=1, direct_epochs=4))
     plan, iteration = worker.prepare(Cursor()), worker.trainer.iteration
     n = len(plan.examples)
@@ -383,7 +392,7 @@ def test_a_continuing_round_first_shrinks_the_adapter_toward_the_base(tmp_path, 
     from db.records import Cursor
 
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", good_score=0.5, direct_shrink=0.25))
+                         objective=plain("dpo", good_score=0.5, direct_shrink=0.25))
     plan = worker.prepare(Cursor())
     worker.train(plan)
     after_first = {n: p.detach().clone() for n, p in worker.policy.named_parameters() if "lora" in n}
@@ -401,7 +410,7 @@ def test_a_continuing_round_first_shrinks_the_adapter_toward_the_base(tmp_path, 
 
 def test_direct_round_with_a_non_finite_loss_is_discarded(tmp_path, tiny_model_dir, rated_store):
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", good_score=0.5))
+                         objective=plain("dpo", good_score=0.5))
     before = [p.detach().clone() for p in worker.policy.trainable_parameters()]
     real_loss = worker.direct.loss
     worker.direct.loss = lambda *a: (real_loss(*a)[0] * math.nan, {})
@@ -422,7 +431,7 @@ def test_direct_round_waits_when_no_page_tells_candidates_apart(tmp_path, tiny_m
                                                    for c in candidates]):
             store.rate(g.id, "ann", 3)  # every page's candidates rated alike: no pair, nothing above a mean
     for objective in ("dpo", "raft"):
-        worker = make_worker(tmp_path, tiny_model_dir, store, objective=ObjectiveConfig(objective=objective))
+        worker = make_worker(tmp_path, tiny_model_dir, store, objective=plain(objective))
         assert worker.run_round() is None
         assert store.worker_status().state == f"waiting for {WAITING_FOR[objective]}"
         store.release_lease(worker.holder)
@@ -440,7 +449,7 @@ def test_direct_round_waits_for_new_examples_not_only_new_ratings(tmp_path, tiny
             rated_store.rate(g.id, rater, score)
 
     worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=ObjectiveConfig(objective="dpo", good_score=0.5), min_new_feedback=4)
+                         objective=plain("dpo", good_score=0.5), min_new_feedback=4)
     assert worker.run_round() == 1
     prompt_id = rated_store.list_prompts()[0].id
     page(prompt_id, [4, 4])

@@ -97,7 +97,7 @@ def untrusted(tmp_path, tiny_model_dir, store, fallback):
     """A worker whose reward model is judged on 4 pages (rated_store): too few, so it is not trusted.
     (rated_store's better candidates are normalised to +0.75: good at --good-score 0.5.)"""
     return make_worker(tmp_path, tiny_model_dir, store,
-                       objective=ObjectiveConfig(reward_model_fallback=fallback, good_score=0.5))
+                       objective=ObjectiveConfig(objective="ppo", reward_model_fallback=fallback, good_score=0.5))
 
 
 def test_an_untrusted_reward_model_is_not_optimised_the_round_trains_the_fallback(tmp_path, tiny_model_dir,

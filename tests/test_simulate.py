@@ -443,8 +443,9 @@ def test_simulate_command_against_a_launched_app(tiny_model_dir, tmp_path):
 def test_short_load_run_is_exactly_once_with_a_worker_killed_and_restarted(tiny_model_dir, tmp_path):
     from bench.load import run_load
 
-    worker_args = ["--min-new-feedback", "4", "--ppo-iterations", "1", "--batch-size", "2", "--mini-batch-size", "2",
-                   "--ppo-epochs", "1", "--reference-samples", "2", "--min-ratings", "4", "--min-rated-prompts", "1"]
+    worker_args = ["--objective", "ppo", "--min-new-feedback", "4", "--ppo-iterations", "1", "--batch-size", "2",
+                   "--mini-batch-size", "2", "--ppo-epochs", "1", "--reference-samples", "2", "--min-ratings", "4",
+                   "--min-rated-prompts", "1"]
     report = run_load(model=str(tiny_model_dir), workdir=tmp_path, raters=3, duration=8.0, kill_worker=True,
                       candidates=2, max_new_tokens=4, recovery_timeout=0, worker_args=worker_args, log=None)
     assert report["exactly_once"]["ok"], report["exactly_once"]
@@ -458,8 +459,9 @@ def test_short_load_run_is_exactly_once_with_a_worker_killed_and_restarted(tiny_
 def test_short_load_run_through_the_json_routes_survives_a_database_outage(tiny_model_dir, tmp_path):
     from bench.load import run_load
 
-    worker_args = ["--min-new-feedback", "4", "--ppo-iterations", "1", "--batch-size", "2", "--mini-batch-size", "2",
-                   "--ppo-epochs", "1", "--reference-samples", "2", "--min-ratings", "4", "--min-rated-prompts", "1"]
+    worker_args = ["--objective", "ppo", "--min-new-feedback", "4", "--ppo-iterations", "1", "--batch-size", "2",
+                   "--mini-batch-size", "2", "--ppo-epochs", "1", "--reference-samples", "2", "--min-ratings", "4",
+                   "--min-rated-prompts", "1"]
     report = run_load(model=str(tiny_model_dir), workdir=tmp_path, raters=3, duration=10.0, db_outage=3.0,
                       kill_at=0.3, candidates=2, max_new_tokens=4, recovery_timeout=120, worker_args=worker_args,
                       rate_via="json", log=None)

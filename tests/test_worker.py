@@ -44,7 +44,7 @@ def worker_cmd(tmp_path, model_dir, *extra: str) -> list[str]:
             "--adapters-dir", str(tmp_path / "adapters"), "--model", str(model_dir), "--device", "cpu",
             "--max-new-tokens", "8", "--batch-size", "4", "--mini-batch-size", "4", "--ppo-epochs", "1",
             "--ppo-iterations", "2", "--reference-samples", "4", "--wait-interval", "0.2",
-            "--min-ratings", "8", "--reward-model-fallback", "ppo", *extra]
+            "--min-ratings", "8", "--objective", "ppo", "--reward-model-fallback", "ppo", *extra]
 
 
 def start(cmd: list[str], log_path: Path) -> subprocess.Popen:
