@@ -447,7 +447,7 @@ class ObjectiveConfig:
     direct_batch_size: int = 8
     """Examples per optimizer step of a direct round (DPO: pairs; RAFT: kept candidates; KTO: labelled candidates)."""
     direct_target_kl: Optional[float] = None
-    """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured every 4 optimizer steps and after the last; CleanRL's target_kl early stop); unset: every pass runs."""
+    """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured after the last optimizer step, and during the round after 4 steps, then where the KL's growth so far would reach the target, at most 8 steps apart; CleanRL's target_kl early stop); unset: every pass runs."""
     direct_max_steps: Optional[int] = None
     """At most this many optimizer steps a direct round (its passes stop there; unset: every pass runs): a round's cost stays bounded as the rated pages grow, so rounds keep pace with the raters."""
     direct_from_base: bool = False

@@ -8,8 +8,8 @@ at most `--direct-batch-size` examples, a page's together (they share candidates
 `--direct-max-steps` of them, with the objective's loss (`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
 `batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`); with
-`--direct-target-kl` it measures that every `KL_CHECK_STEPS` optimizer steps and stops early once it is
-above the target.
+`--direct-target-kl` it measures that during the round too (after `KL_CHECK_STEPS` optimizer steps, then when
+`next_kl_check` says) and stops early once it is above the target.
 
 What each learns from (one page: the candidates one rater asked for and saw side by side):
 
@@ -96,8 +96,27 @@ have room for in the step budget (fewer if `--direct-epochs` asks fewer): a refi
 the model at all, so once the pages outgrow that a round continues from the version it loaded instead."""
 
 KL_CHECK_STEPS = 4
-"""With `--direct-target-kl`, optimizer steps between two KL measurements (and one after the last step), however
-the passes fall: a measurement samples and scores a batch, the cost of a few steps, so not after every short pass."""
+"""With `--direct-target-kl`, the optimizer steps before a round's first KL measurement (one is taken after the
+last step too), however the passes fall: a measurement samples and scores a batch, the cost of a few steps, so not
+after every short pass; later ones come when `next_kl_check` says."""
+
+MAX_CHECK_GAP = 2 * KL_CHECK_STEPS
+"""Most optimizer steps between two KL measurements of a round, however far below the target its KL is."""
+
+
+def next_kl_check(step: int, kl: float, last_step: int, last_kl: float, target: float) -> int:
+    """Return the optimizer step after which a round measures its KL next, given `kl` measured after `step` and
+    the measurement before it (`last_step`, `last_kl`; 0 and 0.0 for the first: a round from the base starts at
+    KL 0 exactly, a continuing one at KL >= 0, so its growth is overestimated and the check comes sooner).
+
+    Where the KL's growth per step since then, carried on, reaches `target`, at least 1 and at most
+    `MAX_CHECK_GAP` steps on: sparse checks while the KL is far below the target, every step as it nears it,
+    so a round neither pays for checks it does not need nor runs far past the target between two.
+    """
+    growth = (kl - last_kl) / (step - last_step)
+    if not growth > 0:
+        return step + MAX_CHECK_GAP
+    return step + max(1, min(MAX_CHECK_GAP, math.floor((target - kl) / growth)))
 
 WAITING_FOR = {
     "dpo": "a good candidate rated above another of its page, or a pick",
@@ -184,8 +203,8 @@ class DirectTrainer:
     def step(self, found: Examples, prompts: Sequence[str]) -> dict[str, float]:
         """Train on `found` for `--direct-epochs` passes (at most `--direct-max-steps` optimizer steps, in the
         order `schedule` gives), then measure the KL of fresh samples of `prompts`; return the round's stats.
-        With `--direct-target-kl` the KL is measured every `KL_CHECK_STEPS` optimizer steps, and the round
-        stops once it is above the target.
+        With `--direct-target-kl` the KL is also measured after `KL_CHECK_STEPS` optimizer steps and then
+        when `next_kl_check` says, and the round stops once it is above the target.
 
         Raises FloatingPointError, before that minibatch's step, on a non-finite loss.
         """
@@ -196,6 +215,7 @@ class DirectTrainer:
         target = self.config.direct_target_kl
         batches = self.schedule(found, generator)
         losses: list[float] = []
+        check, last = KL_CHECK_STEPS, (0, 0.0)  # the next KL measurement's step; the last (step, KL)
         for k, (level, batch) in enumerate(batches, 1):
             if k == 1 or batches[k - 2][0] != level:  # a pass begins: its statistics start afresh
                 last_pass: dict[str, list[float]] = defaultdict(list)
@@ -204,10 +224,12 @@ class DirectTrainer:
             losses.append(float(loss.detach()))
             for name, value in stats.items():
                 last_pass[name].append(float(value))
-            if k == len(batches) or (target is not None and k % KL_CHECK_STEPS == 0):
+            if k == len(batches) or (target is not None and k == check):
                 kl, length = self.kl(prompts)  # fresh samples: at the end, or often enough to stop early
                 if target is not None and kl > target:
                     break
+                if target is not None:
+                    check, last = next_kl_check(k, kl, *last, target), (k, kl)
         for _, batch in batches[:len(losses)]:  # the minibatches trained on, not those after a KL stop
             for key in map(found.key, batch):
                 self.seen[key] = self.seen.get(key, 0) + 1

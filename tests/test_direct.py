@@ -213,6 +213,35 @@ def test_direct_round_measures_the_kl_inside_a_long_pass_and_stops_there(tmp_pat
     assert stopped["direct/steps"] == direct.KL_CHECK_STEPS and stopped["direct/passes"] == 1 and len(measured) == 1
 
 
+def test_next_kl_check_comes_where_the_kls_growth_reaches_the_target():
+    from ppo_feedback.direct import MAX_CHECK_GAP, next_kl_check
+
+    assert MAX_CHECK_GAP == 8
+    assert next_kl_check(4, 2.0, 0, 0.0, 8.0) == 12  # 0.5 a step: the target 12 steps on, at most 8
+    assert next_kl_check(12, 6.0, 4, 2.0, 8.0) == 16  # still 0.5 a step: 2 nats are 4 steps
+    assert next_kl_check(16, 7.9, 12, 6.0, 8.0) == 17  # near the target: the very next step
+    assert next_kl_check(8, 1.0, 4, 3.0, 8.0) == 16  # the KL fell (noise): the longest gap
+    assert next_kl_check(4, 8.0, 0, 0.0, 8.0) == 5  # at the target, not above it: one step on
+
+
+def test_direct_round_measures_the_kl_sparsely_far_from_the_target_and_stops_soon_after_it(
+        tmp_path, tiny_model_dir, rated_store):
+    from db.records import Cursor
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=plain("dpo", good_score=0.5, direct_batch_size=1, direct_epochs=40,
+                                         direct_target_kl=8.0))
+    plan = worker.prepare(Cursor())
+    steps, measured = [], []
+    real_optimize = worker.trainer.optimize
+    worker.trainer.optimize = lambda loss: steps.append(1) or real_optimize(loss)
+    worker.direct.kl = lambda prompts: measured.append(len(steps)) or (0.5 * len(steps), 8.0)  # 0.5 nats a step
+    stats = worker.train(plan)
+    assert 40 * len(plan.examples) > 17  # the passes alone would run longer
+    assert measured == [4, 12, 16, 17] and stats["direct/steps"] == 17  # every 4 steps: 4, 8, ..., 20 (KL 10)
+    assert stats["objective/kl"] == 8.5
+
+
 def test_direct_round_stops_at_its_step_budget(tmp_path, tiny_model_dir, rated_store):
     from db.records import Cursor
 
