@@ -179,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be at least 1")
     if args.summarize:
         reports = [json.loads((Path(d) / "report.json").read_text()) for d in args.summarize]
-        if len({(r["preference"], json.dumps(resolved_settings(r), sort_keys=True)) for r in reports}) > 1:
+        try:
+            sets = {(r["preference"], json.dumps(resolved_settings(r), sort_keys=True)) for r in reports}
+        except ValueError as exc:
+            parser.error(str(exc))
+        if len(sets) > 1:
             parser.error("--summarize: the runs differ in taste or settings; summarize each set apart")
         print_summary(summarize_runs(reports))
         return 0
@@ -226,14 +230,21 @@ def settings_of(training: list[str]) -> dict[str, Any]:
     from app import build_parser as app_parser
 
     settings = vars(app_parser().parse_args(without_seed(training)))
-    settings.pop("seed", None)
+    for machine_s in ("seed", "cache_dir"):  # the run's own, and a path under the user's home
+        settings.pop(machine_s, None)
     return settings
 
 
 def resolved_settings(report: dict[str, Any]) -> dict[str, Any]:
     """Return the settings a finished run trained with: as it recorded them, or, for a report from before runs
     recorded them, its options resolved with today's defaults."""
-    return report.get("settings") or settings_of(report["training"])
+    if report.get("settings"):
+        return report["settings"]
+    try:
+        return settings_of(report["training"])
+    except SystemExit:  # argparse has printed which option it does not know
+        raise ValueError(f"--summarize: the options of run {report.get('out')} are not today's app's; "
+                         "summarize it with the commit that made it") from None
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -471,8 +471,9 @@ class ObjectiveConfig:
         if self.reward_model_fallback not in FALLBACKS:
             raise ValueError(f"--reward-model-fallback must be one of {', '.join(FALLBACKS)}, "
                              f"not {self.reward_model_fallback!r}")
-        if self.direct_target_kl is not None and not self.direct_target_kl > 0:
-            raise ValueError(f"--direct-target-kl must be > 0, not {self.direct_target_kl}")
+        if self.direct_target_kl is not None and not 0 < self.direct_target_kl < math.inf:
+            raise ValueError(f"--direct-target-kl must be a finite number > 0 (unset: no early stop), "
+                             f"not {self.direct_target_kl}")
         if self.direct_epochs < 1 or self.direct_batch_size < 1:
             raise ValueError("--direct-epochs and --direct-batch-size must be >= 1")
         if not 0 < self.direct_shrink <= 1:

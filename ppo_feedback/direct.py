@@ -106,17 +106,20 @@ MAX_CHECK_GAP = 2 * KL_CHECK_STEPS
 
 def next_kl_check(step: int, kl: float, last_step: int, last_kl: float, target: float) -> int:
     """Return the optimizer step after which a round measures its KL next, given `kl` measured after `step` and
-    the measurement before it (`last_step`, `last_kl`; 0 and 0.0 for the first: a round from the base starts at
-    KL 0 exactly, a continuing one at KL >= 0, so its growth is overestimated and the check comes sooner).
+    the measurement before it (`last_step`, `last_kl`; 0 and 0.0 for the first).
 
-    Where the KL's growth per step since then, carried on, reaches `target`, at least 1 and at most
-    `MAX_CHECK_GAP` steps on: sparse checks while the KL is far below the target, every step as it nears it,
-    so a round neither pays for checks it does not need nor runs far past the target between two.
+    Where the KL, growing at the larger of two rates per step, would reach `target`: its rate since the last
+    measurement (a KL that speeds up) and since the round began, from 0 (a measurement that dipped by noise; a
+    round from the base starts at KL 0 exactly, a continuing one above it, whose rate is then overestimated and
+    its check comes sooner); at least 1 and at most `MAX_CHECK_GAP` steps on: sparse checks while the KL is
+    far below the target, every step as it nears it, so a round neither pays for checks it does not need nor
+    runs far past the target between two.
     """
-    growth = (kl - last_kl) / (step - last_step)
+    growth = max((kl - last_kl) / (step - last_step), kl / step)
     if not growth > 0:
         return step + MAX_CHECK_GAP
     return step + max(1, min(MAX_CHECK_GAP, math.floor((target - kl) / growth)))
+
 
 WAITING_FOR = {
     "dpo": "a good candidate rated above another of its page, or a pick",

@@ -471,16 +471,16 @@ class Worker:
         self.loaded_version = version
         log.info("training from version %d", version)
 
-    def snapshot(self) -> tuple[AdapterState, dict, float, int, dict]:
-        """Return what a discarded round must restore: adapter, optimizer, KL coefficient, iteration, and
-        how often a direct round's items were trained on."""
+    def snapshot(self) -> tuple[AdapterState, dict, float, int, dict, int | None]:
+        """Return what a discarded round must restore: adapter, optimizer, KL coefficient, iteration, how
+        often a direct round's items were trained on, and which version the adapter is (a refit loads the base)."""
         seen = dict(self.direct.seen) if self.direct is not None else {}
         return (AdapterState.capture(self.policy), copy.deepcopy(self.trainer.optimizer.state_dict()),
-                self.trainer.kl_ctl.value, self.trainer.iteration, seen)
+                self.trainer.kl_ctl.value, self.trainer.iteration, seen, self.loaded_version)
 
     def restore(self, snapshot) -> None:
         """Put back a snapshot taken at the start of a round."""
-        adapter, optimizer, kl_coef, iteration, seen = snapshot
+        adapter, optimizer, kl_coef, iteration, seen, self.loaded_version = snapshot
         adapter.restore()
         self.trainer.optimizer.load_state_dict(optimizer)
         self.trainer.kl_ctl.value, self.trainer.iteration = kl_coef, iteration

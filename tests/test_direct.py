@@ -46,6 +46,8 @@ def test_objective_option_refuses_unknown_names_and_bad_beta():
         ObjectiveConfig(objective="dpo", beta=0.0).validate()
     with pytest.raises(ValueError, match="--direct-target-kl"):
         ObjectiveConfig(objective="dpo", direct_target_kl=0.0).validate()
+    with pytest.raises(ValueError, match="--direct-target-kl"):
+        ObjectiveConfig(objective="dpo", direct_target_kl=math.inf).validate()
     with pytest.raises(ValueError, match="--rpo-alpha"):
         ObjectiveConfig(objective="dpo", rpo_alpha=-1.0).validate()
     assert main(["--objective", "orpo", "--db", "unused.db"]) == 2  # refused before any model loads
@@ -220,7 +222,9 @@ def test_next_kl_check_comes_where_the_kls_growth_reaches_the_target():
     assert next_kl_check(4, 2.0, 0, 0.0, 8.0) == 12  # 0.5 a step: the target 12 steps on, at most 8
     assert next_kl_check(12, 6.0, 4, 2.0, 8.0) == 16  # still 0.5 a step: 2 nats are 4 steps
     assert next_kl_check(16, 7.9, 12, 6.0, 8.0) == 17  # near the target: the very next step
-    assert next_kl_check(8, 1.0, 4, 3.0, 8.0) == 16  # the KL fell (noise): the longest gap
+    assert next_kl_check(8, 1.0, 4, 3.0, 8.0) == 16  # fell by noise, 1/8 a step since the start: the longest gap
+    assert next_kl_check(17, 7.85, 16, 7.9, 8.0) == 18  # fell by noise near the target: the round's rate, 1 on
+    assert next_kl_check(6, 7.2, 4, 3.2, 8.0) == 7  # speeding up (2 a step since the last): the next step
     assert next_kl_check(4, 8.0, 0, 0.0, 8.0) == 5  # at the target, not above it: one step on
 
 
@@ -411,6 +415,13 @@ def test_from_the_base_a_round_continues_once_its_step_budget_cannot_hold_two_pa
             rounds.append([p.detach().clone() for p in worker.policy.trainable_parameters()])
         assert flags == [float(refit)] * 2
         assert all(torch.equal(a, b) for a, b in zip(*rounds)) == refit  # a refit repeats itself exactly
+    worker.loaded_version = 3  # as if version 3 were loaded: a discarded refit round puts that back
+    start = worker.snapshot()
+    worker.objective.direct_max_steps = 2 * n
+    worker.train(plan)
+    assert worker.loaded_version == 0  # the base, loaded for the refit
+    worker.restore(start)
+    assert worker.loaded_version == 3
     worker.objective.direct_epochs, worker.objective.direct_max_steps = 1, n  # one pass asked: one must fit
     assert worker.direct.refits(n) and not worker.direct.refits(n + 1)
     worker.objective.direct_from_base = False

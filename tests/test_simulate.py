@@ -563,3 +563,10 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     (tmp_path / "2" / "report.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit):
         main(["--summarize", *runs])
+    assert "differ in taste or settings" in capsys.readouterr().err
+    other = {**other, "training": ["--no-such-option", "1"]}
+    del other["settings"]  # a run from before settings were recorded, with an option the app no longer has
+    (tmp_path / "2" / "report.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit):
+        main(["--summarize", *runs])
+    assert "are not today's app's" in capsys.readouterr().err
