@@ -215,6 +215,15 @@ def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
+def _or_none(kind: type):
+    """Return a parser of `kind` that reads "none" (any case) or "" as None: how an optional option that has
+    a default is unset on the command line (`--direct-max-steps none`)."""
+    def parse(text: str):
+        return None if text.strip().lower() in ("", "none") else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -239,8 +248,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: s
     """Add one --option per option field of `cls`; defaults come from PPO_FEEDBACK_<FIELD> when set."""
     group = parser.add_argument_group(title or cls.__name__)
     docs = field_docs(cls)
+    hints = get_type_hints(cls)
     for f, kind in option_fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        optional = type(None) in getattr(hints[f.name], "__args__", ())
         env = os.environ.get(env_name(f.name))
         if env is not None:
             default = _parse_bool(env) if kind is bool else (kind(env) if env != "" else None)
@@ -249,7 +260,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: s
         if kind is bool:
             group.add_argument(option, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            group.add_argument(option, default=default, type=kind, help=help_text)
+            group.add_argument(option, default=default, type=_or_none(kind) if optional else kind, help=help_text)
 
 
 def options_markdown(sections) -> str:
@@ -386,7 +397,7 @@ class RewardConfig:
 
 @dataclass
 class WorkerConfig:
-    min_new_feedback: int = 56
+    min_new_feedback: int = 40
     """New ratings plus preferences since the serving version needed to start a training round."""
     min_ratings: int = 16
     """Ratings in the store before any round trains (the first round waits for them), on at least --min-rated-prompts prompts."""
@@ -436,23 +447,23 @@ FALLBACKS = ("dpo", "ipo", "raft", "kto", "wait", "ppo")
 
 @dataclass
 class ObjectiveConfig:
-    objective: str = "ppo"
+    objective: str = "dpo"
     """What a round trains: ppo (reward model, PPO iterations, replay), or directly from the rated pages: dpo (pairs of one page's candidates rated differently with a good chosen one, and picks), ipo (the same pairs, IPO's squared loss), raft (likelihood of good candidates rated above their page's mean) or kto (good candidates and those rated below their rater's mean); a direct round runs --direct-epochs passes of --direct-batch-size minibatches at --learning-rate."""
-    beta: float = 0.1
+    beta: float = 0.25
     """DPO's and KTO's beta, IPO's tau (its per-token margin target is 1/(2 tau)): the strength of their implicit KL bound to the base model (also scales the rewards/* statistics of every direct objective)."""
-    rpo_alpha: float = 0.0
+    rpo_alpha: float = 1.0
     """DPO's (and IPO's) added weight on the chosen responses' negative log-likelihood per token (RPO, Pang et al. 2024; 1.0 in the paper; 0: plain DPO): keeps what the raters chose likely, so DPO does not drift onto text neither candidate resembles."""
-    direct_epochs: int = 2
+    direct_epochs: int = 4
     """Passes over all of a direct round's examples (every rated page so far), in shuffled minibatches (a page's examples together)."""
     direct_batch_size: int = 8
     """Examples per optimizer step of a direct round (DPO: pairs; RAFT: kept candidates; KTO: labelled candidates)."""
-    direct_target_kl: Optional[float] = None
-    """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured after the last optimizer step, and during the round after 4 steps, then where the KL's growth so far would reach the target, at most 8 steps apart; CleanRL's target_kl early stop); unset: every pass runs."""
-    direct_max_steps: Optional[int] = None
-    """At most this many optimizer steps a direct round (its passes stop there; unset: every pass runs): a round's cost stays bounded as the rated pages grow, so rounds keep pace with the raters."""
-    direct_from_base: bool = False
+    direct_target_kl: Optional[float] = 8.0
+    """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured after the last optimizer step, and during the round after 4 steps, then where the KL's growth so far would reach the target, at most 8 steps apart; CleanRL's target_kl early stop); none: every pass runs."""
+    direct_max_steps: Optional[int] = 24
+    """At most this many optimizer steps a direct round (its passes stop there): a round's cost stays bounded as the rated pages grow, so rounds keep pace with the raters; none: no budget."""
+    direct_from_base: bool = True
     """Each direct round trains a fresh adapter from the base model on all rated pages so far (a new optimizer too), instead of continuing from the version it loaded: the newest version is then one fit of the whole feedback, not the sum of every round's passes over the early pages. With --direct-max-steps, only while two passes over every example (one with --direct-epochs 1) fit that budget: once the pages outgrow it a round continues from the version it loaded (shrunk by --direct-shrink), since a refit cut to under two passes barely moves the model (PPO's reward-model fallback rounds always continue)."""
-    direct_shrink: float = 1.0
+    direct_shrink: float = 0.5
     """A direct round that continues from the version it loaded first scales that adapter's change to the base by this factor (every LoRA B; shrink-and-perturb without the perturbation, Ash & Adams 2020): what earlier rounds learned fades by it each round, so a round has KL room under --direct-target-kl for the pages rated since, where a continued adapter otherwise only adds to its drift; 1: off (no effect on rounds that refit from the base, --direct-from-base)."""
     good_score: float = 1.0
     """Normalised score (a rater's own standard deviations above their own mean) from which a rated candidate counts as good; what a direct objective makes likelier must be good: RAFT keeps good candidates above their page's mean, DPO's pairs from ratings need a good chosen one (picks always count), KTO's desirable ones are good (-inf: every candidate above its page's mean, or above its rater's mean for KTO)."""
