@@ -54,6 +54,21 @@ def test_objective_option_refuses_unknown_names_and_bad_beta():
     assert not ObjectiveConfig(objective="ppo").direct and ObjectiveConfig(objective="kto").direct
 
 
+def test_a_bound_that_is_on_by_default_can_be_turned_off_on_the_command_line():
+    import argparse
+
+    from ppo_feedback.config import add_worker_arguments, from_namespace
+
+    parser = argparse.ArgumentParser()
+    add_worker_arguments(parser)
+    config = from_namespace(ObjectiveConfig, parser.parse_args(
+        ["--direct-max-steps", "none", "--direct-target-kl", "None", "--no-direct-from-base"]))
+    assert (config.direct_max_steps, config.direct_target_kl, config.direct_from_base) == (None, None, False)
+    assert from_namespace(ObjectiveConfig, parser.parse_args(["--direct-max-steps", "7"])).direct_max_steps == 7
+    with pytest.raises(SystemExit):  # not a number, nor none
+        parser.parse_args(["--direct-max-steps", "many"])
+
+
 # ------------------------------------------------------------------------------ examples
 
 def test_dpo_examples_pair_one_pages_candidates_and_picks_win():
