@@ -296,10 +296,10 @@ def test_status_and_plots_follow_the_store(app, store):
     assert app.status(max_age_s=0)["worker"]["state"] == "waiting for 3 more ratings"
     ratings, score, kl = app.plots()
     assert ratings["mean rating"].tolist() == [3.0]
-    assert score["PPO iteration"].tolist() == [1, 2] and score["reward score"].tolist() == [0.5, 0.7]
+    assert score["training step"].tolist() == [1, 2] and score["score"].tolist() == [0.5, 0.7]
     assert kl["KL"].tolist() == [0.1, 0.3]
     store.record_metrics(2, 0, {"objective/kl": 0.2})
-    assert app.plots()[2]["PPO iteration"].tolist() == [1, 2, 3]  # read incrementally, steps continue
+    assert app.plots()[2]["training step"].tolist() == [1, 2, 3]  # read incrementally, steps continue
 
 
 def test_uploaded_prompts_join_the_pool(app, store):

@@ -487,7 +487,8 @@ class FeedbackApp:
     def metric_rows(self) -> list[dict[str, Any]]:
         """Return every reward-score and KL point as {"step", "version", "iteration", "metric", "value"}, in order.
 
-        `step` counts PPO iterations across all versions (1, 2, ...), in the order they were recorded.
+        `step` counts training steps (a PPO iteration, or a direct round) across all versions (1, 2, ...), in the
+        order they were recorded.
         """
         with self._metrics_lock:
             cache = self._metrics
@@ -502,7 +503,7 @@ class FeedbackApp:
             return list(cache.rows)
 
     def plots(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-        """Return the data of the three plots: mean human rating per version, reward score and KL per iteration."""
+        """Return the data of the three plots: mean human rating per version, training score and KL per step."""
         versions = self.status()["versions"]
         # Categories sort as text in the plot (a `sort` list goes stale in the browser when versions are added):
         # "base model" < "v01" < ... < "v10" once there are ten versions.
@@ -512,8 +513,8 @@ class FeedbackApp:
               "mean rating": v["mean_rating"], "ratings": v["n_ratings"]} for v in versions],
             columns=["version", "mean rating", "ratings"])
         rows = pd.DataFrame(self.metric_rows(), columns=["step", "version", "iteration", "metric", "value"])
-        score = rows[rows.metric == REWARD_METRIC].rename(columns={"value": "reward score", "step": "PPO iteration"})
-        kl = rows[rows.metric == KL_METRIC].rename(columns={"value": "KL", "step": "PPO iteration"})
+        score = rows[rows.metric == REWARD_METRIC].rename(columns={"value": "score", "step": "training step"})
+        kl = rows[rows.metric == KL_METRIC].rename(columns={"value": "KL", "step": "training step"})
         return ratings, score.drop(columns="metric"), kl.drop(columns="metric")
 
     # --------------------------------------------------------------------------- compare

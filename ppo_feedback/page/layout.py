@@ -80,7 +80,7 @@ class RateTab:
 
 @dataclass
 class ProgressTab:
-    """Mean human rating per version, reward score and KL per PPO iteration, the versions table."""
+    """Mean human rating per version, training score and KL per training step, the versions table."""
 
     rating_plot: gr.LinePlot
     score_plot: gr.LinePlot
@@ -163,7 +163,7 @@ class Page:
 
 def lay_out(app: FeedbackApp) -> Page:
     """Create the page's components inside the current gr.Blocks; return them."""
-    gr.Markdown(f"# ppo-feedback\nRate the model's answers; a worker trains it on your ratings with PPO and "
+    gr.Markdown(f"# ppo-feedback\nRate the model's answers; a worker trains it on your ratings and "
                 f"the page switches to each new version by itself. Model: {md_escape(app.serving.base_model)}.")
     status = _status_panel(app)
     with gr.Tab("Rate", id="rate"):
@@ -254,11 +254,12 @@ def _progress_tab(app: FeedbackApp) -> ProgressTab:
     rating_plot = gr.LinePlot(x="version", y="mean rating", title="Mean human rating per version",
                               y_lim=[1, 5], tooltip=["version", "mean rating", "ratings"], elem_id="plot-ratings")
     with gr.Row():
-        score_plot = gr.LinePlot(x="PPO iteration", y="reward score", title="Reward-model score per PPO iteration",
-                                 tooltip=["PPO iteration", "version", "iteration", "reward score"],
+        score_plot = gr.LinePlot(x="training step", y="score",
+                                 title="Training score per step (PPO: reward-model score; DPO, KTO: implied reward "
+                                       "margin)", tooltip=["training step", "version", "iteration", "score"],
                                  elem_id="plot-score")
-        kl_plot = gr.LinePlot(x="PPO iteration", y="KL", title="KL to the base model per PPO iteration",
-                              tooltip=["PPO iteration", "version", "iteration", "KL"], elem_id="plot-kl")
+        kl_plot = gr.LinePlot(x="training step", y="KL", title="KL to the base model per training step",
+                              tooltip=["training step", "version", "iteration", "KL"], elem_id="plot-kl")
     table = gr.Dataframe(headers=VERSION_COLUMNS, interactive=False, label="Versions", elem_id="progress-versions")
     win_rate = gr.Textbox(label="The raters' verdict on mixed pages (--mix-versions)", interactive=False,
                           visible=app.mix_versions, elem_id="win-rate")
