@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         reports = [json.loads((Path(d) / "report.json").read_text()) for d in args.summarize]
         try:
-            sets = {(r["preference"], json.dumps(resolved_settings(r), sort_keys=True)) for r in reports}
+            sets = {(r["preference"], json.dumps(settings, sort_keys=True))
+                    for r, settings in zip(reports, comparable_settings(reports))}
         except ValueError as exc:
             parser.error(str(exc))
         if len(sets) > 1:
@@ -224,27 +225,36 @@ def without_seed(options: list[str]) -> list[str]:
     return kept
 
 
-def settings_of(training: list[str]) -> dict[str, Any]:
-    """Return every app and worker setting that the options `training` resolve to, but the seed: what makes two
-    runs the same runs, whatever order their options were given in and whether a default was spelled out."""
+def settings_of(training: list[str], *, given_only: bool = False) -> dict[str, Any]:
+    """Return every app and worker setting that the options `training` resolve to, but the seed (and the cache
+    path, which is the user's): what makes two runs the same runs, whatever order their options were given in
+    and whether a default was spelled out. `given_only`: only the settings the options set (typed, so 1 and 1.0
+    alike), the defaults left out."""
     from app import build_parser as app_parser
 
-    settings = vars(app_parser().parse_args(without_seed(training)))
-    for machine_s in ("seed", "cache_dir"):  # the run's own, and a path under the user's home
-        settings.pop(machine_s, None)
+    parser = app_parser()
+    if given_only:
+        parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([]))))
+    settings = {k: v for k, v in vars(parser.parse_args(without_seed(training))).items()
+                if not (given_only and v is None)}
+    for own in ("seed", "cache_dir"):
+        settings.pop(own, None)
     return settings
 
 
-def resolved_settings(report: dict[str, Any]) -> dict[str, Any]:
-    """Return the settings a finished run trained with: as it recorded them, or, for a report from before runs
-    recorded them, its options resolved with today's defaults."""
-    if report.get("settings"):
-        return report["settings"]
-    try:
-        return settings_of(report["training"])
-    except SystemExit:  # argparse has printed which option it does not know
-        raise ValueError(f"--summarize: the options of run {report.get('out')} are not today's app's; "
-                         "summarize it with the commit that made it") from None
+def comparable_settings(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return what tells the runs' settings apart: the settings each run recorded when all did, else (a report
+    from before runs recorded them, whose defaults were the app's of its day) the options each run set."""
+    if all(r.get("settings") for r in reports):
+        return [r["settings"] for r in reports]
+    settings = []
+    for r in reports:
+        try:
+            settings.append(settings_of(r["training"], given_only=True))
+        except SystemExit:  # argparse has printed which option it does not know
+            raise ValueError(f"--summarize: the options of run {r.get('out')} are not today's app's; "
+                             "summarize it with the commit that made it") from None
+    return settings
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -531,42 +531,42 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     import json
 
     from bench.learning_curve import main, settings_of, without_seed
+    from ppo_feedback.config import ObjectiveConfig
 
     assert without_seed(["--beta", "1", "--seed", "1", "--seed=2", "--rpo-alpha", "1"]) == \
         ["--beta", "1", "--rpo-alpha", "1"]
-    from ppo_feedback.config import ObjectiveConfig
 
-    runs = []
-    same = {0: ["--wait-interval", "1"], 1: ["--beta", str(ObjectiveConfig().beta), "--wait-interval", "1"],
-            2: ["--wait-interval", "1.0"]}  # the same settings: a default spelled out, another order, 1.0
-    for seed, difference in ((0, 0.3), (1, 0.1), (2, 0.2)):
+    def write(seed, options, recorded):
+        """A finished run's report.json; `recorded`: with the settings it ran with (runs since they are kept)."""
         report = {"seed": seed, "out": f"run-{seed}", "goal_met": True, "versions_published": [1], "total_s": 600,
-                  "preference": "keyword:you", "training": [*same[seed], "--seed", str(seed)],
-                  "held_out": {"difference": {"mean": difference, "ci95": 0.1}, "kl_newest": {"mean": 5.0},
+                  "preference": "keyword:you", "training": [*options, "--seed", str(seed)],
+                  "held_out": {"difference": {"mean": [0.3, 0.1, 0.2][seed], "ci95": 0.1}, "kl_newest": {"mean": 5.0},
                                "base_perplexity": {"v1": 12.0, "v0": 11.9}, "perplexity_ratio": 1.0,
                                "distinct_bigram_ratio": 0.9}}
-        (tmp_path / str(seed)).mkdir()
+        if recorded:
+            report["settings"] = settings_of(options)
+        (tmp_path / str(seed)).mkdir(exist_ok=True)
         (tmp_path / str(seed) / "report.json").write_text(json.dumps(report))
-        runs.append(str(tmp_path / str(seed)))
-    assert main(["--summarize", *runs]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        return str(tmp_path / str(seed))
+
+    def summarize(*options, recorded=True):
+        runs = [write(seed, o, recorded) for seed, o in enumerate(options)]
+        try:
+            assert main(["--summarize", *runs]) == 0
+        except SystemExit:
+            return capsys.readouterr().err
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    default_beta = ["--beta", str(ObjectiveConfig().beta)]
+    summary = summarize(["--wait-interval", "1"], [*default_beta, "--wait-interval", "1"], ["--wait-interval", "1.0"])
     assert summary["differences"] == [0.3, 0.1, 0.2] and summary["difference_mean"] == pytest.approx(0.2)
-    assert summary["training"] == ["--wait-interval", "1"]
-    other = json.loads((tmp_path / "2" / "report.json").read_text())
-    other["training"] += ["--beta", "0.5"]
-    (tmp_path / "2" / "report.json").write_text(json.dumps(other))
-    with pytest.raises(SystemExit):
-        main(["--summarize", *runs])
-    assert "differ in taste or settings" in capsys.readouterr().err
-    other["training"] = same[2] + ["--seed", "2"]
-    other["settings"] = {**settings_of(same[2]), "direct_epochs": 99}  # what the run recorded wins
-    (tmp_path / "2" / "report.json").write_text(json.dumps(other))
-    with pytest.raises(SystemExit):
-        main(["--summarize", *runs])
-    assert "differ in taste or settings" in capsys.readouterr().err
-    other = {**other, "training": ["--no-such-option", "1"]}
-    del other["settings"]  # a run from before settings were recorded, with an option the app no longer has
-    (tmp_path / "2" / "report.json").write_text(json.dumps(other))
-    with pytest.raises(SystemExit):
-        main(["--summarize", *runs])
-    assert "are not today's app's" in capsys.readouterr().err
+    assert summary["training"] == ["--wait-interval", "1"]  # a default spelled out, another order, 1.0: the same
+    assert "differ in taste or settings" in summarize(["--wait-interval", "1"], ["--beta", "0.5"])
+    # reports from before settings were kept: the options they set, in any order, defaults being their day's
+    assert summarize(["--beta", "0.5", "--wait-interval", "1"], ["--wait-interval", "1.0", "--beta", "0.5"],
+                     recorded=False)["repeats"] == 2
+    assert "differ in taste or settings" in summarize(["--wait-interval", "1"], [*default_beta, "--wait-interval", "1"],
+                                                      recorded=False)
+    assert "are not today's app's" in summarize(["--wait-interval", "1"], ["--no-such-option", "1"], recorded=False)
+
+
