@@ -162,6 +162,16 @@ def test_direct_round_publishes_a_policy_that_prefers_the_better_rated(tmp_path,
     assert bool((gain > 0).all()), gain  # on every page
 
 
+def test_the_default_objective_trains_a_direct_round_from_the_base(tmp_path, tiny_model_dir, rated_store):
+    defaults = ObjectiveConfig(good_score=0.5)  # rated_store's better candidates sit at +0.75
+    assert defaults.direct and defaults.direct_from_base and defaults.direct_max_steps is not None
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, objective=defaults)
+    assert worker.run_round() == 1
+    metrics = rated_store.get_version(1).metrics
+    assert f"loss/{defaults.objective}" in metrics and metrics["direct/from_base"] == 1.0
+    assert not any(name.startswith("reward_model/") for name in metrics)
+
+
 def test_rpo_holds_up_the_chosen_candidates_likelihood_more_than_dpo(tmp_path, tiny_model_dir, rated_store):
     from db.records import Cursor
     from ppo_feedback.feedback import read_feedback
