@@ -225,6 +225,10 @@ def without_seed(options: list[str]) -> list[str]:
     return kept
 
 
+RUN_OWN_SETTINGS = ("seed", "cache_dir")
+"""Settings that never tell two runs' settings apart: the run's seed, and the cache path (the user's home)."""
+
+
 def settings_of(training: list[str], *, given_only: bool = False) -> dict[str, Any]:
     """Return every app and worker setting that the options `training` resolve to, but the seed (and the cache
     path, which is the user's): what makes two runs the same runs, whatever order their options were given in
@@ -237,16 +241,14 @@ def settings_of(training: list[str], *, given_only: bool = False) -> dict[str, A
         parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([]))))
     settings = {k: v for k, v in vars(parser.parse_args(without_seed(training))).items()
                 if not (given_only and v is None)}
-    for own in ("seed", "cache_dir"):
-        settings.pop(own, None)
-    return settings
+    return {k: v for k, v in settings.items() if k not in RUN_OWN_SETTINGS}
 
 
 def comparable_settings(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Return what tells the runs' settings apart: the settings each run recorded when all did, else (a report
     from before runs recorded them, whose defaults were the app's of its day) the options each run set."""
     if all(r.get("settings") for r in reports):
-        return [r["settings"] for r in reports]
+        return [{k: v for k, v in r["settings"].items() if k not in RUN_OWN_SETTINGS} for r in reports]
     settings = []
     for r in reports:
         try:

@@ -543,8 +543,8 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
                   "held_out": {"difference": {"mean": [0.3, 0.1, 0.2][seed], "ci95": 0.1}, "kl_newest": {"mean": 5.0},
                                "base_perplexity": {"v1": 12.0, "v0": 11.9}, "perplexity_ratio": 1.0,
                                "distinct_bigram_ratio": 0.9}}
-        if recorded:
-            report["settings"] = settings_of(options)
+        if recorded:  # as a run records them, once with its user's cache path (since ignored)
+            report["settings"] = {**settings_of(options), "cache_dir": f"/home/user{seed}/.cache"}
         (tmp_path / str(seed)).mkdir(exist_ok=True)
         (tmp_path / str(seed) / "report.json").write_text(json.dumps(report))
         return str(tmp_path / str(seed))
