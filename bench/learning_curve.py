@@ -239,9 +239,8 @@ def settings_of(training: list[str], *, given_only: bool = False) -> dict[str, A
     parser = app_parser()
     if given_only:
         parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([]))))
-    settings = {k: v for k, v in vars(parser.parse_args(without_seed(training))).items()
-                if not (given_only and v is None)}
-    return {k: v for k, v in settings.items() if k not in RUN_OWN_SETTINGS}
+    return {k: v for k, v in vars(parser.parse_args(without_seed(training))).items()
+            if k not in RUN_OWN_SETTINGS and not (given_only and v is None)}
 
 
 def comparable_settings(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -229,9 +229,9 @@ class DirectTrainer:
                 last_pass[name].append(float(value))
             if k == len(batches) or (target is not None and k == check):
                 kl, length = self.kl(prompts)  # fresh samples: at the end, or often enough to stop early
-                if target is not None and kl > target:
-                    break
                 if target is not None:
+                    if kl > target:
+                        break
                     check, last = next_kl_check(k, kl, *last, target), (k, kl)
         for _, batch in batches[:len(losses)]:  # the minibatches trained on, not those after a KL stop
             for key in map(found.key, batch):
