@@ -459,6 +459,8 @@ class ObjectiveConfig:
     """Examples per optimizer step of a direct round (DPO: pairs; RAFT: kept candidates; KTO: labelled candidates)."""
     direct_target_kl: Optional[float] = 8.0
     """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured after the last optimizer step, and during the round after 4 steps, then where the KL's growth so far would reach the target, at most 8 steps apart; CleanRL's target_kl early stop); none: every pass runs."""
+    direct_max_perplexity_ratio: Optional[float] = None
+    """A direct round also stops its passes early once the base model's perplexity of fresh samples' text exceeds this multiple of its perplexity of its own samples of the same prompts (measured with the KL; every 4 steps without --direct-target-kl): a bound on fluency, which the KL alone does not give (a policy sharpening onto likely text moves far in KL and stays fluent, one spreading onto unlikely text loses fluency at a lower KL); recorded as objective/perplexity_ratio; none: not measured."""
     direct_max_steps: Optional[int] = 24
     """At most this many optimizer steps a direct round (its passes stop there): a round's cost stays bounded as the rated pages grow, so rounds keep pace with the raters; none: no budget."""
     direct_from_base: bool = True
@@ -485,6 +487,9 @@ class ObjectiveConfig:
         if self.direct_target_kl is not None and not 0 < self.direct_target_kl < math.inf:
             raise ValueError(f"--direct-target-kl must be a finite number > 0 (unset: no early stop), "
                              f"not {self.direct_target_kl}")
+        if self.direct_max_perplexity_ratio is not None and not 0 < self.direct_max_perplexity_ratio < math.inf:
+            raise ValueError(f"--direct-max-perplexity-ratio must be a finite number > 0 (unset: not measured), "
+                             f"not {self.direct_max_perplexity_ratio}")
         if self.direct_epochs < 1 or self.direct_batch_size < 1:
             raise ValueError("--direct-epochs and --direct-batch-size must be >= 1")
         if not 0 < self.direct_shrink <= 1:

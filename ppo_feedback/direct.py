@@ -7,9 +7,10 @@ no grad; once per sequence while the worker runs), runs `--direct-epochs` passes
 at most `--direct-batch-size` examples, a page's together (they share candidates and a prompt), at most
 `--direct-max-steps` of them, with the objective's loss (`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
-`batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`); with
-`--direct-target-kl` it measures that during the round too (after `KL_CHECK_STEPS` optimizer steps, then when
-`next_kl_check` says) and stops early once it is above the target.
+`batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`) and, with
+`--direct-max-perplexity-ratio`, the base model's perplexity of them against its own samples' (`Drift`); with
+`--direct-target-kl` or that bound it measures them during the round too (after `KL_CHECK_STEPS` optimizer
+steps, then when `next_kl_check` says) and stops early once one is above its bound.
 
 What each learns from (one page: the candidates one rater asked for and saw side by side):
 
@@ -96,7 +97,7 @@ have room for in the step budget (fewer if `--direct-epochs` asks fewer): a refi
 the model at all, so once the pages outgrow that a round continues from the version it loaded instead."""
 
 KL_CHECK_STEPS = 4
-"""With `--direct-target-kl`, the optimizer steps before a round's first KL measurement (one is taken after the
+"""With `--direct-target-kl` (or `--direct-max-perplexity-ratio`), the optimizer steps before a round's first KL measurement (one is taken after the
 last step too), however the passes fall: a measurement samples and scores a batch, the cost of a few steps, so not
 after every short pass; later ones come when `next_kl_check` says."""
 
@@ -104,7 +105,25 @@ MAX_CHECK_GAP = 2 * KL_CHECK_STEPS
 """Most optimizer steps between two KL measurements of a round, however far below the target its KL is."""
 
 
-def next_kl_check(step: int, kl: float, last_step: int, last_kl: float, target: float) -> int:
+OWN_SAMPLES = 2
+"""Samples per prompt of the base model's own text, the scale of `Drift.perplexity_ratio`: drawn once a round
+(the base never changes), so more of them than of the policy's at each check."""
+
+
+@dataclass
+class Drift:
+    """How far fresh samples of the policy have moved from the base model: `kl`, their mean KL to the reference
+    in nats per response; `length`, their mean length in tokens; `perplexity_ratio`, the base model's perplexity
+    (at temperature 1, per token) of their text over its perplexity of its own samples of the same prompts, when
+    `--direct-max-perplexity-ratio` asks for it (else None): above 1, text the base finds less likely than
+    what it writes itself; the KL alone does not tell, since a policy that sharpens onto likely text moves far
+    in KL while its text stays fluent."""
+    kl: float
+    length: float
+    perplexity_ratio: float | None = None
+
+
+def next_kl_check(step: int, kl: float, last_step: int, last_kl: float, target: float | None) -> int:
     """Return the optimizer step after which a round measures its KL next, given `kl` measured after `step` and
     the measurement before it (`last_step`, `last_kl`; 0 and 0.0 for the first).
 
@@ -113,8 +132,11 @@ def next_kl_check(step: int, kl: float, last_step: int, last_kl: float, target: 
     round from the base starts at KL 0 exactly, a continuing one above it, whose rate is then overestimated and
     its check comes sooner); at least 1 and at most `MAX_CHECK_GAP` steps on: sparse checks while the KL is
     far below the target, every step as it nears it, so a round neither pays for checks it does not need nor
-    runs far past the target between two.
+    runs far past the target between two. Without a `target` (only `--direct-max-perplexity-ratio` bounds the
+    round): every `KL_CHECK_STEPS` steps.
     """
+    if target is None:
+        return step + KL_CHECK_STEPS
     growth = max((kl - last_kl) / (step - last_step), kl / step)
     if not growth > 0:
         return step + MAX_CHECK_GAP
@@ -201,13 +223,15 @@ class DirectTrainer:
             raise ValueError("DirectTrainer trains dpo, ipo, raft or kto; ppo rounds use PPOTrainer")
         self.ppo, self.config, self.policy = ppo, config, ppo.policy
         self._reference: dict[tuple[str, tuple[int, ...]], float] = {}  # the base never changes: kept across rounds
+        self._own: tuple[tuple[str, ...], float] | None = None  # `own_nll` of the last prompt list asked for
         self.seen: dict[tuple, int] = {}  # times the adapter was trained on an item (`Examples.key`), by its rounds
 
     def step(self, found: Examples, prompts: Sequence[str]) -> dict[str, float]:
         """Train on `found` for `--direct-epochs` passes (at most `--direct-max-steps` optimizer steps, in the
         order `schedule` gives), then measure the KL of fresh samples of `prompts`; return the round's stats.
-        With `--direct-target-kl` the KL is also measured after `KL_CHECK_STEPS` optimizer steps and then
-        when `next_kl_check` says, and the round stops once it is above the target.
+        With `--direct-target-kl` or `--direct-max-perplexity-ratio` the `Drift` is also measured after
+        `KL_CHECK_STEPS` optimizer steps and then when `next_kl_check` says, and the round stops once its KL or
+        its perplexity ratio is above its bound.
 
         Raises FloatingPointError, before that minibatch's step, on a non-finite loss.
         """
@@ -215,7 +239,7 @@ class DirectTrainer:
         layout = self.layout(found)
         reference = self.reference_logprobs(found, layout)  # (S,)
         generator = torch.Generator().manual_seed(c.seed + self.ppo.iteration)  # one shuffle for the whole team
-        target = self.config.direct_target_kl
+        target, bounded = self.config.direct_target_kl, self.bounded
         batches = self.schedule(found, generator)
         losses: list[float] = []
         check, last = KL_CHECK_STEPS, (0, 0.0)  # the next KL measurement's step; the last (step, KL)
@@ -227,17 +251,27 @@ class DirectTrainer:
             losses.append(float(loss.detach()))
             for name, value in stats.items():
                 last_pass[name].append(float(value))
-            if k == len(batches) or (target is not None and k == check):
-                kl, length = self.kl(prompts)  # fresh samples: at the end, or often enough to stop early
-                if target is not None:
-                    if kl > target:
-                        break
-                    check, last = next_kl_check(k, kl, *last, target), (k, kl)
+            if k == len(batches) or (bounded and k == check):
+                drift = self.drift(prompts)  # fresh samples: at the end, or often enough to stop early
+                if self.beyond_bounds(drift):
+                    break
+                check, last = next_kl_check(k, drift.kl, *last, target), (k, drift.kl)
         for _, batch in batches[:len(losses)]:  # the minibatches trained on, not those after a KL stop
             for key in map(found.key, batch):
                 self.seen[key] = self.seen.get(key, 0) + 1
         self.ppo.iteration += 1
-        return self.stats(found, losses, last_pass, kl=kl, length=length, passes=level - batches[0][0] + 1)
+        return self.stats(found, losses, last_pass, drift, passes=level - batches[0][0] + 1)
+
+    @property
+    def bounded(self) -> bool:
+        """Whether a round measures its `Drift` while it trains, to stop at a bound."""
+        return self.config.direct_target_kl is not None or self.config.direct_max_perplexity_ratio is not None
+
+    def beyond_bounds(self, drift: Drift) -> bool:
+        """Return whether `drift` is past `--direct-target-kl` or `--direct-max-perplexity-ratio`."""
+        target, ratio = self.config.direct_target_kl, self.config.direct_max_perplexity_ratio
+        return (target is not None and drift.kl > target) or \
+            (ratio is not None and drift.perplexity_ratio is not None and drift.perplexity_ratio > ratio)
 
     def schedule(self, found: Examples, generator: torch.Generator) -> list[tuple[int, list[int]]]:
         """Return the round's minibatches of item indices, each with its pass level, least trained first.
@@ -364,36 +398,60 @@ class DirectTrainer:
                         lambda_d, lambda_u)
 
     @torch.no_grad()
-    def kl(self, prompts: Sequence[str]) -> tuple[float, float]:
-        """Return (mean KL to the reference, mean response length) of fresh samples on `prompts`, over the team.
+    def drift(self, prompts: Sequence[str]) -> Drift:
+        """Return the `Drift` of fresh samples (one per prompt of `prompts`), averaged over the team.
 
-        The KL of a response is ``Σ_t (logπ_θ − logπ_ref)`` over its tokens (PPO's k1, as `objective/kl`).
+        The KL of a response is ``Σ_t (logπ_θ − logπ_ref)`` over its tokens (PPO's k1, as `objective/kl`); the
+        perplexity ratio (with `--direct-max-perplexity-ratio`) is exp of the base model's mean negative
+        log-likelihood per token of the samples less that of its own samples of the same prompts (`own_nll`).
         """
         c = self.ppo.config
+        T = c.sampling.temperature
         rollout = self.ppo.rollout(prompts)
         qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
-        logprobs = rollout.logprobs if self.policy.samples_exactly else \
-            self.policy(qr, attn, P, c.sampling.temperature).logprobs
-        ref = self.policy.reference(qr, attn, P, c.sampling.temperature).logprobs
-        kl = ((logprobs - ref) * mask).sum(1).mean()
-        return self.ppo.team.mean(kl), self.ppo.team.mean(mask.sum(1).mean())
+        logprobs = rollout.logprobs if self.policy.samples_exactly else self.policy(qr, attn, P, T).logprobs
+        ref = self.policy.reference(qr, attn, P, T).logprobs
+        kl = self.ppo.team.mean(((logprobs - ref) * mask).sum(1).mean())
+        length = self.ppo.team.mean(mask.sum(1).mean())
+        if self.config.direct_max_perplexity_ratio is None:
+            return Drift(kl, length)
+        base = ref if T == 1.0 else self.policy.reference(qr, attn, P, 1.0).logprobs
+        return Drift(kl, length, math.exp(self.base_nll(base, mask) - self.own_nll(prompts)))
 
-    def stats(self, found: Examples, losses: list[float], last_pass: dict[str, list[float]], *, kl: float,
-              length: float, passes: int) -> dict[str, float]:
+    def base_nll(self, base_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+        """Return the base model's mean negative log-likelihood per response token, over the team's samples."""
+        return self.ppo.team.mean(-(base_logprobs * mask).sum()) / max(self.ppo.team.mean(mask.sum()), 1e-9)
+
+    @torch.no_grad()
+    def own_nll(self, prompts: Sequence[str]) -> float:
+        """Return the base model's mean negative log-likelihood per token of its own samples, `OWN_SAMPLES` per
+        prompt of `prompts` (the same ones every time: the configured seed), computed once per prompt list."""
+        key = tuple(prompts)
+        if self._own is None or self._own[0] != key:
+            rollout = self.ppo.reference_rollout([p for p in prompts for _ in range(OWN_SAMPLES)])
+            base = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length,
+                                         1.0).logprobs
+            self._own = (key, self.base_nll(base, rollout.response_mask))
+        return self._own[1]
+
+    def stats(self, found: Examples, losses: list[float], last_pass: dict[str, list[float]], drift: Drift, *,
+              passes: int) -> dict[str, float]:
         """Return the round's statistics under TRL's names, averaged over the team.
 
         `loss/<objective>`: the mean over all minibatches; `rewards/*` (and RPO's `loss/nll`): means over
         the last pass's; `objective/scores`: the last pass's mean implied reward margin `rewards/margins`
         (dpo, kto; else kto's `rewards/chosen` or `rewards/rejected`, whichever it has), raft's mean implied
-        reward of its kept samples `rewards/chosen`; `objective/kl` and `val/mean_length`: of fresh samples
-        after the last step; `direct/passes`: the passes begun (fewer than `--direct-epochs` when stopped on KL
+        reward of its kept samples `rewards/chosen`; `objective/kl`, `val/mean_length` and (when measured)
+        `objective/perplexity_ratio`: the `Drift` of fresh samples after the last step; `direct/passes`: the passes begun (fewer than `--direct-epochs` when stopped on KL
         or at the step budget), `direct/steps`: the optimizer steps taken.
         """
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         stats = {f"loss/{found.objective}": mean(losses), **{name: mean(v) for name, v in last_pass.items()}}
         rewards = ("rewards/margins", "rewards/chosen", "rewards/rejected")
         stats["objective/scores"] = next(stats[name] for name in rewards if name in stats)
-        stats["objective/kl"], stats["val/mean_length"] = kl, length
+        stats["objective/kl"], stats["val/mean_length"] = drift.kl, drift.length
+        if drift.perplexity_ratio is not None:
+            stats["objective/perplexity_ratio"] = drift.perplexity_ratio
         stats.update({"direct/examples": float(len(found)), "direct/passes": float(passes),
                       "direct/steps": float(len(losses)),
                       "lr": self.ppo.optimizer.param_groups[0]["lr"], "iteration": self.ppo.iteration})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ppo_feedback.config import ObjectiveConfig
-from ppo_feedback.direct import WAITING_FOR, examples
+from ppo_feedback.direct import WAITING_FOR, Drift, examples
 from ppo_feedback.feedback import RatedFeedback
 from ppo_feedback.objectives import sequence_logprobs
 from test_worker import make_worker, rated_store  # noqa: F401  (a fixture)
@@ -211,8 +211,8 @@ def test_direct_round_stops_its_passes_once_fresh_samples_pass_the_target_kl(tmp
     assert stopped["objective/kl"] > worker.direct.config.direct_target_kl
     worker.restore(start)
     measured = []
-    real_kl = worker.direct.kl
-    worker.direct.kl = lambda prompts: measured.append(real_kl(prompts)) or measured[-1]
+    real_drift = worker.direct.drift
+    worker.direct.drift = lambda prompts: measured.append(real_drift(prompts)) or measured[-1]
     worker.direct.config = replace(worker.direct.config, direct_target_kl=1e9)  # never reached: every pass runs
     assert worker.train(plan)["direct/passes"] == 8 and len(measured) == 2  # after steps 4 and 8
     assert all(torch.equal(a, b) for a, b in zip(trained, worker.policy.trainable_parameters()))  # the same passes
@@ -229,8 +229,8 @@ def test_direct_round_measures_the_kl_inside_a_long_pass_and_stops_there(tmp_pat
     plan, start = worker.prepare(Cursor()), worker.snapshot()
     assert len(plan.examples) > direct.KL_CHECK_STEPS  # one pass is more steps than between two measurements
     measured = []
-    real_kl = worker.direct.kl
-    worker.direct.kl = lambda prompts: measured.append(real_kl(prompts)) or measured[-1]
+    real_drift = worker.direct.drift
+    worker.direct.drift = lambda prompts: measured.append(real_drift(prompts)) or measured[-1]
     full = worker.train(plan)
     assert full["direct/steps"] == 2 * len(plan.examples) and len(measured) == 1  # no target: once, at the end
     worker.restore(start)
@@ -238,6 +238,67 @@ def test_direct_round_measures_the_kl_inside_a_long_pass_and_stops_there(tmp_pat
     worker.direct.config = replace(worker.direct.config, direct_target_kl=1e-9)
     stopped = worker.train(plan)
     assert stopped["direct/steps"] == direct.KL_CHECK_STEPS and stopped["direct/passes"] == 1 and len(measured) == 1
+
+
+def test_drift_is_the_kl_and_the_base_perplexity_of_fresh_samples_against_the_bases_own_by_hand():
+    from ppo_feedback.direct import OWN_SAMPLES, DirectTrainer
+
+    ones = torch.ones(2 * OWN_SAMPLES, 2)
+    fresh = SimpleNamespace(query_response=torch.zeros(2, 5), attention_mask=None, context_length=2,
+                            response_mask=torch.tensor([[1.0, 1, 1], [1, 1, 0]]),
+                            logprobs=torch.tensor([[-0.5, -1, -1], [-1, -1, -5]]))
+    own = SimpleNamespace(query_response=torch.ones(2 * OWN_SAMPLES, 4), attention_mask=None, context_length=2,
+                          response_mask=ones)
+    base = {id(fresh.query_response): torch.tensor([[-1.0, -2, -3], [-2, -2, -9]]),  # the -9 is masked out
+            id(own.query_response): -1.5 * ones}
+    asked = []
+    policy = SimpleNamespace(samples_exactly=True,
+                             reference=lambda qr, attn, P, T: SimpleNamespace(logprobs=base[id(qr)]))
+    ppo = SimpleNamespace(policy=policy, config=SimpleNamespace(sampling=SimpleNamespace(temperature=1.0)),
+                          team=SimpleNamespace(mean=float), rollout=lambda prompts: fresh,
+                          reference_rollout=lambda prompts: asked.append(list(prompts)) or own)
+    unbounded = DirectTrainer(ppo, plain("dpo"))
+    drift = unbounded.drift(["a", "b"])
+    assert (drift.kl, drift.length, drift.perplexity_ratio) == (2.75, 2.5, None) and asked == []  # (3.5 + 2) / 2
+    trainer = DirectTrainer(ppo, plain("dpo", direct_max_perplexity_ratio=1.3))
+    drift = trainer.drift(["a", "b"])
+    # the base's NLL per token: (1 + 2 + 3 + 2 + 2) / 5 = 2.0 of the samples, 1.5 of its own
+    assert drift.kl == 2.75 and drift.perplexity_ratio == pytest.approx(math.exp(0.5))
+    assert asked == [["a"] * OWN_SAMPLES + ["b"] * OWN_SAMPLES]
+    trainer.drift(["a", "b"])
+    assert len(asked) == 1  # the base's own, once per prompt list
+    trainer.drift(["c", "d"])
+    assert asked[-1] == ["c"] * OWN_SAMPLES + ["d"] * OWN_SAMPLES
+
+
+def test_direct_round_stops_once_its_text_loses_fluency_and_records_the_ratio(tmp_path, tiny_model_dir,
+                                                                               rated_store):
+    from db.records import Cursor
+    from ppo_feedback.direct import KL_CHECK_STEPS, Drift
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
+                         objective=plain("dpo", good_score=0.5, direct_batch_size=1, direct_epochs=4,
+                                         direct_max_perplexity_ratio=1.3))
+    plan, start = worker.prepare(Cursor()), worker.snapshot()
+    assert 4 * len(plan.examples) > 2 * KL_CHECK_STEPS
+    steps, measured = [], []
+    real_optimize = worker.trainer.optimize
+    worker.trainer.optimize = lambda loss: steps.append(1) or real_optimize(loss)
+    worker.direct.drift = lambda prompts: measured.append(len(steps)) or Drift(50.0, 8.0, 1.2)
+    fluent = worker.train(plan)  # no KL target: measured every KL_CHECK_STEPS steps; 1.2 is within the bound
+    assert fluent["direct/steps"] == 4 * len(plan.examples) and fluent["objective/perplexity_ratio"] == 1.2
+    assert measured == list(range(KL_CHECK_STEPS, len(steps), KL_CHECK_STEPS)) + [len(steps)]
+    worker.restore(start)
+    steps.clear()
+    worker.direct.drift = lambda prompts: Drift(0.1, 8.0, 1.31)
+    stopped = worker.train(plan)
+    assert stopped["direct/steps"] == KL_CHECK_STEPS and stopped["objective/perplexity_ratio"] == 1.31
+    real = type(worker.direct).drift(worker.direct, worker.pick_prompts())  # the model's own, end to end
+    assert 0 < real.perplexity_ratio < math.inf and real.length > 0
+    with pytest.raises(ValueError, match="--direct-max-perplexity-ratio"):
+        ObjectiveConfig(objective="dpo", direct_max_perplexity_ratio=math.inf).validate()
+    with pytest.raises(ValueError, match="--direct-max-perplexity-ratio"):
+        ObjectiveConfig(objective="dpo", direct_max_perplexity_ratio=0.0).validate()
 
 
 def test_next_kl_check_comes_where_the_kls_growth_reaches_the_target():
@@ -264,7 +325,7 @@ def test_direct_round_measures_the_kl_sparsely_far_from_the_target_and_stops_soo
     steps, measured = [], []
     real_optimize = worker.trainer.optimize
     worker.trainer.optimize = lambda loss: steps.append(1) or real_optimize(loss)
-    worker.direct.kl = lambda prompts: measured.append(len(steps)) or (0.5 * len(steps), 8.0)  # 0.5 nats a step
+    worker.direct.drift = lambda prompts: measured.append(len(steps)) or Drift(0.5 * len(steps), 8.0)  # 0.5/step
     stats = worker.train(plan)
     assert 40 * len(plan.examples) > 17  # the passes alone would run longer
     assert measured == [4, 12, 16, 17] and stats["direct/steps"] == 17  # every 4 steps: 4, 8, ..., 20 (KL 10)
@@ -280,10 +341,10 @@ def test_direct_round_stops_at_its_step_budget(tmp_path, tiny_model_dir, rated_s
     plan = worker.prepare(Cursor())
     assert 2 * len(plan.examples) > 3  # two passes would be more steps than the budget
     measured = []
-    real_kl = worker.direct.kl
-    worker.direct.kl = lambda prompts: measured.append(real_kl(prompts)) or measured[-1]
+    real_drift = worker.direct.drift
+    worker.direct.drift = lambda prompts: measured.append(real_drift(prompts)) or measured[-1]
     stats = worker.train(plan)
-    assert stats["direct/steps"] == 3 and len(measured) == 1 and stats["objective/kl"] == measured[0][0]
+    assert stats["direct/steps"] == 3 and len(measured) == 1 and stats["objective/kl"] == measured[0].kl
     with pytest.raises(ValueError, match="--direct-max-steps"):
         ObjectiveConfig(objective="dpo", direct_max_steps=0).validate()
 
@@ -373,7 +434,7 @@ def test_a_round_counts_only_the_minibatches_it_trained_on(tmp_path, tiny_model_
                          objective=plain("dpo", good_score=0.5, direct_batch_size=1,
                                                    direct_target_kl=1e-9))
     plan, start = worker.prepare(Cursor()), worker.snapshot()
-    worker.direct.kl = lambda prompts: (1.0, 8.0)  # above the target at the first measurement
+    worker.direct.drift = lambda prompts: Drift(1.0, 8.0)  # above the target at the first measurement
     stats = worker.train(plan)
     assert stats["direct/steps"] == KL_CHECK_STEPS and sum(worker.direct.seen.values()) == KL_CHECK_STEPS
     worker.restore(start)  # a discarded round: its counts go too
