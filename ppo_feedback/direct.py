@@ -106,8 +106,8 @@ MAX_CHECK_GAP = 2 * KL_CHECK_STEPS
 
 
 OWN_SAMPLES = 2
-"""Samples per prompt of the base model's own text, the scale of `Drift.perplexity_ratio`: drawn once a round
-(the base never changes), so more of them than of the policy's at each check."""
+"""Samples per prompt of the base model's own text, the scale of `Drift.perplexity_ratio`: drawn once per prompt
+while the worker runs (the base never changes), so more of them than of the policy's at each check."""
 
 
 @dataclass
@@ -223,7 +223,7 @@ class DirectTrainer:
             raise ValueError("DirectTrainer trains dpo, ipo, raft or kto; ppo rounds use PPOTrainer")
         self.ppo, self.config, self.policy = ppo, config, ppo.policy
         self._reference: dict[tuple[str, tuple[int, ...]], float] = {}  # the base never changes: kept across rounds
-        self._own: tuple[tuple[str, ...], float] | None = None  # `own_nll` of the last prompt list asked for
+        self._own: dict[str, tuple[float, float]] = {}  # the base's NLL and tokens of its own samples, by prompt
         self.seen: dict[tuple, int] = {}  # times the adapter was trained on an item (`Examples.key`), by its rounds
 
     def step(self, found: Examples, prompts: Sequence[str]) -> dict[str, float]:
@@ -424,15 +424,19 @@ class DirectTrainer:
 
     @torch.no_grad()
     def own_nll(self, prompts: Sequence[str]) -> float:
-        """Return the base model's mean negative log-likelihood per token of its own samples, `OWN_SAMPLES` per
-        prompt of `prompts` (the same ones every time: the configured seed), computed once per prompt list."""
-        key = tuple(prompts)
-        if self._own is None or self._own[0] != key:
-            rollout = self.ppo.reference_rollout([p for p in prompts for _ in range(OWN_SAMPLES)])
+        """Return the base model's mean negative log-likelihood per token of its own samples of `prompts`,
+        `OWN_SAMPLES` per prompt, over the team; each prompt's are sampled once while the worker runs (the base
+        never changes), those of prompts not asked for before in one batch from the configured seed."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._own))
+        if missing:
+            rollout = self.ppo.reference_rollout([p for p in missing for _ in range(OWN_SAMPLES)])
+            mask = rollout.response_mask
             base = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length,
                                          1.0).logprobs
-            self._own = (key, self.base_nll(base, rollout.response_mask))
-        return self._own[1]
+            nll, tokens = (-(base * mask)).view(len(missing), -1).sum(1), mask.view(len(missing), -1).sum(1)
+            self._own.update(zip(missing, zip(nll.tolist(), tokens.tolist())))
+        nll, tokens = (sum(self._own[p][k] for p in prompts) for k in (0, 1))
+        return self.ppo.team.mean(nll) / max(self.ppo.team.mean(tokens), 1e-9)
 
     def stats(self, found: Examples, losses: list[float], last_pass: dict[str, list[float]], drift: Drift, *,
               passes: int) -> dict[str, float]:

@@ -265,10 +265,17 @@ def test_drift_is_the_kl_and_the_base_perplexity_of_fresh_samples_against_the_ba
     # the base's NLL per token: (1 + 2 + 3 + 2 + 2) / 5 = 2.0 of the samples, 1.5 of its own
     assert drift.kl == 2.75 and drift.perplexity_ratio == pytest.approx(math.exp(0.5))
     assert asked == [["a"] * OWN_SAMPLES + ["b"] * OWN_SAMPLES]
-    trainer.drift(["a", "b"])
-    assert len(asked) == 1  # the base's own, once per prompt list
-    trainer.drift(["c", "d"])
-    assert asked[-1] == ["c"] * OWN_SAMPLES + ["d"] * OWN_SAMPLES
+    trainer.drift(["b", "a"])
+    assert len(asked) == 1  # the base's own, once per prompt
+    fresh.query_response, own.query_response = torch.zeros(2, 5), torch.ones(OWN_SAMPLES, 4)
+    own.response_mask = torch.tensor([[1.0, 1]] + [[1.0, 0]] * (OWN_SAMPLES - 1))
+    base = {id(fresh.query_response): torch.tensor([[-1.0, -2, -3], [-2, -2, -9]]),
+            id(own.query_response): torch.full((OWN_SAMPLES, 2), -2.0)}
+    drift = trainer.drift(["c", "a"])  # only "c" is new: a batch of its samples alone
+    assert asked[-1] == ["c"] * OWN_SAMPLES
+    own_c = (2 * 2 + 2 * (OWN_SAMPLES - 1), 2 + (OWN_SAMPLES - 1))  # "c"'s NLL and tokens; "a" had 3 and 2 * OWN
+    assert drift.perplexity_ratio == pytest.approx(math.exp(2.0 - (own_c[0] + 3.0 * OWN_SAMPLES) /
+                                                             (own_c[1] + 2 * OWN_SAMPLES)))
 
 
 def test_direct_round_stops_once_its_text_loses_fluency_and_records_the_ratio(tmp_path, tiny_model_dir,
