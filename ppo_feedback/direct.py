@@ -8,7 +8,7 @@ at most `--direct-batch-size` examples, a page's together (they share candidates
 `--direct-max-steps` of them, with the objective's loss (`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
 `batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`) and, with
-`--direct-max-perplexity-ratio`, the base model's perplexity of them against its own samples' (`Drift`); with
+`--direct-max-perplexity-ratio`, the base model's perplexity of their tokens against its expectation (`Drift`); with
 `--direct-target-kl` or that bound it measures them during the round too (after `KL_CHECK_STEPS` optimizer
 steps, then when `next_kl_check` says) and stops early once one is above its bound.
 
@@ -105,19 +105,15 @@ MAX_CHECK_GAP = 2 * KL_CHECK_STEPS
 """Most optimizer steps between two KL measurements of a round, however far below the target its KL is."""
 
 
-OWN_SAMPLES = 2
-"""Samples per prompt of the base model's own text, the scale of `Drift.perplexity_ratio`: drawn once per prompt
-while the worker runs (the base never changes), so more of them than of the policy's at each check."""
-
-
 @dataclass
 class Drift:
     """How far fresh samples of the policy have moved from the base model: `kl`, their mean KL to the reference
-    in nats per response; `length`, their mean length in tokens; `perplexity_ratio`, the base model's perplexity
-    (at temperature 1, per token) of their text over its perplexity of its own samples of the same prompts, when
-    `--direct-max-perplexity-ratio` asks for it (else None): above 1, text the base finds less likely than
-    what it writes itself; the KL alone does not tell, since a policy that sharpens onto likely text moves far
-    in KL while its text stays fluent."""
+    in nats per response; `length`, their mean length in tokens; `perplexity_ratio`, when
+    `--direct-max-perplexity-ratio` asks for it (else None), the base model's perplexity of their tokens over
+    the perplexity it expects at the same contexts: exp of its mean surprisal per token, −log p_base(y_t | y_<t),
+    less its entropy there (a logarithm of 0 in expectation for the base's own samples); above 1, tokens the
+    base finds less likely than its own picks there. The KL alone does not tell: a policy sharpening onto the
+    base's likely tokens moves far in KL while its text stays fluent (ratio below 1)."""
     kl: float
     length: float
     perplexity_ratio: float | None = None
@@ -223,7 +219,6 @@ class DirectTrainer:
             raise ValueError("DirectTrainer trains dpo, ipo, raft or kto; ppo rounds use PPOTrainer")
         self.ppo, self.config, self.policy = ppo, config, ppo.policy
         self._reference: dict[tuple[str, tuple[int, ...]], float] = {}  # the base never changes: kept across rounds
-        self._own: dict[str, tuple[float, float]] = {}  # the base's NLL and tokens of its own samples, by prompt
         self.seen: dict[tuple, int] = {}  # times the adapter was trained on an item (`Examples.key`), by its rounds
 
     def step(self, found: Examples, prompts: Sequence[str]) -> dict[str, float]:
@@ -402,41 +397,24 @@ class DirectTrainer:
         """Return the `Drift` of fresh samples (one per prompt of `prompts`), averaged over the team.
 
         The KL of a response is ``Σ_t (logπ_θ − logπ_ref)`` over its tokens (PPO's k1, as `objective/kl`); the
-        perplexity ratio (with `--direct-max-perplexity-ratio`) is exp of the base model's mean negative
-        log-likelihood per token of the samples less that of its own samples of the same prompts (`own_nll`).
+        perplexity ratio (with `--direct-max-perplexity-ratio`) is ``exp(Σ_t (−log p_base(y_t) − H_base,t) / Σ_t
+        1)`` over all the samples' tokens, p_base at temperature 1: each token's surprisal measured against the
+        base's own expectation at its context, which cancels what a sample's context alone makes likely or
+        unlikely (a few samples' raw perplexity swings with the contexts they happen to reach).
         """
         c = self.ppo.config
         T = c.sampling.temperature
         rollout = self.ppo.rollout(prompts)
         qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
         logprobs = rollout.logprobs if self.policy.samples_exactly else self.policy(qr, attn, P, T).logprobs
-        ref = self.policy.reference(qr, attn, P, T).logprobs
-        kl = self.ppo.team.mean(((logprobs - ref) * mask).sum(1).mean())
+        ref = self.policy.reference(qr, attn, P, T)
+        kl = self.ppo.team.mean(((logprobs - ref.logprobs) * mask).sum(1).mean())
         length = self.ppo.team.mean(mask.sum(1).mean())
         if self.config.direct_max_perplexity_ratio is None:
             return Drift(kl, length)
-        base = ref if T == 1.0 else self.policy.reference(qr, attn, P, 1.0).logprobs
-        return Drift(kl, length, math.exp(self.base_nll(base, mask) - self.own_nll(prompts)))
-
-    def base_nll(self, base_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
-        """Return the base model's mean negative log-likelihood per response token, over the team's samples."""
-        return self.ppo.team.mean(-(base_logprobs * mask).sum()) / max(self.ppo.team.mean(mask.sum()), 1e-9)
-
-    @torch.no_grad()
-    def own_nll(self, prompts: Sequence[str]) -> float:
-        """Return the base model's mean negative log-likelihood per token of its own samples of `prompts`,
-        `OWN_SAMPLES` per prompt, over the team; each prompt's are sampled once while the worker runs (the base
-        never changes), those of prompts not asked for before in one batch from the configured seed."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._own))
-        if missing:
-            rollout = self.ppo.reference_rollout([p for p in missing for _ in range(OWN_SAMPLES)])
-            mask = rollout.response_mask
-            base = self.policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length,
-                                         1.0).logprobs
-            nll, tokens = (-(base * mask)).view(len(missing), -1).sum(1), mask.view(len(missing), -1).sum(1)
-            self._own.update(zip(missing, zip(nll.tolist(), tokens.tolist())))
-        nll, tokens = (sum(self._own[p][k] for p in prompts) for k in (0, 1))
-        return self.ppo.team.mean(nll) / max(self.ppo.team.mean(tokens), 1e-9)
+        base = ref if T == 1.0 else self.policy.reference(qr, attn, P, 1.0)
+        excess = self.ppo.team.mean((-(base.logprobs + base.entropy) * mask).sum())
+        return Drift(kl, length, math.exp(excess / max(self.ppo.team.mean(mask.sum()), 1e-9)))
 
     def stats(self, found: Examples, losses: list[float], last_pass: dict[str, list[float]], drift: Drift, *,
               passes: int) -> dict[str, float]:

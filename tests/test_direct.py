@@ -240,42 +240,27 @@ def test_direct_round_measures_the_kl_inside_a_long_pass_and_stops_there(tmp_pat
     assert stopped["direct/steps"] == direct.KL_CHECK_STEPS and stopped["direct/passes"] == 1 and len(measured) == 1
 
 
-def test_drift_is_the_kl_and_the_base_perplexity_of_fresh_samples_against_the_bases_own_by_hand():
-    from ppo_feedback.direct import OWN_SAMPLES, DirectTrainer
+def test_drift_is_the_kl_and_the_base_models_surprisal_over_its_entropy_of_fresh_samples_by_hand():
+    from ppo_feedback.direct import DirectTrainer
 
-    ones = torch.ones(2 * OWN_SAMPLES, 2)
     fresh = SimpleNamespace(query_response=torch.zeros(2, 5), attention_mask=None, context_length=2,
                             response_mask=torch.tensor([[1.0, 1, 1], [1, 1, 0]]),
                             logprobs=torch.tensor([[-0.5, -1, -1], [-1, -1, -5]]))
-    own = SimpleNamespace(query_response=torch.ones(2 * OWN_SAMPLES, 4), attention_mask=None, context_length=2,
-                          response_mask=ones)
-    base = {id(fresh.query_response): torch.tensor([[-1.0, -2, -3], [-2, -2, -9]]),  # the -9 is masked out
-            id(own.query_response): -1.5 * ones}
-    asked = []
+    base = SimpleNamespace(logprobs=torch.tensor([[-1.0, -2, -3], [-2, -2, -9]]),  # the -9 and 7 are masked out
+                           entropy=torch.tensor([[1.5, 1.5, 2.0], [2.5, 1.0, 7.0]]))
+    temperatures = []
     policy = SimpleNamespace(samples_exactly=True,
-                             reference=lambda qr, attn, P, T: SimpleNamespace(logprobs=base[id(qr)]))
+                             reference=lambda qr, attn, P, T: temperatures.append(T) or base)
     ppo = SimpleNamespace(policy=policy, config=SimpleNamespace(sampling=SimpleNamespace(temperature=1.0)),
-                          team=SimpleNamespace(mean=float), rollout=lambda prompts: fresh,
-                          reference_rollout=lambda prompts: asked.append(list(prompts)) or own)
-    unbounded = DirectTrainer(ppo, plain("dpo"))
-    drift = unbounded.drift(["a", "b"])
-    assert (drift.kl, drift.length, drift.perplexity_ratio) == (2.75, 2.5, None) and asked == []  # (3.5 + 2) / 2
-    trainer = DirectTrainer(ppo, plain("dpo", direct_max_perplexity_ratio=1.3))
-    drift = trainer.drift(["a", "b"])
-    # the base's NLL per token: (1 + 2 + 3 + 2 + 2) / 5 = 2.0 of the samples, 1.5 of its own
-    assert drift.kl == 2.75 and drift.perplexity_ratio == pytest.approx(math.exp(0.5))
-    assert asked == [["a"] * OWN_SAMPLES + ["b"] * OWN_SAMPLES]
-    trainer.drift(["b", "a"])
-    assert len(asked) == 1  # the base's own, once per prompt
-    fresh.query_response, own.query_response = torch.zeros(2, 5), torch.ones(OWN_SAMPLES, 4)
-    own.response_mask = torch.tensor([[1.0, 1]] + [[1.0, 0]] * (OWN_SAMPLES - 1))
-    base = {id(fresh.query_response): torch.tensor([[-1.0, -2, -3], [-2, -2, -9]]),
-            id(own.query_response): torch.full((OWN_SAMPLES, 2), -2.0)}
-    drift = trainer.drift(["c", "a"])  # only "c" is new: a batch of its samples alone
-    assert asked[-1] == ["c"] * OWN_SAMPLES
-    own_c = (2 * 2 + 2 * (OWN_SAMPLES - 1), 2 + (OWN_SAMPLES - 1))  # "c"'s NLL and tokens; "a" had 3 and 2 * OWN
-    assert drift.perplexity_ratio == pytest.approx(math.exp(2.0 - (own_c[0] + 3.0 * OWN_SAMPLES) /
-                                                             (own_c[1] + 2 * OWN_SAMPLES)))
+                          team=SimpleNamespace(mean=float), rollout=lambda prompts: fresh)
+    drift = DirectTrainer(ppo, plain("dpo")).drift(["a", "b"])
+    assert (drift.kl, drift.length, drift.perplexity_ratio) == (2.75, 2.5, None)  # KL (3.5 + 2) / 2
+    drift = DirectTrainer(ppo, plain("dpo", direct_max_perplexity_ratio=1.3)).drift(["a", "b"])
+    # surprisal 1 + 2 + 3 + 2 + 2 = 10 less entropy 1.5 + 1.5 + 2 + 2.5 + 1 = 8.5, over 5 tokens
+    assert drift.kl == 2.75 and drift.perplexity_ratio == pytest.approx(math.exp(1.5 / 5))
+    ppo.config.sampling.temperature = 0.7
+    drift = DirectTrainer(ppo, plain("dpo", direct_max_perplexity_ratio=1.3)).drift(["a", "b"])
+    assert temperatures[-2:] == [0.7, 1.0]  # the KL at the sampling temperature, the perplexity at 1
 
 
 def test_direct_round_stops_once_its_text_loses_fluency_and_records_the_ratio(tmp_path, tiny_model_dir,
