@@ -460,7 +460,7 @@ class ObjectiveConfig:
     direct_target_kl: Optional[float] = 8.0
     """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured after the last optimizer step, and during the round after 4 steps, then where the KL's growth so far would reach the target, at most 8 steps apart; CleanRL's target_kl early stop); none: every pass runs."""
     direct_max_perplexity_ratio: Optional[float] = None
-    """A direct round also stops its passes early once the base model's perplexity of fresh samples' tokens exceeds this multiple of what it expects at the same contexts (exp of its mean surprisal per token less its entropy there; measured with the KL, every 4 steps without --direct-target-kl): a bound on fluency, which the KL alone does not give (a policy sharpening onto the base's likely tokens moves far in KL and stays fluent, one spreading onto unlikely ones loses fluency at a lower KL); recorded as objective/perplexity_ratio; none: not measured."""
+    """A direct round also stops its passes early once the base model's perplexity of fresh samples' tokens exceeds this multiple of what it expects at the same contexts (exp of its mean surprisal per token less its entropy there; measured with the KL, every 4 steps without --direct-target-kl): a bound on fluency, which the KL alone does not give (a policy sharpening onto the base's likely tokens moves far in KL and stays fluent, one spreading onto unlikely ones loses fluency at a lower KL); recorded as objective/perplexity_ratio either way; none: no bound."""
     direct_max_steps: Optional[int] = 24
     """At most this many optimizer steps a direct round (its passes stop there): a round's cost stays bounded as the rated pages grow, so rounds keep pace with the raters; none: no budget."""
     direct_from_base: bool = True
@@ -488,7 +488,7 @@ class ObjectiveConfig:
             raise ValueError(f"--direct-target-kl must be a finite number > 0 (unset: no early stop), "
                              f"not {self.direct_target_kl}")
         if self.direct_max_perplexity_ratio is not None and not 0 < self.direct_max_perplexity_ratio < math.inf:
-            raise ValueError(f"--direct-max-perplexity-ratio must be a finite number > 0 (unset: not measured), "
+            raise ValueError(f"--direct-max-perplexity-ratio must be a finite number > 0 (unset: no bound), "
                              f"not {self.direct_max_perplexity_ratio}")
         if self.direct_epochs < 1 or self.direct_batch_size < 1:
             raise ValueError("--direct-epochs and --direct-batch-size must be >= 1")

@@ -7,8 +7,8 @@ no grad; once per sequence while the worker runs), runs `--direct-epochs` passes
 at most `--direct-batch-size` examples, a page's together (they share candidates and a prompt), at most
 `--direct-max-steps` of them, with the objective's loss (`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
-`batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`) and, with
-`--direct-max-perplexity-ratio`, the base model's perplexity of their tokens against its expectation (`Drift`); with
+`batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`) and the base
+model's perplexity of their tokens against its expectation (`objective/perplexity_ratio`; `Drift`); with
 `--direct-target-kl` or that bound it measures them during the round too (after `KL_CHECK_STEPS` optimizer
 steps, then when `next_kl_check` says) and stops early once one is above its bound.
 
@@ -97,9 +97,9 @@ have room for in the step budget (fewer if `--direct-epochs` asks fewer): a refi
 the model at all, so once the pages outgrow that a round continues from the version it loaded instead."""
 
 KL_CHECK_STEPS = 4
-"""With `--direct-target-kl` (or `--direct-max-perplexity-ratio`), the optimizer steps before a round's first KL measurement (one is taken after the
-last step too), however the passes fall: a measurement samples and scores a batch, the cost of a few steps, so not
-after every short pass; later ones come when `next_kl_check` says."""
+"""With `--direct-target-kl` (or `--direct-max-perplexity-ratio`), the optimizer steps before a round's first
+measurement (one is taken after the last step too), however the passes fall: a measurement samples and scores a
+batch, the cost of a few steps, so not after every short pass; later ones come when `next_kl_check` says."""
 
 MAX_CHECK_GAP = 2 * KL_CHECK_STEPS
 """Most optimizer steps between two KL measurements of a round, however far below the target its KL is."""
@@ -108,15 +108,15 @@ MAX_CHECK_GAP = 2 * KL_CHECK_STEPS
 @dataclass
 class Drift:
     """How far fresh samples of the policy have moved from the base model: `kl`, their mean KL to the reference
-    in nats per response; `length`, their mean length in tokens; `perplexity_ratio`, when
-    `--direct-max-perplexity-ratio` asks for it (else None), the base model's perplexity of their tokens over
+    in nats per response; `length`, their mean length in tokens; `perplexity_ratio`, the base model's perplexity
+    of their tokens over
     the perplexity it expects at the same contexts: exp of its mean surprisal per token, −log p_base(y_t | y_<t),
     less its entropy there (a logarithm of 0 in expectation for the base's own samples); above 1, tokens the
     base finds less likely than its own picks there. The KL alone does not tell: a policy sharpening onto the
     base's likely tokens moves far in KL while its text stays fluent (ratio below 1)."""
     kl: float
     length: float
-    perplexity_ratio: float | None = None
+    perplexity_ratio: float
 
 
 def next_kl_check(step: int, kl: float, last_step: int, last_kl: float, target: float | None) -> int:
@@ -265,8 +265,7 @@ class DirectTrainer:
     def beyond_bounds(self, drift: Drift) -> bool:
         """Return whether `drift` is past `--direct-target-kl` or `--direct-max-perplexity-ratio`."""
         target, ratio = self.config.direct_target_kl, self.config.direct_max_perplexity_ratio
-        return (target is not None and drift.kl > target) or \
-            (ratio is not None and drift.perplexity_ratio is not None and drift.perplexity_ratio > ratio)
+        return (target is not None and drift.kl > target) or (ratio is not None and drift.perplexity_ratio > ratio)
 
     def schedule(self, found: Examples, generator: torch.Generator) -> list[tuple[int, list[int]]]:
         """Return the round's minibatches of item indices, each with its pass level, least trained first.
@@ -397,7 +396,7 @@ class DirectTrainer:
         """Return the `Drift` of fresh samples (one per prompt of `prompts`), averaged over the team.
 
         The KL of a response is ``Σ_t (logπ_θ − logπ_ref)`` over its tokens (PPO's k1, as `objective/kl`); the
-        perplexity ratio (with `--direct-max-perplexity-ratio`) is ``exp(Σ_t (−log p_base(y_t) − H_base,t) / Σ_t
+        perplexity ratio is ``exp(Σ_t (−log p_base(y_t) − H_base,t) / Σ_t
         1)`` over all the samples' tokens, p_base at temperature 1: each token's surprisal measured against the
         base's own expectation at its context, which cancels what a sample's context alone makes likely or
         unlikely (a few samples' raw perplexity swings with the contexts they happen to reach).
@@ -410,8 +409,6 @@ class DirectTrainer:
         ref = self.policy.reference(qr, attn, P, T)
         kl = self.ppo.team.mean(((logprobs - ref.logprobs) * mask).sum(1).mean())
         length = self.ppo.team.mean(mask.sum(1).mean())
-        if self.config.direct_max_perplexity_ratio is None:
-            return Drift(kl, length)
         base = ref if T == 1.0 else self.policy.reference(qr, attn, P, 1.0)
         excess = self.ppo.team.mean((-(base.logprobs + base.entropy) * mask).sum())
         return Drift(kl, length, math.exp(excess / max(self.ppo.team.mean(mask.sum()), 1e-9)))
@@ -423,17 +420,17 @@ class DirectTrainer:
         `loss/<objective>`: the mean over all minibatches; `rewards/*` (and RPO's `loss/nll`): means over
         the last pass's; `objective/scores`: the last pass's mean implied reward margin `rewards/margins`
         (dpo, kto; else kto's `rewards/chosen` or `rewards/rejected`, whichever it has), raft's mean implied
-        reward of its kept samples `rewards/chosen`; `objective/kl`, `val/mean_length` and (when measured)
-        `objective/perplexity_ratio`: the `Drift` of fresh samples after the last step; `direct/passes`: the passes begun (fewer than `--direct-epochs` when stopped on KL
-        or at the step budget), `direct/steps`: the optimizer steps taken.
+        reward of its kept samples `rewards/chosen`; `objective/kl`, `val/mean_length` and
+        `objective/perplexity_ratio`: the `Drift` of fresh samples after the last step; `direct/passes`: the
+        passes begun (fewer than `--direct-epochs` when stopped on a bound or at the step budget),
+        `direct/steps`: the optimizer steps taken.
         """
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         stats = {f"loss/{found.objective}": mean(losses), **{name: mean(v) for name, v in last_pass.items()}}
         rewards = ("rewards/margins", "rewards/chosen", "rewards/rejected")
         stats["objective/scores"] = next(stats[name] for name in rewards if name in stats)
         stats["objective/kl"], stats["val/mean_length"] = drift.kl, drift.length
-        if drift.perplexity_ratio is not None:
-            stats["objective/perplexity_ratio"] = drift.perplexity_ratio
+        stats["objective/perplexity_ratio"] = drift.perplexity_ratio
         stats.update({"direct/examples": float(len(found)), "direct/passes": float(passes),
                       "direct/steps": float(len(losses)),
                       "lr": self.ppo.optimizer.param_groups[0]["lr"], "iteration": self.ppo.iteration})

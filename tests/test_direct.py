@@ -253,9 +253,8 @@ def test_drift_is_the_kl_and_the_base_models_surprisal_over_its_entropy_of_fresh
                              reference=lambda qr, attn, P, T: temperatures.append(T) or base)
     ppo = SimpleNamespace(policy=policy, config=SimpleNamespace(sampling=SimpleNamespace(temperature=1.0)),
                           team=SimpleNamespace(mean=float), rollout=lambda prompts: fresh)
-    drift = DirectTrainer(ppo, plain("dpo")).drift(["a", "b"])
-    assert (drift.kl, drift.length, drift.perplexity_ratio) == (2.75, 2.5, None)  # KL (3.5 + 2) / 2
-    drift = DirectTrainer(ppo, plain("dpo", direct_max_perplexity_ratio=1.3)).drift(["a", "b"])
+    drift = DirectTrainer(ppo, plain("dpo")).drift(["a", "b"])  # measured with or without the bound
+    assert (drift.kl, drift.length) == (2.75, 2.5)  # KL (3.5 + 2) / 2
     # surprisal 1 + 2 + 3 + 2 + 2 = 10 less entropy 1.5 + 1.5 + 2 + 2.5 + 1 = 8.5, over 5 tokens
     assert drift.kl == 2.75 and drift.perplexity_ratio == pytest.approx(math.exp(1.5 / 5))
     ppo.config.sampling.temperature = 0.7
@@ -317,7 +316,7 @@ def test_direct_round_measures_the_kl_sparsely_far_from_the_target_and_stops_soo
     steps, measured = [], []
     real_optimize = worker.trainer.optimize
     worker.trainer.optimize = lambda loss: steps.append(1) or real_optimize(loss)
-    worker.direct.drift = lambda prompts: measured.append(len(steps)) or Drift(0.5 * len(steps), 8.0)  # 0.5/step
+    worker.direct.drift = lambda prompts: measured.append(len(steps)) or Drift(0.5 * len(steps), 8.0, 1.0)  # 0.5 a step
     stats = worker.train(plan)
     assert 40 * len(plan.examples) > 17  # the passes alone would run longer
     assert measured == [4, 12, 16, 17] and stats["direct/steps"] == 17  # every 4 steps: 4, 8, ..., 20 (KL 10)
@@ -426,7 +425,7 @@ def test_a_round_counts_only_the_minibatches_it_trained_on(tmp_path, tiny_model_
                          objective=plain("dpo", good_score=0.5, direct_batch_size=1,
                                                    direct_target_kl=1e-9))
     plan, start = worker.prepare(Cursor()), worker.snapshot()
-    worker.direct.drift = lambda prompts: Drift(1.0, 8.0)  # above the target at the first measurement
+    worker.direct.drift = lambda prompts: Drift(1.0, 8.0, 1.0)  # above the target at the first measurement
     stats = worker.train(plan)
     assert stats["direct/steps"] == KL_CHECK_STEPS and sum(worker.direct.seen.values()) == KL_CHECK_STEPS
     worker.restore(start)  # a discarded round: its counts go too
