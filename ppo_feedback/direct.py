@@ -7,8 +7,8 @@ no grad; once per sequence while the worker runs), runs `--direct-epochs` passes
 at most `--direct-batch-size` examples, a page's together (they share candidates and a prompt), at most
 `--direct-max-steps` of them, with the objective's loss (`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
-`batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`) and the base
-model's perplexity of their tokens against its expectation (`objective/perplexity_ratio`; `Drift`); with
+`batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`) and how much
+less likely the base finds the policy's next tokens than its own there (`objective/perplexity_ratio`; `Drift`); with
 `--direct-target-kl` or that bound it measures them during the round too (after `KL_CHECK_STEPS` optimizer
 steps, then when `next_kl_check` says) and stops early once one is above its bound.
 
@@ -108,15 +108,24 @@ MAX_CHECK_GAP = 2 * KL_CHECK_STEPS
 @dataclass
 class Drift:
     """How far fresh samples of the policy have moved from the base model: `kl`, their mean KL to the reference
-    in nats per response; `length`, their mean length in tokens; `perplexity_ratio`, the base model's perplexity
-    of their tokens over
-    the perplexity it expects at the same contexts: exp of its mean surprisal per token, −log p_base(y_t | y_<t),
-    less its entropy there (a logarithm of 0 in expectation for the base's own samples); above 1, tokens the
-    base finds less likely than its own picks there. The KL alone does not tell: a policy sharpening onto the
+    in nats per response; `length`, their mean length in tokens; `perplexity_ratio`, the base model's expected
+    perplexity of the policy's next token over its own, at the samples' contexts: exp of the mean per token of
+    `excess_surprisal` (exactly 1 for the base itself; above 1, the policy puts its mass on tokens the base
+    finds less likely than its own picks there). The KL alone does not tell: a policy sharpening onto the
     base's likely tokens moves far in KL while its text stays fluent (ratio below 1)."""
     kl: float
     length: float
     perplexity_ratio: float
+
+
+def excess_surprisal(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+    """Return the (...) base model's expected surprisal of the policy's next token less its expected surprisal
+    of its own: ``Σ_x π(x)·(−log p_base(x)) − H(p_base)`` at each context, from the (..., V) logits of the
+    policy (π) and of the base. Exact, not sampled: 0 where π is the base, ``KL(π‖p_base) + H(π) − H(p_base)``
+    elsewhere (negative where π sharpens onto the base's likely tokens)."""
+    base = torch.log_softmax(base_logits.float(), dim=-1)
+    policy = torch.softmax(logits.float(), dim=-1)
+    return -(policy * base).sum(-1) + (base.exp() * base).sum(-1)
 
 
 def next_kl_check(step: int, kl: float, last_step: int, last_kl: float, target: float | None) -> int:
@@ -396,22 +405,21 @@ class DirectTrainer:
         """Return the `Drift` of fresh samples (one per prompt of `prompts`), averaged over the team.
 
         The KL of a response is ``Σ_t (logπ_θ − logπ_ref)`` over its tokens (PPO's k1, as `objective/kl`); the
-        perplexity ratio is ``exp(Σ_t (−log p_base(y_t) − H_base,t) / Σ_t
-        1)`` over all the samples' tokens, p_base at temperature 1: each token's surprisal measured against the
-        base's own expectation at its context, which cancels what a sample's context alone makes likely or
-        unlikely (a few samples' raw perplexity swings with the contexts they happen to reach).
+        perplexity ratio is exp of `excess_surprisal` at temperature 1 averaged over all the samples' response
+        positions: computed from both models' whole next-token distributions, so the samples only pick the
+        contexts (a few samples' own perplexity swings with the rare tokens they happen to draw).
         """
         c = self.ppo.config
         T = c.sampling.temperature
         rollout = self.ppo.rollout(prompts)
         qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
         logprobs = rollout.logprobs if self.policy.samples_exactly else self.policy(qr, attn, P, T).logprobs
-        ref = self.policy.reference(qr, attn, P, T)
-        kl = self.ppo.team.mean(((logprobs - ref.logprobs) * mask).sum(1).mean())
-        length = self.ppo.team.mean(mask.sum(1).mean())
-        base = ref if T == 1.0 else self.policy.reference(qr, attn, P, 1.0)
-        excess = self.ppo.team.mean((-(base.logprobs + base.entropy) * mask).sum())
-        return Drift(kl, length, math.exp(excess / max(self.ppo.team.mean(mask.sum()), 1e-9)))
+        ref = self.policy.reference(qr, attn, P, T).logprobs
+        kl = self.ppo.team.mean(((logprobs - ref) * mask).sum(1).mean())
+        excess = excess_surprisal(self.policy.response_logits(qr, attn, P),
+                                  self.policy.response_logits(qr, attn, P, reference=True))
+        per_token = self.ppo.team.mean((excess * mask).sum()) / max(self.ppo.team.mean(mask.sum()), 1e-9)
+        return Drift(kl, self.ppo.team.mean(mask.sum(1).mean()), math.exp(per_token))
 
     def stats(self, found: Examples, losses: list[float], last_pass: dict[str, list[float]], drift: Drift, *,
               passes: int) -> dict[str, float]:

@@ -127,15 +127,28 @@ class PolicyWithValueHead(nn.Module):
                                **{cache_kw: cache}).last_hidden_state  # (B, R, H)
         return torch.cat([last[rows], responses], dim=1)
 
-    def _forward(self, query_response: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-                 temperature: float) -> ForwardOutput:
-        hidden = self._hidden(query_response, attention_mask, context_length)  # (B, R + 1, H)
+    def _logits(self, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Return the (B, R, V) float32 response logits over `temperature` from `_hidden`'s (B, R + 1, H)."""
         batch, slots, width = hidden.shape
         # a 2-D contiguous input: on a strided 3-D slice the LM head runs as a bmm that first copies
         # its (V, H) weight once per row
         logits = self.lm_head(hidden[:, :-1].reshape(-1, width)).view(batch, slots - 1, -1).float()
-        if temperature != 1.0:
-            logits = logits / temperature  # (B, R, V), the only vocab-sized tensor
+        return logits if temperature == 1.0 else logits / temperature
+
+    @torch.no_grad()
+    def response_logits(self, query_response: torch.Tensor, attention_mask: torch.Tensor, context_length: int, *,
+                        reference: bool = False) -> torch.Tensor:
+        """Return the (B, R, V) logits at temperature 1 predicting each response token, the policy's or (with
+        `reference`) the reference's (adapter disabled), no grad."""
+        if not reference:
+            return self._logits(self._hidden(query_response, attention_mask, context_length), 1.0)
+        with self.peft_model.disable_adapter():
+            return self._logits(self._hidden(query_response, attention_mask, context_length), 1.0)
+
+    def _forward(self, query_response: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                 temperature: float) -> ForwardOutput:
+        hidden = self._hidden(query_response, attention_mask, context_length)  # (B, R + 1, H)
+        logits = self._logits(hidden, temperature)  # (B, R, V), the only vocab-sized tensor
         responses = query_response[:, context_length:]
         logprobs = logits.gather(-1, responses.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         with torch.no_grad():

@@ -240,26 +240,48 @@ def test_direct_round_measures_the_kl_inside_a_long_pass_and_stops_there(tmp_pat
     assert stopped["direct/steps"] == direct.KL_CHECK_STEPS and stopped["direct/passes"] == 1 and len(measured) == 1
 
 
-def test_drift_is_the_kl_and_the_base_models_surprisal_over_its_entropy_of_fresh_samples_by_hand():
-    from ppo_feedback.direct import DirectTrainer
+def test_excess_surprisal_by_hand_on_two_tokens():
+    from ppo_feedback.direct import excess_surprisal
+
+    base = torch.tensor([math.log(3.0), 0.0])  # p_base = (0.75, 0.25), entropy 0.5623
+    h_base = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    uniform = excess_surprisal(torch.zeros(2), base)  # 0.5·(−log 0.75) + 0.5·(−log 0.25) − H
+    assert float(uniform) == pytest.approx(-0.5 * math.log(0.75 * 0.25) - h_base, abs=1e-6)
+    kl = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert float(uniform) == pytest.approx(kl + math.log(2) - h_base, abs=1e-6)  # KL + H(π) − H(p_base)
+    sharp = excess_surprisal(torch.tensor([30.0, -30.0]), base)  # all on the base's likely token: below 0
+    assert float(sharp) == pytest.approx(-math.log(0.75) - h_base, abs=1e-6) and float(sharp) < 0
+    assert float(excess_surprisal(base + 5.0, base)) == pytest.approx(0.0, abs=1e-6)  # the base itself
+
+
+def test_drift_is_the_kl_and_the_excess_surprisal_of_fresh_samples_by_hand():
+    from ppo_feedback.direct import DirectTrainer, excess_surprisal
 
     fresh = SimpleNamespace(query_response=torch.zeros(2, 5), attention_mask=None, context_length=2,
                             response_mask=torch.tensor([[1.0, 1, 1], [1, 1, 0]]),
                             logprobs=torch.tensor([[-0.5, -1, -1], [-1, -1, -5]]))
-    base = SimpleNamespace(logprobs=torch.tensor([[-1.0, -2, -3], [-2, -2, -9]]),  # the -9 and 7 are masked out
-                           entropy=torch.tensor([[1.5, 1.5, 2.0], [2.5, 1.0, 7.0]]))
-    temperatures = []
-    policy = SimpleNamespace(samples_exactly=True,
-                             reference=lambda qr, attn, P, T: temperatures.append(T) or base)
+    policy_logits, base_logits = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    policy = SimpleNamespace(
+        samples_exactly=True,
+        reference=lambda qr, attn, P, T: SimpleNamespace(logprobs=torch.tensor([[-1.0, -2, -3], [-2, -2, -9]])),
+        response_logits=lambda qr, attn, P, reference=False: base_logits if reference else policy_logits)
     ppo = SimpleNamespace(policy=policy, config=SimpleNamespace(sampling=SimpleNamespace(temperature=1.0)),
                           team=SimpleNamespace(mean=float), rollout=lambda prompts: fresh)
     drift = DirectTrainer(ppo, plain("dpo")).drift(["a", "b"])  # measured with or without the bound
-    assert (drift.kl, drift.length) == (2.75, 2.5)  # KL (3.5 + 2) / 2
-    # surprisal 1 + 2 + 3 + 2 + 2 = 10 less entropy 1.5 + 1.5 + 2 + 2.5 + 1 = 8.5, over 5 tokens
-    assert drift.kl == 2.75 and drift.perplexity_ratio == pytest.approx(math.exp(1.5 / 5))
-    ppo.config.sampling.temperature = 0.7
-    drift = DirectTrainer(ppo, plain("dpo", direct_max_perplexity_ratio=1.3)).drift(["a", "b"])
-    assert temperatures[-2:] == [0.7, 1.0]  # the KL at the sampling temperature, the perplexity at 1
+    assert (drift.kl, drift.length) == (2.75, 2.5)  # KL (3.5 + 2) / 2, the -5 - -9 masked out
+    excess = excess_surprisal(policy_logits, base_logits)
+    by_hand = (excess[0].sum() + excess[1, :2].sum()) / 5  # the 5 response tokens, not the padding
+    assert drift.perplexity_ratio == pytest.approx(math.exp(float(by_hand)), rel=1e-6)
+
+
+def test_drift_perplexity_ratio_is_one_for_the_base_and_moves_with_training(tmp_path, tiny_model_dir,
+                                                                              rated_store):
+    from db.records import Cursor
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, objective=plain("dpo", good_score=0.5))
+    assert worker.direct.drift(worker.pick_prompts()).perplexity_ratio == pytest.approx(1.0, abs=1e-5)
+    stats = worker.train(worker.prepare(Cursor()))
+    assert abs(stats["objective/perplexity_ratio"] - 1.0) > 1e-4  # the policy's own next tokens now
 
 
 def test_direct_round_stops_once_its_text_loses_fluency_and_records_the_ratio(tmp_path, tiny_model_dir,
