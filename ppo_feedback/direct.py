@@ -8,9 +8,10 @@ at most `--direct-batch-size` examples, a page's together (they share candidates
 `--direct-max-steps` of them, with the objective's loss (`objectives`), one optimizer step each through the
 `PPOTrainer` it shares the policy, optimizer, team and gradient clipping with, and then samples
 `batch_size` fresh responses from pool prompts for their KL to the reference (`objective/kl`) and how much
-less likely the base finds the policy's next tokens than its own there (`objective/perplexity_ratio`; `Drift`); with
-`--direct-target-kl` or that bound it measures them during the round too (after `KL_CHECK_STEPS` optimizer
-steps, then when `next_kl_check` says) and stops early once one is above its bound.
+less likely the base finds the policy's next tokens than its own there (`objective/perplexity_ratio`;
+`Drift`); with `--direct-target-kl` or `--direct-max-perplexity-ratio` it measures them during the round too
+(after `KL_CHECK_STEPS` optimizer steps, then when `next_kl_check` says) and stops early once one is above
+its bound.
 
 What each learns from (one page: the candidates one rater asked for and saw side by side):
 
