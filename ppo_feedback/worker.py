@@ -360,8 +360,9 @@ class Worker:
         self.check_divergence(stats)
         if self.team.is_main:
             self.record(plan.version, 1, stats)
-        log.info("v%d %s on %d examples: loss %.4f score %.3f kl %.3f", plan.version, objective, len(plan.examples),
-                 stats[f"loss/{objective}"], stats["objective/scores"], stats["objective/kl"])
+        log.info("v%d %s on %d examples: loss %.4f score %.3f kl %.3f perplexity ratio %.3f", plan.version, objective,
+                 len(plan.examples), stats[f"loss/{objective}"], stats["objective/scores"], stats["objective/kl"],
+                 stats["objective/perplexity_ratio"])
         return stats
 
     def direct_examples(self, cursor: Cursor) -> Examples | None:
