@@ -459,7 +459,7 @@ class ObjectiveConfig:
     """Examples per optimizer step of a direct round (DPO: pairs; RAFT: kept candidates; KTO: labelled candidates)."""
     direct_target_kl: Optional[float] = 8.0
     """A direct round stops its passes early once fresh samples' KL to the base model exceeds this, in nats per response (measured after the last optimizer step, and during the round after 4 steps, then where the KL's growth so far would reach the target, at most 8 steps apart; CleanRL's target_kl early stop); none: every pass runs."""
-    direct_max_perplexity_ratio: Optional[float] = None
+    direct_max_perplexity_ratio: Optional[float] = 1.1
     """A direct round also stops its passes early once the base model's perplexity of fresh samples' tokens exceeds this multiple of what it expects at the same contexts (exp of its mean surprisal per token less its entropy there; measured with the KL, every 4 steps without --direct-target-kl): a bound on fluency, which the KL alone does not give (a policy sharpening onto the base's likely tokens moves far in KL and stays fluent, one spreading onto unlikely ones loses fluency at a lower KL); recorded as objective/perplexity_ratio either way; none: no bound."""
     direct_max_steps: Optional[int] = 24
     """At most this many optimizer steps a direct round (its passes stop there): a round's cost stays bounded as the rated pages grow, so rounds keep pace with the raters; none: no budget."""

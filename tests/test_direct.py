@@ -19,10 +19,10 @@ NAN = math.nan
 
 def plain(objective: str, **overrides) -> ObjectiveConfig:
     """A direct objective with every drift and cost bound off (one round continues the last, no shrink, no step
-    budget, no KL stop, no RPO term, beta 0.1, 2 passes) unless `overrides` sets one: each test turns on the one
+    budget, no KL or perplexity stop, no RPO term, beta 0.1, 2 passes) unless `overrides` sets one: each test turns on the one
     mechanism it is about, whatever the app's defaults are."""
-    settings = dict(beta=0.1, rpo_alpha=0.0, direct_epochs=2, direct_target_kl=None, direct_max_steps=None,
-                    direct_from_base=False, direct_shrink=1.0)
+    settings = dict(beta=0.1, rpo_alpha=0.0, direct_epochs=2, direct_target_kl=None, direct_max_perplexity_ratio=None,
+                    direct_max_steps=None, direct_from_base=False, direct_shrink=1.0)
     return ObjectiveConfig(objective=objective, **{**settings, **overrides})
 
 
@@ -62,8 +62,10 @@ def test_a_bound_that_is_on_by_default_can_be_turned_off_on_the_command_line():
     parser = argparse.ArgumentParser()
     add_worker_arguments(parser)
     config = from_namespace(ObjectiveConfig, parser.parse_args(
-        ["--direct-max-steps", "none", "--direct-target-kl", "None", "--no-direct-from-base"]))
+        ["--direct-max-steps", "none", "--direct-target-kl", "None", "--no-direct-from-base",
+         "--direct-max-perplexity-ratio", "none"]))
     assert (config.direct_max_steps, config.direct_target_kl, config.direct_from_base) == (None, None, False)
+    assert config.direct_max_perplexity_ratio is None
     assert from_namespace(ObjectiveConfig, parser.parse_args(["--direct-max-steps", "7"])).direct_max_steps == 7
     with pytest.raises(SystemExit):  # not a number, nor none
         parser.parse_args(["--direct-max-steps", "many"])
@@ -165,6 +167,7 @@ def test_direct_round_publishes_a_policy_that_prefers_the_better_rated(tmp_path,
 def test_the_default_objective_trains_a_direct_round_from_the_base(tmp_path, tiny_model_dir, rated_store):
     defaults = ObjectiveConfig(good_score=0.5)  # rated_store's better candidates sit at +0.75
     assert defaults.direct and defaults.direct_from_base and defaults.direct_max_steps is not None
+    assert defaults.direct_max_perplexity_ratio is not None
     worker = make_worker(tmp_path, tiny_model_dir, rated_store, objective=defaults)
     assert worker.run_round() == 1
     metrics = rated_store.get_version(1).metrics
