@@ -51,6 +51,7 @@ from .feedback import RatedFeedback
 from .generation import Rollout, max_positions, rollout_of
 from .objectives import (above_page_mean, chosen_nll, dpo_loss, ipo_loss, kto_kl_estimate, kto_loss,
                          kto_mismatched, kto_weights, raft_loss, sequence_logprobs)
+from .policy import token_logprobs
 from .trainer import PPOTrainer
 
 
@@ -410,15 +411,16 @@ class DirectTrainer:
         positions: computed from both models' whole next-token distributions, so the samples only pick the
         contexts (a few samples' own perplexity swings with the rare tokens they happen to draw).
         """
-        c = self.ppo.config
-        T = c.sampling.temperature
+        T = self.ppo.config.sampling.temperature
         rollout = self.ppo.rollout(prompts)
         qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
-        logprobs = rollout.logprobs if self.policy.samples_exactly else self.policy(qr, attn, P, T).logprobs
-        ref = self.policy.reference(qr, attn, P, T).logprobs
+        logits = self.policy.response_logits(qr, attn, P)  # one forward of each model gives all three measures
+        base_logits = self.policy.response_logits(qr, attn, P, reference=True)
+        responses = qr[:, P:]
+        logprobs = rollout.logprobs if self.policy.samples_exactly else token_logprobs(logits / T, responses)
+        ref = token_logprobs(base_logits / T, responses)
         kl = self.ppo.team.mean(((logprobs - ref) * mask).sum(1).mean())
-        excess = excess_surprisal(self.policy.response_logits(qr, attn, P),
-                                  self.policy.response_logits(qr, attn, P, reference=True))
+        excess = excess_surprisal(logits, base_logits)
         per_token = self.ppo.team.mean((excess * mask).sum()) / max(self.ppo.team.mean(mask.sum()), 1e-9)
         return Drift(kl, self.ppo.team.mean(mask.sum(1).mean()), math.exp(per_token))
 

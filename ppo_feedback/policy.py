@@ -8,6 +8,7 @@ distinct prompts, then over every row's response with its prompt's KV cache (`_h
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,11 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Return (trunk, lm_head) of a causal LM or of a peft model wrapping one (LoRA layers stay in the trunk)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Return the (B, R) log-probabilities of `tokens` (B, R) under the softmax of `logits` (B, R, V)."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -140,17 +146,14 @@ class PolicyWithValueHead(nn.Module):
                         reference: bool = False) -> torch.Tensor:
         """Return the (B, R, V) logits at temperature 1 predicting each response token, the policy's or (with
         `reference`) the reference's (adapter disabled), no grad."""
-        if not reference:
-            return self._logits(self._hidden(query_response, attention_mask, context_length), 1.0)
-        with self.peft_model.disable_adapter():
+        with self.peft_model.disable_adapter() if reference else nullcontext():
             return self._logits(self._hidden(query_response, attention_mask, context_length), 1.0)
 
     def _forward(self, query_response: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
                  temperature: float) -> ForwardOutput:
         hidden = self._hidden(query_response, attention_mask, context_length)  # (B, R + 1, H)
         logits = self._logits(hidden, temperature)  # (B, R, V), the only vocab-sized tensor
-        responses = query_response[:, context_length:]
-        logprobs = logits.gather(-1, responses.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        logprobs = token_logprobs(logits, query_response[:, context_length:])
         with torch.no_grad():
             entropy = entropy_from_logits(logits)  # (B, R)
         return ForwardOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)

@@ -21,8 +21,8 @@ def plain(objective: str, **overrides) -> ObjectiveConfig:
     """A direct objective with every drift and cost bound off (one round continues the last, no shrink, no step
     budget, no KL or perplexity stop, no RPO term, beta 0.1, 2 passes) unless `overrides` sets one: each test turns on the one
     mechanism it is about, whatever the app's defaults are."""
-    settings = dict(beta=0.1, rpo_alpha=0.0, direct_epochs=2, direct_target_kl=None, direct_max_perplexity_ratio=None,
-                    direct_max_steps=None, direct_from_base=False, direct_shrink=1.0)
+    settings = dict(beta=0.1, rpo_alpha=0.0, direct_epochs=2, direct_target_kl=None,
+                    direct_max_perplexity_ratio=None, direct_max_steps=None, direct_from_base=False, direct_shrink=1.0)
     return ObjectiveConfig(objective=objective, **{**settings, **overrides})
 
 
@@ -260,13 +260,15 @@ def test_excess_surprisal_by_hand_on_two_tokens():
 def test_drift_is_the_kl_and_the_excess_surprisal_of_fresh_samples_by_hand():
     from ppo_feedback.direct import DirectTrainer, excess_surprisal
 
-    fresh = SimpleNamespace(query_response=torch.zeros(2, 5), attention_mask=None, context_length=2,
-                            response_mask=torch.tensor([[1.0, 1, 1], [1, 1, 0]]),
+    fresh = SimpleNamespace(query_response=torch.zeros(2, 5, dtype=torch.long), attention_mask=None,
+                            context_length=2, response_mask=torch.tensor([[1.0, 1, 1], [1, 1, 0]]),
                             logprobs=torch.tensor([[-0.5, -1, -1], [-1, -1, -5]]))
-    policy_logits, base_logits = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    sampled = torch.tensor([[-1.0, -2, -3], [-2, -2, -9]])  # the base's log-probability of each sampled token 0
+    base_logits = torch.cat([sampled.unsqueeze(-1), torch.log((1 - sampled.exp()) / 5).unsqueeze(-1).expand(2, 3, 5)],
+                            dim=-1)  # the other 5 tokens share the rest
+    policy_logits = torch.randn(2, 3, 6)
     policy = SimpleNamespace(
         samples_exactly=True,
-        reference=lambda qr, attn, P, T: SimpleNamespace(logprobs=torch.tensor([[-1.0, -2, -3], [-2, -2, -9]])),
         response_logits=lambda qr, attn, P, reference=False: base_logits if reference else policy_logits)
     ppo = SimpleNamespace(policy=policy, config=SimpleNamespace(sampling=SimpleNamespace(temperature=1.0)),
                           team=SimpleNamespace(mean=float), rollout=lambda prompts: fresh)
