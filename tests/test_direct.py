@@ -19,8 +19,8 @@ NAN = math.nan
 
 def plain(objective: str, **overrides) -> ObjectiveConfig:
     """A direct objective with every drift and cost bound off (one round continues the last, no shrink, no step
-    budget, no KL or perplexity stop, no RPO term, beta 0.1, 2 passes) unless `overrides` sets one: each test turns on the one
-    mechanism it is about, whatever the app's defaults are."""
+    budget, no KL or perplexity stop, no RPO term, beta 0.1, 2 passes) unless `overrides` sets one: each test
+    turns on the one mechanism it is about, whatever the app's defaults are."""
     settings = dict(beta=0.1, rpo_alpha=0.0, direct_epochs=2, direct_target_kl=None,
                     direct_max_perplexity_ratio=None, direct_max_steps=None, direct_from_base=False, direct_shrink=1.0)
     return ObjectiveConfig(objective=objective, **{**settings, **overrides})
