@@ -174,14 +174,25 @@ def test_version_summary_and_csv(tmp_path):
 
 # ------------------------------------------------------------------------------ against an app
 
+class InTurn:
+    """A stand-in for random.Random whose choice() takes a sequence's items in turn."""
+
+    def __init__(self):
+        self.drawn = 0
+
+    def choice(self, seq):
+        self.drawn += 1
+        return seq[(self.drawn - 1) % len(seq)]
+
+
 class FakeClient:
     """An in-process stand-in for gradio_client.Client on a FeedbackStore (no model, no HTTP)."""
 
-    def __init__(self, store, texts, version=0, fail_rate_every=0, serving=None, worker_state="paused"):
+    def __init__(self, store, texts, version=0, fail_rate_every=0, serving=None, worker_state="paused", in_turn=False):
         self.store, self.texts, self.version, self.worker_state = store, texts, version, worker_state
         self.serving = serving or (lambda counts: self.version)  # the version /status reports
         self.fail_rate_every, self.calls = fail_rate_every, 0
-        self.rng = random.Random(0)
+        self.rng = InTurn() if in_turn else random.Random(0)  # in_turn: candidates take the texts in order
 
     def predict(self, *args, api_name):
         from gradio_client.exceptions import AppError
@@ -313,16 +324,17 @@ def test_pacing_goes_on_once_the_worker_published_enough_versions(store, lag, wa
 
 
 def test_with_rate_via_both_half_the_raters_rate_through_the_json_routes(store):
-    json_clients = []
+    json_clients, texts = [], ["happy happy sun", "rain again"]  # every page of two has a best, so a /prefer
 
     def json_factory(url):
-        client = FakeClient(store, TEXTS)
+        client = FakeClient(store, texts, in_turn=True)
         client.handler_ms = [("/rate", 1.0)]
         json_clients.append(client)
         return client
 
     sim = Simulation("fake", "keyword:happy", raters=4, ratings=16, candidates=2, seed=4, rate_via="both",
-                     client_factory=lambda url: FakeClient(store, TEXTS), json_factory=json_factory, log=None)
+                     client_factory=lambda url: FakeClient(store, texts, in_turn=True), json_factory=json_factory,
+                     log=None)
     result = sim.run()
     assert len(json_clients) == 2 and len(result.records) == 16 and not result.errors
     assert {c.endpoint for c in result.calls} == {"/next_prompt", "/json/next_prompt", "/generate", "/rate",
