@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bias", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=3, help="held-out samples per prompt and version")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the app and its worker (OMP_NUM_THREADS); 0: torch's default, every "
+                             "core, as `python app.py` runs")
     parser.add_argument("--eval-threads", type=int, default=2,
                         help="torch threads for the held-out evaluation, which runs after the app has stopped")
     parser.add_argument("--budget", type=float, default=900.0, help="seconds the whole run should fit in")
@@ -180,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         reports = [json.loads((Path(d) / "report.json").read_text()) for d in args.summarize]
         try:
-            sets = {(r["preference"], json.dumps(settings, sort_keys=True))
+            sets = {(r["preference"], r.get("threads", 1), json.dumps(settings, sort_keys=True))
                     for r, settings in zip(reports, comparable_settings(reports))}
         except ValueError as exc:
             parser.error(str(exc))
         if len(sets) > 1:
-            parser.error("--summarize: the runs differ in taste or settings; summarize each set apart")
+            parser.error("--summarize: the runs differ in taste, settings or threads; summarize each set apart")
         print_summary(summarize_runs(reports))
         return 0
 
@@ -290,6 +293,15 @@ def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "total_s": [r["total_s"] for r in reports], "runs": [r["out"] for r in reports]}
 
 
+def app_env(threads: int) -> dict[str, str]:
+    """Return the app's and worker's environment with `threads` torch threads (0: torch's default, every core)."""
+    env = child_env()
+    env.pop("OMP_NUM_THREADS", None)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 def run_once(args: argparse.Namespace, preference, prompts: list[str], training: list[str], out: Path,
              seed: int) -> dict[str, Any]:
     """Run the app, the worker and the simulated raters once, evaluate v0 and the newest version; return the report."""
@@ -306,7 +318,7 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
                           max_new_tokens=args.max_new_tokens, extra=training, worker=True, log_level="INFO")
     print("app: " + shlex.join(command[1:]))
     with (out / "app.log").open("w") as app_log:
-        app = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=app_log,
+        app = subprocess.Popen(command, cwd=ROOT, env=app_env(args.threads), stdout=app_log,
                                stderr=subprocess.STDOUT, text=True)
         try:
             startup = wait_for_app(url, app, timeout=400)
@@ -366,7 +378,7 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
     report = {
         "bench": "learning_curve", "model": args.model, "preference": args.preference,
         "ratings": len(result.records), "preferences": result.preferences, "raters": args.raters, "seed": seed,
-        "training": training, "settings": settings_of(training), "pace": args.pace,
+        "training": training, "settings": settings_of(training), "threads": args.threads, "pace": args.pace,
         "curve": [{"version": x["version"], "ratings_so_far": x["ratings_so_far"], "n_ratings": x["n_ratings"],
                    "mean_taste": r(x["mean_taste"]), "ci95": r(x["ci95"])} for x in rows],
         "pace_waits": result.pace_waits,

@@ -506,6 +506,14 @@ def test_the_serving_bench_streams_pages_idle_and_while_a_ppo_process_trains(tin
     assert all(isinstance(goal["met"], bool) for goal in result["goals"].values())
 
 
+def test_the_learning_curve_gives_the_app_its_threads_or_torchs_default(monkeypatch):
+    from bench.learning_curve import app_env
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert app_env(2)["OMP_NUM_THREADS"] == "2" and app_env(1)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in app_env(0)  # torch's default: every core, as `python app.py` runs
+
+
 def test_distinct_bigram_share_counts_repeated_word_pairs_once():
     from bench.learning_curve import distinct_bigram_share
 
@@ -548,8 +556,9 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     assert without_seed(["--beta", "1", "--seed", "1", "--seed=2", "--rpo-alpha", "1"]) == \
         ["--beta", "1", "--rpo-alpha", "1"]
 
-    def write(seed, options, recorded):
-        """A finished run's report.json; `recorded`: with the settings it ran with (runs since they are kept)."""
+    def write(seed, options, recorded, threads=None):
+        """A finished run's report.json; `recorded`: with the settings it ran with (runs since they are kept);
+        `threads`: the app's torch threads it recorded (runs before it recorded them ran one)."""
         report = {"seed": seed, "out": f"run-{seed}", "goal_met": True, "versions_published": [1], "total_s": 600,
                   "preference": "keyword:you", "training": [*options, "--seed", str(seed)],
                   "held_out": {"difference": {"mean": [0.3, 0.1, 0.2][seed], "ci95": 0.1}, "kl_newest": {"mean": 5.0},
@@ -557,12 +566,14 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
                                "distinct_bigram_ratio": 0.9}}
         if recorded:  # as a run records them, once with its user's cache path (since ignored)
             report["settings"] = {**settings_of(options), "cache_dir": f"/home/user{seed}/.cache"}
+        if threads is not None:
+            report["threads"] = threads
         (tmp_path / str(seed)).mkdir(exist_ok=True)
         (tmp_path / str(seed) / "report.json").write_text(json.dumps(report))
         return str(tmp_path / str(seed))
 
-    def summarize(*options, recorded=True):
-        runs = [write(seed, o, recorded) for seed, o in enumerate(options)]
+    def summarize(*options, recorded=True, threads=(None, None, None)):
+        runs = [write(seed, o, recorded, t) for (seed, o), t in zip(enumerate(options), threads)]
         try:
             assert main(["--summarize", *runs]) == 0
         except SystemExit:
@@ -573,12 +584,15 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     summary = summarize(["--wait-interval", "1"], [*default_beta, "--wait-interval", "1"], ["--wait-interval", "1.0"])
     assert summary["differences"] == [0.3, 0.1, 0.2] and summary["difference_mean"] == pytest.approx(0.2)
     assert summary["training"] == ["--wait-interval", "1"]  # a default spelled out, another order, 1.0: the same
-    assert "differ in taste or settings" in summarize(["--wait-interval", "1"], ["--beta", "0.5"])
+    assert "differ in taste, settings or threads" in summarize(["--wait-interval", "1"], ["--beta", "0.5"])
+    assert summarize(["--wait-interval", "1"], ["--wait-interval", "1"], threads=(None, 1))["repeats"] == 2
+    assert "differ in taste, settings or threads" in summarize(["--wait-interval", "1"], ["--wait-interval", "1"],
+                                                               threads=(1, 0))
     # reports from before settings were kept: the options they set, in any order, defaults being their day's
     assert summarize(["--beta", "0.5", "--wait-interval", "1"], ["--wait-interval", "1.0", "--beta", "0.5"],
                      recorded=False)["repeats"] == 2
-    assert "differ in taste or settings" in summarize(["--wait-interval", "1"], [*default_beta, "--wait-interval", "1"],
-                                                      recorded=False)
+    assert "differ in taste, settings or threads" in summarize(["--wait-interval", "1"],
+                                                               [*default_beta, "--wait-interval", "1"], recorded=False)
     assert "are not today's app's" in summarize(["--wait-interval", "1"], ["--no-such-option", "1"], recorded=False)
 
 
