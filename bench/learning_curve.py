@@ -269,7 +269,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"mean difference {summary['difference_mean']:+.3f} ± {summary['difference_ci95']} (95% t interval "
           f"over runs); goal met in {sum(summary['goal_met'])} of {n}; KL per run {summary['kl']}; "
           f"perplexity ratio per run {summary['perplexity_ratio']}; distinct-2 ratio per run "
-          f"{summary['distinct_bigram_ratio']}; seconds per run {summary['total_s']}")
+          f"{summary['distinct_bigram_ratio']}; seconds per run {summary['total_s']}; commits "
+          f"{[c[:7] if c else None for c in summary['commits']]}")
     print(json.dumps(summary))
 
 
@@ -290,7 +291,18 @@ def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
                                 for r in reports],
             "perplexity_ratio": [r["held_out"]["perplexity_ratio"] for r in reports],
             "distinct_bigram_ratio": [r["held_out"]["distinct_bigram_ratio"] for r in reports],
-            "total_s": [r["total_s"] for r in reports], "runs": [r["out"] for r in reports]}
+            "total_s": [r["total_s"] for r in reports], "runs": [r["out"] for r in reports],
+            "commits": [r.get("commit") for r in reports]}
+
+
+def source_commit() -> str | None:
+    """Return the git commit of this checkout (with "+changes" when its tracked files differ), None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 def app_env(threads: int) -> dict[str, str]:
@@ -398,7 +410,7 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
         "rating_phase_s": round(rated_s), "total_s": round(total_s), "within_budget": total_s <= args.budget,
         "goal_met": (bool(md - hd > 0) and total_s <= args.budget and len(result.records) <= 200
                      and perplexity_ratio <= 1.3 and distinct_ratio >= 0.8),
-        "out": str(out),
+        "out": str(out), "commit": source_commit(),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report))

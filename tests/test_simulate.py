@@ -506,8 +506,12 @@ def test_the_serving_bench_streams_pages_idle_and_while_a_ppo_process_trains(tin
     assert all(isinstance(goal["met"], bool) for goal in result["goals"].values())
 
 
-def test_the_learning_curve_gives_the_app_its_threads_or_torchs_default(monkeypatch):
-    from bench.learning_curve import app_env
+def test_the_learning_curve_records_its_commit_and_gives_the_app_its_threads(monkeypatch):
+    import re
+
+    from bench.learning_curve import app_env, source_commit
+
+    assert re.fullmatch(r"[0-9a-f]{40}(\+changes)?", source_commit())  # the checkout a report's run came from
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert app_env(2)["OMP_NUM_THREADS"] == "2" and app_env(1)["OMP_NUM_THREADS"] == "1"
@@ -584,6 +588,7 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     summary = summarize(["--wait-interval", "1"], [*default_beta, "--wait-interval", "1"], ["--wait-interval", "1.0"])
     assert summary["differences"] == [0.3, 0.1, 0.2] and summary["difference_mean"] == pytest.approx(0.2)
     assert summary["training"] == ["--wait-interval", "1"]  # a default spelled out, another order, 1.0: the same
+    assert summary["commits"] == [None, None, None]  # runs from before reports named their commit
     assert "differ in taste, settings or threads" in summarize(["--wait-interval", "1"], ["--beta", "0.5"])
     assert summarize(["--wait-interval", "1"], ["--wait-interval", "1"], threads=(None, 1))["repeats"] == 2
     assert "differ in taste, settings or threads" in summarize(["--wait-interval", "1"], ["--wait-interval", "1"],
