@@ -11,9 +11,7 @@ at most `--direct-batch-size` examples, a page's together (they share candidates
 less likely the base finds the policy's next tokens than its own there (`objective/perplexity_ratio`;
 `Drift`); with `--direct-target-kl` or `--direct-max-perplexity-ratio` it measures them during the round too
 (after `KL_CHECK_STEPS` optimizer steps, then when `next_kl_check` says) and stops early once one is above
-its bound. The KL target is where a round stops (the step past it is kept); the perplexity ratio is a bound on
-fluency: a round past it goes back to its last state measured within it (`Checkpoint`), the round's start
-when none was, so a published version never holds the steps that lost fluency.
+its bound.
 
 What each learns from (one page: the candidates one rater asked for and saw side by side):
 
@@ -40,7 +38,6 @@ shuffle), so the averaged gradients equal one process's; each samples its own KL
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -49,7 +46,6 @@ from typing import Sequence
 
 import torch
 
-from .adapters import AdapterState
 from .config import ObjectiveConfig
 from .feedback import RatedFeedback
 from .generation import Rollout, max_positions, rollout_of
@@ -122,23 +118,6 @@ class Drift:
     kl: float
     length: float
     perplexity_ratio: float
-
-
-@dataclass
-class Checkpoint:
-    """A direct round's state after `step` optimizer steps: the adapter and optimizer as they were then (None
-    when not copied), and the `Drift` measured there (None when not measured: the round's start)."""
-    step: int
-    drift: Drift | None
-    adapter: AdapterState | None = None
-    optimizer: dict | None = None
-
-    def restore(self, trainer: DirectTrainer, prompts: Sequence[str]) -> Drift:
-        """Put the adapter and optimizer back as they were; return this state's `Drift` (measured on `prompts`
-        now when it was not)."""
-        self.adapter.restore()
-        trainer.ppo.optimizer.load_state_dict(self.optimizer)
-        return self.drift if self.drift is not None else trainer.drift(prompts)
 
 
 def excess_surprisal(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
@@ -257,10 +236,8 @@ class DirectTrainer:
         """Train on `found` for `--direct-epochs` passes (at most `--direct-max-steps` optimizer steps, in the
         order `schedule` gives), then measure the KL of fresh samples of `prompts`; return the round's stats.
         With `--direct-target-kl` or `--direct-max-perplexity-ratio` the `Drift` is also measured after
-        `KL_CHECK_STEPS` optimizer steps and then when `next_kl_check` says, and the round stops once its KL is
-        above its target (keeping that step) or its perplexity ratio above its bound (going back to the last
-        state measured within the bound, or to the round's start: `direct/undone_steps` says how many steps
-        were undone, and the round's `Drift` is that state's).
+        `KL_CHECK_STEPS` optimizer steps and then when `next_kl_check` says, and the round stops once its KL or
+        its perplexity ratio is above its bound.
 
         Raises FloatingPointError, before that minibatch's step, on a non-finite loss.
         """
@@ -272,7 +249,6 @@ class DirectTrainer:
         batches = self.schedule(found, generator)
         losses: list[float] = []
         check, last = KL_CHECK_STEPS, (0, 0.0)  # the next KL measurement's step; the last (step, KL)
-        kept = self.checkpoint(0, None)  # the state a round past the fluency bound goes back to
         for k, (level, batch) in enumerate(batches, 1):
             if k == 1 or batches[k - 2][0] != level:  # a pass begins: its statistics start afresh
                 last_pass: dict[str, list[float]] = defaultdict(list)
@@ -283,37 +259,24 @@ class DirectTrainer:
                 last_pass[name].append(float(value))
             if k == len(batches) or (bounded and k == check):
                 drift = self.drift(prompts)  # fresh samples: at the end, or often enough to stop early
-                if self.past_fluency_bound(drift):
-                    drift = kept.restore(self, prompts)
-                    break
-                kept = self.checkpoint(k, drift)
-                if target is not None and drift.kl > target:
+                if self.beyond_bounds(drift):
                     break
                 check, last = next_kl_check(k, drift.kl, *last, target), (k, drift.kl)
-        for _, batch in batches[:kept.step]:  # the minibatches the adapter holds, not those undone or never run
+        for _, batch in batches[:len(losses)]:  # the minibatches trained on, not those after a KL stop
             for key in map(found.key, batch):
                 self.seen[key] = self.seen.get(key, 0) + 1
         self.ppo.iteration += 1
-        return {**self.stats(found, losses, last_pass, drift, passes=level - batches[0][0] + 1),
-                "direct/undone_steps": float(len(losses) - kept.step)}
-
-    def checkpoint(self, step: int, drift: Drift | None) -> Checkpoint:
-        """Return the state after `step` optimizer steps (`drift`: its measured `Drift`, None if not measured),
-        copied only under `--direct-max-perplexity-ratio` (nothing else goes back to it)."""
-        if self.config.direct_max_perplexity_ratio is None:
-            return Checkpoint(step, drift)
-        return Checkpoint(step, drift, AdapterState.capture(self.policy),
-                          copy.deepcopy(self.ppo.optimizer.state_dict()))
-
-    def past_fluency_bound(self, drift: Drift) -> bool:
-        """Return whether `drift`'s perplexity ratio is above `--direct-max-perplexity-ratio`."""
-        ratio = self.config.direct_max_perplexity_ratio
-        return ratio is not None and drift.perplexity_ratio > ratio
+        return self.stats(found, losses, last_pass, drift, passes=level - batches[0][0] + 1)
 
     @property
     def bounded(self) -> bool:
         """Whether a round measures its `Drift` while it trains, to stop at a bound."""
         return self.config.direct_target_kl is not None or self.config.direct_max_perplexity_ratio is not None
+
+    def beyond_bounds(self, drift: Drift) -> bool:
+        """Return whether `drift` is past `--direct-target-kl` or `--direct-max-perplexity-ratio`."""
+        target, ratio = self.config.direct_target_kl, self.config.direct_max_perplexity_ratio
+        return (target is not None and drift.kl > target) or (ratio is not None and drift.perplexity_ratio > ratio)
 
     def schedule(self, found: Examples, generator: torch.Generator) -> list[tuple[int, list[int]]]:
         """Return the round's minibatches of item indices, each with its pass level, least trained first.
@@ -469,10 +432,9 @@ class DirectTrainer:
         the last pass's; `objective/scores`: the last pass's mean implied reward margin `rewards/margins`
         (dpo, kto; else kto's `rewards/chosen` or `rewards/rejected`, whichever it has), raft's mean implied
         reward of its kept samples `rewards/chosen`; `objective/kl`, `val/mean_length` and
-        `objective/perplexity_ratio`: the `Drift` of fresh samples of the weights the round ends with;
-        `direct/passes`: the passes begun (fewer than `--direct-epochs` when stopped on a bound or at the step
-        budget), `direct/steps`: the optimizer steps taken (`step` adds `direct/undone_steps`, those of them
-        undone on the fluency bound).
+        `objective/perplexity_ratio`: the `Drift` of fresh samples after the last step; `direct/passes`: the
+        passes begun (fewer than `--direct-epochs` when stopped on a bound or at the step budget),
+        `direct/steps`: the optimizer steps taken.
         """
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         stats = {f"loss/{found.objective}": mean(losses), **{name: mean(v) for name, v in last_pass.items()}}

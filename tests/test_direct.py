@@ -1,7 +1,6 @@
 """Direct rounds (`--objective dpo|raft|kto`): examples from rated pages, and worker rounds that publish them."""
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import replace
 from types import SimpleNamespace
@@ -290,46 +289,6 @@ def test_drift_perplexity_ratio_is_one_for_the_base_and_moves_with_training(tmp_
     assert abs(stats["objective/perplexity_ratio"] - 1.0) > 1e-4  # the policy's own next tokens now
 
 
-def same_weights(policy, state) -> bool:
-    """Return whether the policy's LoRA and value head equal an AdapterState's copy."""
-    from ppo_feedback.adapters import AdapterState
-
-    now = AdapterState.capture(policy)
-    return all(torch.equal(now._saved[name], saved) for name, saved in state._saved.items())
-
-
-def test_a_round_past_the_fluency_bound_goes_back_to_its_last_state_within_it(tmp_path, tiny_model_dir, rated_store):
-    from db.records import Cursor
-    from ppo_feedback.adapters import AdapterState
-    from ppo_feedback.direct import KL_CHECK_STEPS, Drift
-
-    worker = make_worker(tmp_path, tiny_model_dir, rated_store,
-                         objective=plain("dpo", good_score=0.5, direct_batch_size=1, direct_epochs=4,
-                                         direct_max_perplexity_ratio=1.3))
-    plan = worker.prepare(Cursor())
-    assert 4 * len(plan.examples) > 2 * KL_CHECK_STEPS
-    measured, ratios = [], iter([1.2, 1.31])
-
-    def drift(prompts):
-        measured.append(AdapterState.capture(worker.policy))
-        return Drift(2.0 * len(measured), 8.0, next(ratios))
-
-    worker.direct.drift = drift
-    optimizer_after_check = []
-    real_checkpoint = worker.direct.checkpoint
-    worker.direct.checkpoint = lambda step, d: (optimizer_after_check.append(
-        copy.deepcopy(worker.trainer.optimizer.state_dict())) or real_checkpoint(step, d))
-    stats = worker.train(plan)
-    assert stats["direct/steps"] == 2 * KL_CHECK_STEPS and stats["direct/undone_steps"] == KL_CHECK_STEPS
-    assert stats["objective/perplexity_ratio"] == 1.2 and stats["objective/kl"] == 2.0  # the kept state's
-    assert len(measured) == 2 and same_weights(worker.policy, measured[0])  # the weights after step 4
-    assert not same_weights(worker.policy, measured[1])
-    kept_optimizer = worker.trainer.optimizer.state_dict()["state"]
-    assert all(torch.equal(kept_optimizer[i]["exp_avg"], state["exp_avg"])
-               for i, state in optimizer_after_check[-1]["state"].items())
-    assert sum(worker.direct.seen.values()) == KL_CHECK_STEPS  # only the minibatches the adapter holds
-
-
 def test_direct_round_stops_once_its_text_loses_fluency_and_records_the_ratio(tmp_path, tiny_model_dir,
                                                                                rated_store):
     from db.records import Cursor
@@ -347,14 +306,11 @@ def test_direct_round_stops_once_its_text_loses_fluency_and_records_the_ratio(tm
     fluent = worker.train(plan)  # no KL target: measured every KL_CHECK_STEPS steps; 1.2 is within the bound
     assert fluent["direct/steps"] == 4 * len(plan.examples) and fluent["objective/perplexity_ratio"] == 1.2
     assert measured == list(range(KL_CHECK_STEPS, len(steps), KL_CHECK_STEPS)) + [len(steps)]
-    assert fluent["direct/undone_steps"] == 0
     worker.restore(start)
     steps.clear()
     worker.direct.drift = lambda prompts: Drift(0.1, 8.0, 1.31)
-    stopped = worker.train(plan)  # past the bound at the first check: back to the round's start, measured there
-    assert stopped["direct/steps"] == KL_CHECK_STEPS and stopped["direct/undone_steps"] == KL_CHECK_STEPS
-    assert stopped["objective/perplexity_ratio"] == 1.31 and worker.direct.seen == {}
-    assert same_weights(worker.policy, start[0])
+    stopped = worker.train(plan)
+    assert stopped["direct/steps"] == KL_CHECK_STEPS and stopped["objective/perplexity_ratio"] == 1.31
     real = type(worker.direct).drift(worker.direct, worker.pick_prompts())  # the model's own, end to end
     assert 0 < real.perplexity_ratio < math.inf and real.length > 0
     with pytest.raises(ValueError, match="--direct-max-perplexity-ratio"):
