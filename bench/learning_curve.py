@@ -116,32 +116,39 @@ def evaluate(model: str, adapters_dir: Path, versions: list[int], prompts: list[
 def evaluate_policy(policy, prompts: list[str], preference, *, samples: int, max_new_tokens: int, temperature: float,
                     top_p: float, seed: int = 1234, batch: int = 16) -> dict[str, Any]:
     """Sample `policy` (its adapter as it is) `samples` times per held-out prompt; return its per-prompt mean
-    tastes, per-response KL to the adapter-off reference, base-model perplexity of its text, mean length,
-    distinct-bigram share, a few example texts and the seconds taken."""
+    tastes, per-response KL to the adapter-off reference, base-model perplexity of its text (`base_perplexity`,
+    of the sampled tokens; `expected_base_perplexity`, of the tokens the policy would draw at the same contexts,
+    `expected_surprisal` at the sampling temperature without top-p: the same quantity without the noise of
+    which token each position drew), mean length, distinct-bigram share, a few example texts and the seconds
+    taken."""
+    from ppo_feedback.direct import expected_surprisal
     from ppo_feedback.generation import sample
+    from ppo_feedback.policy import token_logprobs
 
     start = time.perf_counter()
     tokenizer = policy.tokenizer
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(samples)]
     tastes: list[list[float]] = [[] for _ in prompts]
-    kls, nll, tokens, texts = [], 0.0, 0, []
+    kls, nll, expected_nll, tokens, texts = [], 0.0, 0.0, 0, []
     for k in range(0, len(rows), batch):
         chunk = rows[k:k + batch]
         rollout = sample(policy.peft_model, tokenizer, [p for _, p in chunk], max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p, seed=seed + k)
-        mask = rollout.response_mask
-        ref = policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length, temperature)
-        kls += ((rollout.logprobs - ref.logprobs) * mask).sum(1).tolist()
-        ref1 = ref if temperature == 1.0 else policy.reference(rollout.query_response, rollout.attention_mask,
-                                                               rollout.context_length, 1.0)
-        nll -= float((ref1.logprobs * mask).sum())
+        qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
+        base_logits = policy.response_logits(qr, attn, P, reference=True)  # (B, R, V) at temperature 1
+        kls += ((rollout.logprobs - token_logprobs(base_logits / temperature, qr[:, P:])) * mask).sum(1).tolist()
+        nll -= float((token_logprobs(base_logits, qr[:, P:]) * mask).sum())
+        expected_nll += float((expected_surprisal(policy.response_logits(qr, attn, P) / temperature, base_logits)
+                               * mask).sum())
         tokens += int(mask.sum())
         for (i, _), ids, n in zip(chunk, rollout.responses.tolist(), mask.sum(1).long().tolist()):
             text = tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
             tastes[i].append(float(preference(text)))
             texts.append(text)
     return {"per_prompt": [statistics.fmean(t) for t in tastes], "kl": kls,
-            "base_perplexity": math.exp(nll / max(tokens, 1)), "distinct_bigrams": distinct_bigram_share(texts),
+            "base_perplexity": math.exp(nll / max(tokens, 1)),
+            "expected_base_perplexity": math.exp(expected_nll / max(tokens, 1)),
+            "distinct_bigrams": distinct_bigram_share(texts),
             "mean_tokens": tokens / len(rows), "examples": texts[:: max(1, len(texts) // 6)][:6],
             "seconds": time.perf_counter() - start}
 
@@ -268,7 +275,8 @@ def print_summary(summary: dict[str, Any]) -> None:
           + ", ".join(f"{d:+.3f} ± {h:.3f}" for d, h in zip(summary["differences"], summary["differences_ci95"])))
     print(f"mean difference {summary['difference_mean']:+.3f} ± {summary['difference_ci95']} (95% t interval "
           f"over runs); goal met in {sum(summary['goal_met'])} of {n}; KL per run {summary['kl']}; "
-          f"perplexity ratio per run {summary['perplexity_ratio']}; distinct-2 ratio per run "
+          f"perplexity ratio per run {summary['perplexity_ratio']} (expected at the same contexts "
+          f"{summary['expected_perplexity_ratio']}); distinct-2 ratio per run "
           f"{summary['distinct_bigram_ratio']}; seconds per run {summary['total_s']}; commits "
           f"{[c[:7] if c else None for c in summary['commits']]}")
     print(json.dumps(summary))
@@ -290,6 +298,7 @@ def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
                                                                   if r["versions_published"] else "v0"]
                                 for r in reports],
             "perplexity_ratio": [r["held_out"]["perplexity_ratio"] for r in reports],
+            "expected_perplexity_ratio": [r["held_out"].get("expected_perplexity_ratio") for r in reports],
             "distinct_bigram_ratio": [r["held_out"]["distinct_bigram_ratio"] for r in reports],
             "total_s": [r["total_s"] for r in reports], "runs": [r["out"] for r in reports],
             "commits": [r.get("commit") for r in reports]}
@@ -377,8 +386,10 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
           f"base-model perplexity of v{newest}'s text {new['base_perplexity']:.1f} (of its own: "
           f"{base['base_perplexity']:.1f}); mean length {new['mean_tokens']:.1f} vs {base['mean_tokens']:.1f} tokens")
     perplexity_ratio = new["base_perplexity"] / base["base_perplexity"]
+    expected_ratio = new["expected_base_perplexity"] / base["expected_base_perplexity"]
     distinct_ratio = new["distinct_bigrams"] / base["distinct_bigrams"] if base["distinct_bigrams"] else math.nan
-    print(f"perplexity ratio {perplexity_ratio:.2f} (goal <= 1.3); distinct-bigram share v{newest} "
+    print(f"perplexity ratio {perplexity_ratio:.2f} (goal <= 1.3; expected at the same contexts "
+          f"{expected_ratio:.2f}); distinct-bigram share v{newest} "
           f"{new['distinct_bigrams']:.3f} vs v0 {base['distinct_bigrams']:.3f}, ratio {distinct_ratio:.2f} (goal >= 0.8)")
     print(f"examples v{newest}: " + " | ".join(t.replace("\n", " ")[:90] for t in new["examples"][:3]))
     print(f"ratings {len(result.records)} (+{result.preferences} preferences) in {rated_s:.0f}s; total {total_s:.0f}s "
@@ -404,6 +415,9 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
                      "base_perplexity": {f"v{newest}": r(new["base_perplexity"], 2), "v0": r(base["base_perplexity"], 2)},
                      "mean_tokens": {f"v{newest}": r(new["mean_tokens"], 1), "v0": r(base["mean_tokens"], 1)},
                      "perplexity_ratio": r(perplexity_ratio, 3),
+                     "expected_base_perplexity": {f"v{newest}": r(new["expected_base_perplexity"], 2),
+                                                  "v0": r(base["expected_base_perplexity"], 2)},
+                     "expected_perplexity_ratio": r(expected_ratio, 3),
                      "distinct_bigrams": {f"v{newest}": r(new["distinct_bigrams"]), "v0": r(base["distinct_bigrams"])},
                      "distinct_bigram_ratio": r(distinct_ratio, 3)},
         "errors": len(result.errors), "rater_failures": result.failures,

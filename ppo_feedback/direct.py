@@ -120,14 +120,19 @@ class Drift:
     perplexity_ratio: float
 
 
+def expected_surprisal(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+    """Return the (...) base model's expected surprisal of the policy's next token, ``Σ_x π(x)·(−log p_base(x))``
+    at each context, from the (..., V) logits of the policy (π) and of the base: the mean of −log p_base over
+    the token π would draw there, exactly (the base's entropy where π is the base)."""
+    return -(torch.softmax(logits.float(), dim=-1) * torch.log_softmax(base_logits.float(), dim=-1)).sum(-1)
+
+
 def excess_surprisal(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
     """Return the (...) base model's expected surprisal of the policy's next token less its expected surprisal
     of its own: ``Σ_x π(x)·(−log p_base(x)) − H(p_base)`` at each context, from the (..., V) logits of the
     policy (π) and of the base. Exact, not sampled: 0 where π is the base, ``KL(π‖p_base) + H(π) − H(p_base)``
     elsewhere (negative where π sharpens onto the base's likely tokens)."""
-    base = torch.log_softmax(base_logits.float(), dim=-1)
-    policy = torch.softmax(logits.float(), dim=-1)
-    return -(policy * base).sum(-1) + (base.exp() * base).sum(-1)
+    return expected_surprisal(logits, base_logits) - expected_surprisal(base_logits, base_logits)
 
 
 def next_kl_check(step: int, kl: float, last_step: int, last_kl: float, target: float | None) -> int:

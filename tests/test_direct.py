@@ -257,6 +257,16 @@ def test_excess_surprisal_by_hand_on_two_tokens():
     assert float(excess_surprisal(base + 5.0, base)) == pytest.approx(0.0, abs=1e-6)  # the base itself
 
 
+def test_expected_surprisal_by_hand_on_two_tokens():
+    from ppo_feedback.direct import expected_surprisal
+
+    base = torch.tensor([math.log(3.0), 0.0])  # p_base = (0.75, 0.25)
+    assert float(expected_surprisal(torch.zeros(2), base)) == pytest.approx(-0.5 * math.log(0.75 * 0.25), abs=1e-6)
+    assert float(expected_surprisal(torch.tensor([-30.0, 30.0]), base)) == pytest.approx(-math.log(0.25), abs=1e-6)
+    h_base = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert float(expected_surprisal(base, base)) == pytest.approx(h_base, abs=1e-6)  # the base: its entropy
+
+
 def test_drift_is_the_kl_and_the_excess_surprisal_of_fresh_samples_by_hand():
     from ppo_feedback.direct import DirectTrainer, excess_surprisal
 

@@ -518,6 +518,34 @@ def test_the_learning_curve_records_its_commit_and_gives_the_app_its_threads(mon
     assert "OMP_NUM_THREADS" not in app_env(0)  # torch's default: every core, as `python app.py` runs
 
 
+def test_the_held_out_evaluation_of_the_base_has_kl_zero_and_its_entropy_as_expected_surprisal(tiny_model_dir):
+    import math
+
+    import torch
+
+    from bench.learning_curve import evaluate_policy
+    from ppo_feedback.config import LoraSettings, ModelConfig
+    from ppo_feedback.generation import sample
+    from ppo_feedback.modeling import add_lora, load_model
+    from ppo_feedback.policy import PolicyWithValueHead
+
+    loaded = load_model(ModelConfig(model=str(tiny_model_dir), device="cpu"))
+    policy = PolicyWithValueHead(add_lora(loaded.model, LoraSettings(lora_r=4, lora_alpha=8)), loaded.tokenizer)
+    prompts = ["Say hello.", "Name a colour."]
+    result = evaluate_policy(policy, prompts, lambda text: float(len(text) > 3), samples=2, max_new_tokens=6,
+                             temperature=1.0, top_p=1.0, seed=7, batch=4)
+    assert len(result["kl"]) == 4 and max(abs(k) for k in result["kl"]) < 1e-4  # the base against itself
+    rollout = sample(policy.peft_model, policy.tokenizer, [p for p in prompts for _ in range(2)], max_new_tokens=6,
+                     temperature=1.0, top_p=1.0, seed=7)  # the same samples: one batch, seed + 0
+    mask = rollout.response_mask
+    entropy = policy.reference(rollout.query_response, rollout.attention_mask, rollout.context_length).entropy
+    expected = math.exp(float((entropy * mask).sum() / mask.sum()))  # the base's own next token: its entropy
+    sampled = math.exp(-float((rollout.logprobs * mask).sum() / mask.sum()))
+    assert result["expected_base_perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert result["base_perplexity"] == pytest.approx(sampled, rel=1e-4)
+    assert torch.isfinite(torch.tensor(result["per_prompt"])).all()
+
+
 def test_distinct_bigram_share_counts_repeated_word_pairs_once():
     from bench.learning_curve import distinct_bigram_share
 
