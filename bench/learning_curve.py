@@ -171,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bias", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=3, help="held-out samples per prompt and version")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of the app and its worker (OMP_NUM_THREADS); 0: torch's default, every "
-                             "core, as `python app.py` runs")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of the app and its worker (OMP_NUM_THREADS); 0 (default): torch's "
+                             "default, every core, as `python app.py` runs")
     parser.add_argument("--eval-threads", type=int, default=2,
                         help="torch threads for the held-out evaluation, which runs after the app has stopped")
     parser.add_argument("--budget", type=float, default=900.0, help="seconds the whole run should fit in")
