@@ -136,8 +136,10 @@ def evaluate_policy(policy, prompts: list[str], preference, *, samples: int, max
                          temperature=temperature, top_p=top_p, seed=seed + k)
         qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, rollout.response_mask
         base_logits = policy.response_logits(qr, attn, P, reference=True)  # (B, R, V) at temperature 1
-        kls += ((rollout.logprobs - token_logprobs(base_logits / temperature, qr[:, P:])) * mask).sum(1).tolist()
-        nll -= float((token_logprobs(base_logits, qr[:, P:]) * mask).sum())
+        base_logprobs = token_logprobs(base_logits, qr[:, P:])
+        ref = base_logprobs if temperature == 1.0 else token_logprobs(base_logits / temperature, qr[:, P:])
+        kls += ((rollout.logprobs - ref) * mask).sum(1).tolist()
+        nll -= float((base_logprobs * mask).sum())
         expected_nll += float((expected_surprisal(policy.response_logits(qr, attn, P) / temperature, base_logits)
                                * mask).sum())
         tokens += int(mask.sum())

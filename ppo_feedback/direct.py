@@ -132,7 +132,8 @@ def excess_surprisal(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.T
     of its own: ``Σ_x π(x)·(−log p_base(x)) − H(p_base)`` at each context, from the (..., V) logits of the
     policy (π) and of the base. Exact, not sampled: 0 where π is the base, ``KL(π‖p_base) + H(π) − H(p_base)``
     elsewhere (negative where π sharpens onto the base's likely tokens)."""
-    return expected_surprisal(logits, base_logits) - expected_surprisal(base_logits, base_logits)
+    base = torch.log_softmax(base_logits.float(), dim=-1)  # once: both terms weigh the same −log p_base
+    return -((torch.softmax(logits.float(), dim=-1) - base.exp()) * base).sum(-1)
 
 
 def next_kl_check(step: int, kl: float, last_step: int, last_kl: float, target: float | None) -> int:
