@@ -11,11 +11,7 @@ at most `--direct-batch-size` examples, a page's together (they share candidates
 less likely the base finds the policy's next tokens than its own there (`objective/perplexity_ratio`;
 `Drift`); with `--direct-target-kl` or `--direct-max-perplexity-ratio` it measures them during the round too
 (after `KL_CHECK_STEPS` optimizer steps, then when `next_kl_check` says) and stops early once one is above
-its bound. The KL target is where a round stops (keeping the step past it); the perplexity ratio is a bound
-on fluency that the round's weights must end within: a round past it searches back along its last stretch
-(TRPO's backtracking line search), from the weights it has now toward those it had at its last measurement
-within the bound (the round's start when there was none), and keeps the first point on that line measured
-within the bound (`BACKTRACK_FRACTIONS`), else the last state within it.
+its bound.
 
 What each learns from (one page: the candidates one rater asked for and saw side by side):
 
@@ -50,7 +46,6 @@ from typing import Sequence
 
 import torch
 
-from .adapters import AdapterState
 from .config import ObjectiveConfig
 from .feedback import RatedFeedback
 from .generation import Rollout, max_positions, rollout_of
@@ -110,11 +105,6 @@ batch, the cost of a few steps, so not after every short pass; later ones come w
 
 MAX_CHECK_GAP = 2 * KL_CHECK_STEPS
 """Most optimizer steps between two KL measurements of a round, however far below the target its KL is."""
-
-BACKTRACK_FRACTIONS = (0.5, 0.25)
-"""How far along its last stretch a round past `--direct-max-perplexity-ratio` tries its weights, in turn: the
-share of the way from its last state measured within the bound to the weights past it (halving, as TRPO's
-line search); where none measures within the bound, the round ends at that last state."""
 
 
 @dataclass
@@ -252,10 +242,8 @@ class DirectTrainer:
         """Train on `found` for `--direct-epochs` passes (at most `--direct-max-steps` optimizer steps, in the
         order `schedule` gives), then measure the KL of fresh samples of `prompts`; return the round's stats.
         With `--direct-target-kl` or `--direct-max-perplexity-ratio` the `Drift` is also measured after
-        `KL_CHECK_STEPS` optimizer steps and then when `next_kl_check` says, and the round stops once its KL is
-        above its target (keeping that step) or its perplexity ratio above its bound (`backtrack`: the round
-        keeps `direct/kept_fraction` of its stretch since its last state within the bound, and the `Drift` in
-        its stats is the kept weights').
+        `KL_CHECK_STEPS` optimizer steps and then when `next_kl_check` says, and the round stops once its KL or
+        its perplexity ratio is above its bound.
 
         Raises FloatingPointError, before that minibatch's step, on a non-finite loss.
         """
@@ -267,8 +255,6 @@ class DirectTrainer:
         batches = self.schedule(found, generator)
         losses: list[float] = []
         check, last = KL_CHECK_STEPS, (0, 0.0)  # the next KL measurement's step; the last (step, KL)
-        within = self.within_bound(0, None)  # the last state within the fluency bound: where a backtrack ends
-        kept = 1.0  # the share of the steps since `within` the round keeps
         for k, (level, batch) in enumerate(batches, 1):
             if k == 1 or batches[k - 2][0] != level:  # a pass begins: its statistics start afresh
                 last_pass: dict[str, list[float]] = defaultdict(list)
@@ -279,52 +265,24 @@ class DirectTrainer:
                 last_pass[name].append(float(value))
             if k == len(batches) or (bounded and k == check):
                 drift = self.drift(prompts)  # fresh samples: at the end, or often enough to stop early
-                if self.past_fluency_bound(drift):
-                    drift, kept = self.backtrack(*within, prompts)
-                    break
-                within = self.within_bound(k, drift)
-                if target is not None and drift.kl > target:
+                if self.beyond_bounds(drift):
                     break
                 check, last = next_kl_check(k, drift.kl, *last, target), (k, drift.kl)
-        held = len(losses) if kept > 0 else within[0]  # the minibatches the weights hold some of
-        for _, batch in batches[:held]:
+        for _, batch in batches[:len(losses)]:  # the minibatches trained on, not those after a KL stop
             for key in map(found.key, batch):
                 self.seen[key] = self.seen.get(key, 0) + 1
         self.ppo.iteration += 1
-        return {**self.stats(found, losses, last_pass, drift, passes=level - batches[0][0] + 1),
-                "direct/kept_fraction": kept}
+        return self.stats(found, losses, last_pass, drift, passes=level - batches[0][0] + 1)
 
     @property
     def bounded(self) -> bool:
         """Whether a round measures its `Drift` while it trains, to stop at a bound."""
         return self.config.direct_target_kl is not None or self.config.direct_max_perplexity_ratio is not None
 
-    def past_fluency_bound(self, drift: Drift) -> bool:
-        """Return whether `drift`'s perplexity ratio is above `--direct-max-perplexity-ratio`."""
-        ratio = self.config.direct_max_perplexity_ratio
-        return ratio is not None and drift.perplexity_ratio > ratio
-
-    def within_bound(self, step: int, drift: Drift | None) -> tuple[int, AdapterState | None, Drift | None]:
-        """Return the round's state after `step` optimizer steps, as `backtrack` takes it: the step, a copy of
-        the weights (under `--direct-max-perplexity-ratio` only: nothing else goes back to them) and their
-        measured `drift` (None at the round's start, not measured)."""
-        copied = AdapterState.capture(self.policy) if self.config.direct_max_perplexity_ratio is not None else None
-        return step, copied, drift
-
-    def backtrack(self, step: int, anchor: AdapterState, drift: Drift | None,
-                  prompts: Sequence[str]) -> tuple[Drift, float]:
-        """Search back from the weights now, past the fluency bound, toward `anchor` (the state within it
-        after `step` steps, its `drift` measured or None): return the `Drift` of the weights the round keeps
-        and their share of the way from `anchor` to now, the first of `BACKTRACK_FRACTIONS` measured within
-        the bound, else 0.0 with the anchor's weights restored (measured on `prompts` if they were not)."""
-        past = AdapterState.capture(self.policy)
-        for fraction in BACKTRACK_FRACTIONS:
-            anchor.interpolate(past, fraction)
-            found = self.drift(prompts)
-            if not self.past_fluency_bound(found):
-                return found, fraction
-        anchor.restore()
-        return (drift if drift is not None else self.drift(prompts)), 0.0
+    def beyond_bounds(self, drift: Drift) -> bool:
+        """Return whether `drift` is past `--direct-target-kl` or `--direct-max-perplexity-ratio`."""
+        target, ratio = self.config.direct_target_kl, self.config.direct_max_perplexity_ratio
+        return (target is not None and drift.kl > target) or (ratio is not None and drift.perplexity_ratio > ratio)
 
     def schedule(self, found: Examples, generator: torch.Generator) -> list[tuple[int, list[int]]]:
         """Return the round's minibatches of item indices, each with its pass level, least trained first.
@@ -480,8 +438,7 @@ class DirectTrainer:
         the last pass's; `objective/scores`: the last pass's mean implied reward margin `rewards/margins`
         (dpo, kto; else kto's `rewards/chosen` or `rewards/rejected`, whichever it has), raft's mean implied
         reward of its kept samples `rewards/chosen`; `objective/kl`, `val/mean_length` and
-        `objective/perplexity_ratio`: the `Drift` of fresh samples of the weights the round ends with (after
-        its last step, or where `backtrack` went back to); `direct/passes`: the
+        `objective/perplexity_ratio`: the `Drift` of fresh samples after the last step; `direct/passes`: the
         passes begun (fewer than `--direct-epochs` when stopped on a bound or at the step budget),
         `direct/steps`: the optimizer steps taken.
         """
