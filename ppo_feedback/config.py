@@ -407,6 +407,10 @@ class WorkerConfig:
     """PPO iterations per round (each round publishes one adapter version)."""
     max_kl: float = 50.0
     """Hard limit on the mean KL to the base model (nats per response); a round beyond it is discarded."""
+    max_perplexity_ratio: Optional[float] = 1.2
+    """A trained version is published only if the base model finds its text at most this many times as perplexing as its own text for the same prompts (exp of the base's expected surprisal per token of the version's next tokens over its fresh samples of --fluency-samples pool prompts, less the base's own rate for each prompt from its own samples: ppo_feedback.fluency); a round beyond it is discarded, recorded as a failed version, and the next one waits for --min-new-feedback more ratings or preferences; none: no gate."""
+    fluency_samples: int = 32
+    """Fresh samples (one per pool prompt drawn) on which --max-perplexity-ratio measures a trained version."""
     lease_ttl: float = 60.0
     """Seconds the training lease lasts without a heartbeat; another worker takes over after that."""
     wait_interval: float = 2.0
@@ -434,6 +438,11 @@ class WorkerConfig:
             raise ValueError("--replay-samples must be >= 0")
         if self.lease_ttl <= 0 or self.wait_interval <= 0 or self.max_kl <= 0:
             raise ValueError("--lease-ttl, --wait-interval and --max-kl must be > 0")
+        if self.max_perplexity_ratio is not None and not 0 < self.max_perplexity_ratio < math.inf:
+            raise ValueError(f"--max-perplexity-ratio must be a finite number > 0 (unset: no gate), "
+                             f"not {self.max_perplexity_ratio}")
+        if self.fluency_samples < 1:
+            raise ValueError(f"--fluency-samples must be >= 1, not {self.fluency_samples}")
         if self.keep_versions < 0:
             raise ValueError(f"--keep-versions must be >= 0 (0: keep all), not {self.keep_versions}")
         if not 0 <= self.worker_nice <= 19:

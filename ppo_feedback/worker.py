@@ -6,7 +6,9 @@ version → refit the reward model on all feedback (`--reward-l2`, `--prior-weig
 atomically. With `--objective dpo|raft|kto` a round skips the reward model and PPO: it trains that
 direct objective on all rated pages (`ppo_feedback.direct`) and waits while they give it nothing to
 learn from. A NaN/inf loss or a KL beyond `--max-kl` discards the round (the weights go back to the
-round's start) and records why. SIGTERM abandons the current round without publishing any of it.
+round's start) and records why, and so does a trained version whose text the base model finds more than
+`--max-perplexity-ratio` times as perplexing as its own (`FluencyGate`); the round after that one waits for
+`--min-new-feedback` more. SIGTERM abandons the current round without publishing any of it.
 
 Usage: python -m ppo_feedback.worker --db URL --adapters-dir DIR [--model ...] (--help lists all)
 """
@@ -35,6 +37,7 @@ from .config import AppConfig, LoraSettings, ModelConfig, ObjectiveConfig, PPOCo
     SamplingConfig, WorkerConfig, add_dataclass_arguments, add_worker_arguments, configure_logging, from_namespace
 from .direct import WAITING_FOR, DirectTrainer, Examples, examples
 from .feedback import RatedFeedback, Replay, read_feedback
+from .fluency import FluencyGate
 from .policy import PolicyWithValueHead
 from .rewards import FitReport, RewardModel, fit_reward_model
 from .team import Team
@@ -132,6 +135,8 @@ class Worker:
         self._examples_at: tuple[tuple, Examples | None] | None = None  # direct_examples' cache
         self._published_examples: tuple[int, frozenset] | None = None  # (version, fingerprint) of the last direct round
         self._distrusted: tuple[Cursor, str] | None = None  # (feedback end, verdict) of an untrusted reward model
+        self.gate = FluencyGate(self.trainer) if config.max_perplexity_ratio is not None else None
+        self._disfluent: tuple[Cursor, str] | None = None  # (feedback end, why) of the last round the gate refused
         self.stop_requested = threading.Event()
         self.lease_token: int | None = None  # the fencing token of this worker's newest acquisition of the lease
         self.heartbeat: Heartbeat | None = None  # process 0's, while it holds the lease
@@ -242,6 +247,8 @@ class Worker:
         except (FloatingPointError, DivergenceError) as why:
             self.restore(start)
             self.team.from_main(lambda: self.record_failure(parent, why))
+            if isinstance(why, Disfluent):
+                self._disfluent = (why.feedback_end, str(why))
             return None
         except BaseException:  # a database error, ...: keep nothing of the round; `run` retries
             self.restore(start)
@@ -251,12 +258,16 @@ class Worker:
         """Return the serving version, its feedback cursor, and what feedback a round still waits for (None: nothing)."""
         parent = self.store.serving_version()
         cursor = self.store.cursor_of(parent)
-        missing = missing_feedback(self.config, self.store.count_feedback_since(),
-                                   self.store.count_feedback_since(cursor))
+        total = self.store.count_feedback_since()
+        missing = missing_feedback(self.config, total, self.store.count_feedback_since(cursor))
         if missing is None and self.objective.direct:
             missing = self.missing_examples(parent, self.direct_examples(cursor))
         if missing is None and self._distrusted is not None and self._distrusted[0] == self.feedback_end(cursor):
             missing = f"more feedback: the {self._distrusted[1]}"
+        if missing is None and self._disfluent is not None:
+            since, why = self._disfluent
+            more = missing_feedback(self.config, total, self.store.count_feedback_since(since))
+            missing = None if more is None else f"{more}: the last version trained was not published, {why}"
         return parent, cursor, missing
 
     def missing_examples(self, parent: int, found: Examples | None) -> str | None:
@@ -277,10 +288,11 @@ class Worker:
             raise RoundAbandoned(plan.wait_reason)
         stats = self.train(plan)
         self.check_continue()
+        self.check_fluency(plan, stats)
         published, failure = self.team.from_main(lambda: self.publish(parent, plan, stats))
         if failure is not None:
             raise RoundAbandoned(failure)
-        self.loaded_version = published
+        self.loaded_version, self._disfluent = published, None
         if plan.examples is not None:
             self._published_examples = (published, plan.examples.fingerprint)
         if self.team.is_main:
@@ -402,7 +414,8 @@ class Worker:
     def record_failure(self, parent: int, why: Exception) -> None:
         """Record the round's version as failed, with why."""
         version = self.adapters.next_version(self.store)
-        self.store.record_failed_version(version, parent, f"diverged: {why}", holder=self.holder,
+        self.store.record_failed_version(version, parent, f"{getattr(why, 'kind', 'diverged')}: {why}",
+                                         holder=self.holder,
                                          token=self.lease_token)
         log.error("round discarded, version %d recorded as failed: %s", version, why)
 
@@ -510,12 +523,26 @@ class Worker:
         if stats["objective/kl"] > self.config.max_kl:
             raise DivergenceError(f"KL {stats['objective/kl']:.2f} beyond --max-kl {self.config.max_kl}")
 
-    def pick_prompts(self) -> list[str]:
-        """Return batch_size prompt texts drawn from the active pool (with replacement when it is small)."""
+    def check_fluency(self, plan: RoundPlan, stats: dict[str, float]) -> None:
+        """Measure the trained weights' `FluencyGate` ratio into `stats` (`objective/text_perplexity_ratio`);
+        raise Disfluent when it is beyond `--max-perplexity-ratio` (nothing without the gate)."""
+        if self.gate is None:
+            return
+        self.set_state(f"measuring the fluency of v{plan.version}")
+        ratio = self.gate.ratio(self.pick_prompts(self.config.fluency_samples))
+        stats["objective/text_perplexity_ratio"] = ratio
+        log.info("v%d text perplexity ratio %.3f (gate %s)", plan.version, ratio, self.config.max_perplexity_ratio)
+        if ratio > self.config.max_perplexity_ratio:
+            raise Disfluent(f"its text's perplexity ratio to the base's own, {ratio:.2f}, is beyond "
+                            f"--max-perplexity-ratio {self.config.max_perplexity_ratio}", plan.feedback_end)
+
+    def pick_prompts(self, n: int | None = None) -> list[str]:
+        """Return `n` (default batch_size) prompt texts drawn from the active pool (with replacement when it
+        is smaller)."""
         pool = [p.text for p in self.store.list_prompts(active_only=True)]
         if not pool:
             raise RoundAbandoned("no active prompts in the pool")
-        n = self.trainer.config.batch_size
+        n = n or self.trainer.config.batch_size
         return self.rng.sample(pool, n) if len(pool) >= n else [self.rng.choice(pool) for _ in range(n)]
 
     def replay_pool(self, feedback: RatedFeedback) -> Replay | None:
@@ -547,8 +574,8 @@ def missing_feedback(config: WorkerConfig, total: FeedbackCounts, new: FeedbackC
     ratings", "ratings on 2 more prompts"), or None when it may start.
 
     Any round needs `min_ratings` ratings on `min_rated_prompts` prompts in all (so the first one
-    does not train on a handful), and `min_new_feedback` new ratings plus preferences since the
-    serving version."""
+    does not train on a handful), and `min_new_feedback` new ratings plus preferences since the serving
+    version (or since what `new` counts from)."""
     def plural(n: int, what: str) -> str:
         return f"{n} more {what}{'s' if n != 1 else ''}"
 
@@ -562,6 +589,19 @@ def missing_feedback(config: WorkerConfig, total: FeedbackCounts, new: FeedbackC
 
 class DivergenceError(RuntimeError):
     """A PPO iteration whose statistics show the policy diverging."""
+
+    kind = "diverged"
+
+
+class Disfluent(DivergenceError):
+    """A trained version whose text the base model finds too perplexing (`Worker.check_fluency`), with the
+    feedback end of its round: the next round waits for `--min-new-feedback` more than that."""
+
+    kind = "not fluent"
+
+    def __init__(self, message: str, feedback_end: Cursor):
+        super().__init__(message)
+        self.feedback_end = feedback_end
 
 
 def report_metrics(report) -> dict[str, float]:

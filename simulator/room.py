@@ -309,7 +309,8 @@ class Simulation:
             # the worker wants more feedback (--min-new-feedback) than is left and nothing is in flight:
             # waiting longer cannot bring a version, the room must rate on (or, at the end, stop)
             if (status["worker"]["state"].startswith("waiting for")
-                    and status["latest_version"] == status["serving_version"]):
+                    and (status["latest_version"] == status["serving_version"]
+                         or status["latest_status"] == "failed")):
                 idle_since = idle_since if idle_since is not None else time.perf_counter()
                 if time.perf_counter() - idle_since >= self.idle_grace_s:
                     outcome = "the worker waits for more feedback"

@@ -133,7 +133,8 @@ def test_two_workers_only_one_trains(tmp_path, tiny_model_dir, rated_store):
 def make_worker(tmp_path, tiny_model_dir, store, objective=None, ppo_epochs=1, **worker_overrides):
     """A worker on the tiny model training PPO (named, whatever the default objective is); PPO rounds optimise
     their reward model even when it is not trusted (a few ratings of a tiny model's text), so the PPO path
-    runs (`test_reward_gate.py` tests the gate)."""
+    runs (`test_reward_gate.py` tests the gate); no fluency gate unless `worker_overrides` sets one
+    (`test_fluency.py` tests it)."""
     from ppo_feedback.adapters import AdapterStore
     from ppo_feedback.modeling import add_lora, load_model
     from ppo_feedback.policy import PolicyWithValueHead
@@ -143,7 +144,8 @@ def make_worker(tmp_path, tiny_model_dir, store, objective=None, ppo_epochs=1, *
     loaded = load_model(ModelConfig(model=str(tiny_model_dir), device="cpu"))
     policy = PolicyWithValueHead(add_lora(loaded.model, LoraSettings()), loaded.tokenizer)
     config = WorkerConfig(**{"min_new_feedback": 4, "min_ratings": 8, "ppo_iterations": 2, "reference_samples": 4,
-                             "wait_interval": 0.1, **worker_overrides})
+                             "wait_interval": 0.1, "max_perplexity_ratio": None,
+                             **worker_overrides})
     worker = Worker(store, AdapterStore(tmp_path / "adapters"), policy,
                     PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=ppo_epochs,
                               sampling=RolloutSampling(max_new_tokens=8)), config, "tiny",

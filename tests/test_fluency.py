@@ -1,0 +1,99 @@
+"""The fluency gate (`--max-perplexity-ratio`): the base's perplexity of a version's text against its own."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from db.records import Cursor
+from ppo_feedback.config import LoraSettings, ModelConfig, RolloutSampling
+from ppo_feedback.fluency import FluencyGate
+from test_adapters import perturb
+from test_worker import make_worker, rated_store  # noqa: F401  (a fixture)
+
+PROMPTS = ["a", "b c", "d e f", "g"]
+
+
+@pytest.fixture()
+def trainer(tiny_model_dir):
+    from ppo_feedback.modeling import add_lora, load_model
+    from ppo_feedback.policy import PolicyWithValueHead
+    from ppo_feedback.trainer import PPOConfig, PPOTrainer
+
+    loaded = load_model(ModelConfig(model=str(tiny_model_dir), device="cpu"))
+    policy = PolicyWithValueHead(add_lora(loaded.model, LoraSettings()), loaded.tokenizer)
+    return PPOTrainer(policy, PPOConfig(batch_size=4, mini_batch_size=4, sampling=RolloutSampling(max_new_tokens=8)))
+
+
+def test_the_base_reads_exactly_one_against_its_own_samples(trainer):
+    gate = FluencyGate(trainer, reference_samples=1)
+    assert trainer.rollout_seed() == trainer.config.seed  # the policy's samples are the base's reference ones
+    assert gate.ratio(sorted(PROMPTS)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_trained_policy_reads_its_expected_surprisal_less_the_bases_own_rate_per_prompt(trainer):
+    with torch.no_grad():
+        perturb(trainer.policy, 3)
+    gate = FluencyGate(trainer, reference_samples=2)
+    drawn = []
+    real_reference = trainer.reference_rollout
+    trainer.reference_rollout = lambda rows: drawn.append(list(rows)) or real_reference(rows)
+    prompts = ["g", "a", "g", "b c"]
+    ratio = gate.ratio(prompts)
+    assert drawn == [["a", "a", "b c", "b c", "g", "g"]]  # each new prompt twice, once
+
+    policy = trainer.policy
+
+    def by_hand(rollout, own):  # (B,) sums of Σ_x q(x)·(−log p_base(x)) over response tokens, (B,) counts
+        qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, \
+            rollout.response_mask
+        base = torch.log_softmax(policy.response_logits(qr, attn, P, reference=True), -1)
+        q = base.exp() if own else torch.softmax(policy.response_logits(qr, attn, P), -1)
+        return (-(q * base).sum(-1) * mask).sum(1), mask.sum(1)
+
+    entropy, counts = by_hand(real_reference(drawn[0]), own=True)
+    rate = {p: float(entropy[2 * i:2 * i + 2].sum() / counts[2 * i:2 * i + 2].sum())
+            for i, p in enumerate(["a", "b c", "g"])}
+    trainer.iteration = 0  # the same seed as the gate's own draw
+    surprisal, tokens = by_hand(trainer.rollout(prompts), own=False)
+    expected = sum(float(s) - rate[p] * float(m) for p, s, m in zip(prompts, surprisal, tokens)) / float(tokens.sum())
+    assert ratio == pytest.approx(math.exp(expected), rel=1e-5)
+    assert abs(ratio - 1.0) > 1e-3  # the policy's own next tokens now
+
+    gate.ratio(["a", "g"])
+    gate.ratio(["a", "d e f"])
+    assert drawn[1:] == [["d e f", "d e f"]]  # the base never changes: only a new prompt is sampled
+    with pytest.raises(ValueError):
+        FluencyGate(trainer, reference_samples=0)
+
+
+def test_a_version_past_the_gate_is_not_published_and_the_next_round_waits_for_new_feedback(
+        tmp_path, tiny_model_dir, rated_store):
+    from ppo_feedback.worker import WorkerConfig
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, max_perplexity_ratio=1.2, fluency_samples=3)
+    before = [p.detach().clone() for p in worker.policy.trainable_parameters()]
+    measured = []
+    worker.gate.ratio = lambda prompts: measured.append(list(prompts)) or 1.25
+    assert worker.run_round() is None
+    assert len(measured) == 1 and len(measured[0]) == 3
+    failed = rated_store.get_version(1)
+    assert failed.status == "failed" and "not fluent" in str(failed.metrics) and "1.25" in str(failed.metrics)
+    assert rated_store.serving_version() == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, worker.policy.trainable_parameters()))
+    _, _, missing = worker.plan_round()
+    assert missing.startswith("4 more ratings: the last version trained was not published") and "1.25" in missing
+
+    for rater in ("cat", "dan"):  # 4 new ratings: --min-new-feedback since the refused round
+        for generation_id, score in ((1, 4), (2, 1)):
+            rated_store.rate(generation_id, rater, score)
+    assert worker.plan_round()[2] is None
+    worker.gate.ratio = lambda prompts: 1.15
+    assert worker.run_round() == 2
+    assert rated_store.get_version(2).metrics["objective/text_perplexity_ratio"] == 1.15
+    assert worker.plan_round()[2] is not None and "not published" not in worker.plan_round()[2]
+    with pytest.raises(ValueError, match="--max-perplexity-ratio"):
+        WorkerConfig(max_perplexity_ratio=0.0).validate()
+    with pytest.raises(ValueError, match="--fluency-samples"):
+        WorkerConfig(fluency_samples=0).validate()
