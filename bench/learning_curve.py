@@ -365,9 +365,13 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
     from db import FeedbackStore
 
     with FeedbackStore(db) as store:
-        published = [v for v in store.list_versions() if v.status == "published"]
+        versions = store.list_versions()
+        published = [v for v in versions if v.status == "published"]
         metrics = {v.version: v.metrics for v in published}
+        failed = {v.version: v.metrics.get("reason") for v in versions if v.status == "failed"}
     newest = published[-1].version if published else 0
+    if failed:
+        print("versions not published: " + "; ".join(f"v{v}: {why}" for v, why in failed.items()))
     print(f"\nversions published: {[v.version for v in published]}; held-out evaluation of v0 and v{newest} "
           f"({len(prompts)} prompts x {args.samples} samples)")
     import torch
@@ -407,7 +411,7 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
         "curve": [{"version": x["version"], "ratings_so_far": x["ratings_so_far"], "n_ratings": x["n_ratings"],
                    "mean_taste": r(x["mean_taste"]), "ci95": r(x["ci95"])} for x in rows],
         "pace_waits": result.pace_waits,
-        "versions_published": [v.version for v in published],
+        "versions_published": [v.version for v in published], "versions_failed": failed,
         "train_metrics_newest": {k: r(v) for k, v in metrics.get(newest, {}).items()
                                  if k.startswith(("objective/", "reward_model/"))},
         "held_out": {"prompts": len(prompts), "samples_per_prompt": args.samples,
