@@ -26,6 +26,11 @@ from .direct import expected_surprisal
 from .trainer import PPOTrainer
 
 
+ROWS_PER_FORWARD = 8
+"""Responses whose logits one forward of `FluencyGate.surprisal` computes: (8, 48, 49152) float32 logits of
+SmolLM2 are 75 MB, 32 at once 300 MB a tensor."""
+
+
 class FluencyGate:
     """Measures a `PPOTrainer`'s policy's text against the base model's own, per pool prompt (see the module)."""
 
@@ -64,10 +69,13 @@ class FluencyGate:
     def surprisal(self, rollout, *, of_base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the (B,) sums over each response's tokens of the base's expected surprisal of the next token
         the policy would draw there (at the sampling temperature; `of_base`: the base's own draw, its
-        entropy), and the (B,) token counts."""
+        entropy), and the (B,) token counts; `ROWS_PER_FORWARD` responses at a time (their whole-vocabulary
+        logits are large)."""
         policy, T = self.trainer.policy, self.trainer.config.sampling.temperature
-        qr, attn, P, mask = rollout.query_response, rollout.attention_mask, rollout.context_length, \
-            rollout.response_mask
-        base_logits = policy.response_logits(qr, attn, P, reference=True)
-        logits = base_logits if of_base else policy.response_logits(qr, attn, P)
-        return (expected_surprisal(logits / T, base_logits) * mask).sum(1), mask.sum(1)
+        P, sums = rollout.context_length, []
+        for rows in torch.arange(rollout.query_response.shape[0]).split(ROWS_PER_FORWARD):
+            qr, attn, mask = rollout.query_response[rows], rollout.attention_mask[rows], rollout.response_mask[rows]
+            base_logits = policy.response_logits(qr, attn, P, reference=True)
+            logits = base_logits if of_base else policy.response_logits(qr, attn, P)
+            sums.append((expected_surprisal(logits / T, base_logits) * mask).sum(1))
+        return torch.cat(sums), rollout.response_mask.sum(1)

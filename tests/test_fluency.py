@@ -8,7 +8,7 @@ import torch
 
 from db.records import Cursor
 from ppo_feedback.config import LoraSettings, ModelConfig, RolloutSampling
-from ppo_feedback.fluency import FluencyGate
+from ppo_feedback.fluency import ROWS_PER_FORWARD, FluencyGate
 from test_adapters import perturb
 from test_worker import make_worker, rated_store  # noqa: F401  (a fixture)
 
@@ -35,13 +35,14 @@ def test_the_base_reads_exactly_one_against_its_own_samples(trainer):
 def test_a_trained_policy_reads_its_expected_surprisal_less_the_bases_own_rate_per_prompt(trainer):
     with torch.no_grad():
         perturb(trainer.policy, 3)
-    gate = FluencyGate(trainer, reference_samples=2)
+    gate = FluencyGate(trainer, reference_samples=3)
+    assert 3 * 3 > ROWS_PER_FORWARD  # the references take two forwards
     drawn = []
     real_reference = trainer.reference_rollout
     trainer.reference_rollout = lambda rows: drawn.append(list(rows)) or real_reference(rows)
     prompts = ["g", "a", "g", "b c"]
     ratio = gate.ratio(prompts)
-    assert drawn == [["a", "a", "b c", "b c", "g", "g"]]  # each new prompt twice, once
+    assert drawn == [["a"] * 3 + ["b c"] * 3 + ["g"] * 3]  # each new prompt 3 times, once
 
     policy = trainer.policy
 
@@ -53,7 +54,7 @@ def test_a_trained_policy_reads_its_expected_surprisal_less_the_bases_own_rate_p
         return (-(q * base).sum(-1) * mask).sum(1), mask.sum(1)
 
     entropy, counts = by_hand(real_reference(drawn[0]), own=True)
-    rate = {p: float(entropy[2 * i:2 * i + 2].sum() / counts[2 * i:2 * i + 2].sum())
+    rate = {p: float(entropy[3 * i:3 * i + 3].sum() / counts[3 * i:3 * i + 3].sum())
             for i, p in enumerate(["a", "b c", "g"])}
     trainer.iteration = 0  # the same seed as the gate's own draw
     surprisal, tokens = by_hand(trainer.rollout(prompts), own=False)
@@ -63,7 +64,7 @@ def test_a_trained_policy_reads_its_expected_surprisal_less_the_bases_own_rate_p
 
     gate.ratio(["a", "g"])
     gate.ratio(["a", "d e f"])
-    assert drawn[1:] == [["d e f", "d e f"]]  # the base never changes: only a new prompt is sampled
+    assert drawn[1:] == [["d e f"] * 3]  # the base never changes: only a new prompt is sampled
     with pytest.raises(ValueError):
         FluencyGate(trainer, reference_samples=0)
 
