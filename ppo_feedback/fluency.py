@@ -2,18 +2,18 @@
 
 How perplexing the base model finds a policy's text, against its own text for the same prompts: the
 base's expected surprisal of the policy's next token, Σ_x π(x)·(−log p_base(x)), averaged over every
-position of fresh policy samples, against the base's expected surprisal of its own next token (its entropy at
-temperature 1) averaged over every position of its own samples of the same prompts; `FluencyGate.ratio` returns exp of the difference per token. Unlike the
-per-context `direct.excess_surprisal`, which compares the two models at the policy's contexts only, this
-counts where the text goes too: a policy that writes openings after which the base itself is unsure
-(lists of names, words in another script) keeps its next-token choices close to the base's there, yet its
-text reads far less likely to the base than the base's own. That is what the benchmark's held-out
-perplexity ratio measures, on other prompts.
+position of fresh policy samples, against its expected surprisal of its own next token (its entropy, at
+temperature 1) averaged over every position of its own samples of the same prompts; `FluencyGate.ratio`
+returns exp of the difference per token. Unlike the per-context `direct.excess_surprisal`, which compares
+the two models at the policy's contexts only, this counts where the text goes too: a policy that writes
+openings after which the base itself is unsure (lists of names, words in another script) keeps its
+next-token choices close to the base's there, yet its text reads far less likely to the base than the
+base's own. That is what the benchmark's held-out perplexity ratio measures, on other prompts.
 
 Each sample's surprisal swings with its prompt and where it went, so the comparison is paired by prompt:
-the base's own rate per token for a prompt (`reference_samples` samples, drawn once and kept: the base never
-changes) is subtracted from each policy sample of it. Expected surprisals, not sampled ones, so the draw of
-each token adds no noise.
+the base's own rate per token for a prompt (`reference_samples` samples, drawn once and kept: the base
+never changes) is subtracted from each policy sample of it. Expected surprisals, not sampled ones, so the
+draw of each token adds no noise.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import torch
 
 from .direct import expected_surprisal
 from .trainer import PPOTrainer
-
 
 ROWS_PER_FORWARD = 8
 """Responses whose logits one forward of `FluencyGate.surprisal` computes: (8, 48, 49152) float32 logits of

@@ -415,8 +415,7 @@ class Worker:
         """Record the round's version as failed, with why."""
         version = self.adapters.next_version(self.store)
         self.store.record_failed_version(version, parent, f"{getattr(why, 'kind', 'diverged')}: {why}",
-                                         holder=self.holder,
-                                         token=self.lease_token)
+                                         holder=self.holder, token=self.lease_token)
         log.error("round discarded, version %d recorded as failed: %s", version, why)
 
     # ------------------------------------------------------------------------------ pieces

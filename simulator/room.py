@@ -306,8 +306,9 @@ class Simulation:
             if counts["ratings_since_serving"] == 0 and counts["preferences_since_serving"] == 0:
                 outcome = "nothing new to train on"
                 break
-            # the worker wants more feedback (--min-new-feedback) than is left and nothing is in flight:
-            # waiting longer cannot bring a version, the room must rate on (or, at the end, stop)
+            # the worker wants more feedback (--min-new-feedback) than is left and nothing is in flight (the
+            # newest version serves, or failed): waiting longer cannot bring a version, the room must rate on
+            # (or, at the end, stop)
             if (status["worker"]["state"].startswith("waiting for")
                     and (status["latest_version"] == status["serving_version"]
                          or status["latest_status"] == "failed")):

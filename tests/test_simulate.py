@@ -188,9 +188,11 @@ class InTurn:
 class FakeClient:
     """An in-process stand-in for gradio_client.Client on a FeedbackStore (no model, no HTTP)."""
 
-    def __init__(self, store, texts, version=0, fail_rate_every=0, serving=None, worker_state="paused", in_turn=False):
+    def __init__(self, store, texts, version=0, fail_rate_every=0, serving=None, worker_state="paused", in_turn=False,
+                 latest=None):
         self.store, self.texts, self.version, self.worker_state = store, texts, version, worker_state
         self.serving = serving or (lambda counts: self.version)  # the version /status reports
+        self.latest = latest  # (version, status) of the newest version /status reports; default: the serving one
         self.fail_rate_every, self.calls = fail_rate_every, 0
         self.rng = InTurn() if in_turn else random.Random(0)  # in_turn: candidates take the texts in order
 
@@ -223,7 +225,8 @@ class FakeClient:
             return {"ok": True}
         if api_name == "/status":
             c = self.store.counts()
-            return {"serving_version": self.serving(c), "latest_version": self.serving(c),
+            latest, status = self.latest or (self.serving(c), "published")
+            return {"serving_version": self.serving(c), "latest_version": latest, "latest_status": status,
                     "worker": {"state": self.worker_state, "present": False}, "counts": c, "versions": []}
         raise AssertionError(api_name)
 
@@ -307,6 +310,20 @@ def test_pacing_stops_waiting_when_the_worker_wants_more_feedback_than_is_left(s
     result = sim.run()
     assert len(result.records) == 10 and result.wall_s < 30  # not three 60 s timeouts
     assert [w["outcome"] for w in result.pace_waits] == ["the worker waits for more feedback"] * 3
+
+
+@pytest.mark.parametrize("latest_status, outcome", [("failed", "the worker waits for more feedback"),
+                                                    ("pending", "timeout")])
+def test_pacing_does_not_wait_on_a_version_the_worker_refused(store, latest_status, outcome):
+    """A newest version that failed (a diverged or not fluent round) is not in flight: the worker waiting for
+    more feedback means no version is coming; one still in flight keeps the room waiting."""
+    sim = Simulation("fake", "keyword:sun", raters=2, ratings=10, candidates=3, pace=4, pace_timeout=1.5,
+                     client_factory=lambda url: FakeClient(store, TEXTS, worker_state="waiting for 30 more ratings",
+                                                           latest=(1, latest_status)), log=None)
+    sim.idle_grace_s = 0.3
+    result = sim.run()
+    assert len(result.records) == 10
+    assert [w["outcome"] for w in result.pace_waits] == [outcome] * 3
 
 
 @pytest.mark.parametrize("lag, waits", [(1, [4, 8, 10]), (2, [8, 10])])
