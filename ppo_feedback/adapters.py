@@ -91,6 +91,14 @@ class AdapterState:
         for name, p in self._params.items():
             p.copy_(self._saved[name])
 
+    @torch.no_grad()
+    def interpolate(self, toward: AdapterState, fraction: float) -> None:
+        """Set the policy's weights `fraction` of the way from this copy to `toward` (a later copy of the same
+        policy), each tensor on the line between the two: 0 restores this copy, 1 restores `toward`; returns
+        nothing."""
+        for name, p in self._params.items():
+            p.copy_(torch.lerp(self._saved[name], toward._saved[name], fraction))
+
 
 @torch.no_grad()
 def reset_to_base(policy: PolicyWithValueHead) -> None:

@@ -408,7 +408,7 @@ class WorkerConfig:
     max_kl: float = 50.0
     """Hard limit on the mean KL to the base model (nats per response); a round beyond it is discarded."""
     max_perplexity_ratio: Optional[float] = 1.2
-    """A trained version is published only if the base model finds its text at most this many times as perplexing as its own text for the same prompts (exp of the base's expected surprisal per token of the version's next tokens over its fresh samples of --fluency-samples pool prompts, less the base's own rate for each prompt from its own samples: ppo_feedback.fluency); a round beyond it is discarded, recorded as a failed version, and the next one waits for --min-new-feedback more ratings or preferences; none: no gate."""
+    """A trained version is published only if the base model finds its text at most this many times as perplexing as its own text for the same prompts (exp of the base's expected surprisal per token of the version's next tokens over its fresh samples of --fluency-samples pool prompts, less the base's own rate for each prompt from its own samples: ppo_feedback.fluency); a version beyond it is searched back toward the round's start (half, then a quarter of the round's change to the weights, on the same samples' prompts and seed: TRPO's backtracking line search) and the first within it published; when none is, the round is discarded, recorded as a failed version, and the next one waits for --min-new-feedback more ratings or preferences; none: no gate."""
     fluency_samples: int = 32
     """Fresh samples (one per pool prompt drawn) on which --max-perplexity-ratio measures a trained version."""
     lease_ttl: float = 60.0

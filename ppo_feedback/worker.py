@@ -137,6 +137,7 @@ class Worker:
         self._distrusted: tuple[Cursor, str] | None = None  # (feedback end, verdict) of an untrusted reward model
         self.gate = FluencyGate(self.trainer) if config.max_perplexity_ratio is not None else None
         self._disfluent: tuple[Cursor, str] | None = None  # (feedback end, why) of the last round the gate refused
+        self.round_start: AdapterState | None = None  # the weights the round's training began from
         self.stop_requested = threading.Event()
         self.lease_token: int | None = None  # the fencing token of this worker's newest acquisition of the lease
         self.heartbeat: Heartbeat | None = None  # process 0's, while it holds the lease
@@ -337,6 +338,7 @@ class Worker:
         """Run the round's PPO iterations, recording each one's statistics; return the last one's."""
         if plan.examples is not None:
             return self.train_direct(plan)
+        self.round_start = AdapterState.capture(self.policy)
         c = self.config
         stats: dict[str, float] = {}
         progress = tqdm(range(c.ppo_iterations), desc=f"v{plan.version}", unit="it",
@@ -368,6 +370,7 @@ class Worker:
             self.load_version(BASE_VERSION)
         elif self.objective.direct and self.objective.direct_shrink < 1:  # earlier rounds' fit fades
             shrink_toward_base(self.policy, self.objective.direct_shrink)
+        self.round_start = AdapterState.capture(self.policy)  # where the gate's backtracking ends
         stats = {**self.direct.step(plan.examples, self.pick_prompts()), "direct/from_base": float(refit)}
         self.check_divergence(stats)
         if self.team.is_main:
@@ -524,16 +527,26 @@ class Worker:
 
     def check_fluency(self, plan: RoundPlan, stats: dict[str, float]) -> None:
         """Measure the trained weights' `FluencyGate` ratio into `stats` (`objective/text_perplexity_ratio`);
-        raise Disfluent when it is beyond `--max-perplexity-ratio` (nothing without the gate)."""
+        past `--max-perplexity-ratio`, search back toward the round's start (`GATE_FRACTIONS` of the way from
+        it, TRPO's backtracking line search, measured on the same prompts and seed) and keep the first within
+        it (`objective/gate_fraction`: the share of the round's change kept, 1 when none was undone); raise
+        Disfluent when none is. Nothing without the gate."""
         if self.gate is None:
             return
         self.set_state(f"measuring the fluency of v{plan.version}")
-        ratio = self.gate.ratio(self.pick_prompts(self.config.fluency_samples))
-        stats["objective/text_perplexity_ratio"] = ratio
-        log.info("v%d text perplexity ratio %.3f (gate %s)", plan.version, ratio, self.config.max_perplexity_ratio)
-        if ratio > self.config.max_perplexity_ratio:
-            raise Disfluent(f"its text's perplexity ratio to the base's own, {ratio:.2f}, is beyond "
-                            f"--max-perplexity-ratio {self.config.max_perplexity_ratio}", plan.feedback_end)
+        bound, prompts = self.config.max_perplexity_ratio, self.pick_prompts(self.config.fluency_samples)
+        ratio, fraction, trained = self.gate.ratio(prompts), 1.0, AdapterState.capture(self.policy)
+        log.info("v%d text perplexity ratio %.3f (gate %s)", plan.version, ratio, bound)
+        for fraction in GATE_FRACTIONS if ratio > bound else ():
+            self.round_start.interpolate(trained, fraction)
+            ratio = self.gate.ratio(prompts)
+            log.info("v%d %.2f of the round's change: text perplexity ratio %.3f", plan.version, fraction, ratio)
+            if ratio <= bound:
+                break
+        stats["objective/text_perplexity_ratio"], stats["objective/gate_fraction"] = ratio, fraction
+        if ratio > bound:
+            raise Disfluent(f"its text's perplexity ratio to the base's own, {ratio:.2f} at {fraction:g} of the "
+                            f"round's change, is beyond --max-perplexity-ratio {bound}", plan.feedback_end)
 
     def pick_prompts(self, n: int | None = None) -> list[str]:
         """Return `n` (default batch_size) prompt texts drawn from the active pool (with replacement when it
@@ -584,6 +597,11 @@ def missing_feedback(config: WorkerConfig, total: FeedbackCounts, new: FeedbackC
         return f"ratings on {plural(config.min_rated_prompts - total.rated_prompts, 'prompt')}"
     missing = config.min_new_feedback - (new.ratings + new.preferences)
     return plural(missing, "rating") if missing > 0 else None
+
+
+GATE_FRACTIONS = (0.5, 0.25)
+"""The shares of a round's change to the weights that a version past `--max-perplexity-ratio` is measured at in
+turn (halving, as TRPO's line search), the first within it published: the round's direction, less far."""
 
 
 class DivergenceError(RuntimeError):

@@ -204,6 +204,21 @@ def test_apply_v1_then_v0_gives_back_the_base_logits_exactly(policy, store, stor
     assert torch.equal(logits(policy), base)
 
 
+def test_interpolate_puts_every_weight_on_the_line_between_two_copies(policy):
+    start = AdapterState.capture(policy)
+    perturb(policy, 1)
+    end = AdapterState.capture(policy)
+    lora = next(name for name in start._saved if "lora_B" in name)
+    a, b = start._saved[lora], end._saved[lora]
+    assert not torch.equal(a, b)
+    start.interpolate(end, 0.25)
+    assert torch.allclose(dict(policy.named_parameters())[lora], a + 0.25 * (b - a))
+    start.interpolate(end, 1.0)
+    assert all(torch.equal(p, end._saved[name]) for name, p in policy.named_parameters() if name in end._saved)
+    start.interpolate(end, 0.0)
+    assert all(torch.equal(p, start._saved[name]) for name, p in policy.named_parameters() if name in start._saved)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "metadata"])
 def test_damaged_version_is_refused_and_weights_stay(policy, store, store_dir, damage):
     perturb(policy, 1)

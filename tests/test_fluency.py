@@ -78,7 +78,7 @@ def test_a_version_past_the_gate_is_not_published_and_the_next_round_waits_for_n
     measured = []
     worker.gate.ratio = lambda prompts: measured.append(list(prompts)) or 1.25
     assert worker.run_round() is None
-    assert len(measured) == 1 and len(measured[0]) == 3
+    assert len(measured) == 3 and len(measured[0]) == 3 and measured[0] == measured[1] == measured[2]
     failed = rated_store.get_version(1)
     assert failed.status == "failed" and "not fluent" in str(failed.metrics) and "1.25" in str(failed.metrics)
     assert rated_store.serving_version() == 0
@@ -98,3 +98,27 @@ def test_a_version_past_the_gate_is_not_published_and_the_next_round_waits_for_n
         WorkerConfig(max_perplexity_ratio=0.0).validate()
     with pytest.raises(ValueError, match="--fluency-samples"):
         WorkerConfig(fluency_samples=0).validate()
+
+
+def test_a_version_past_the_gate_is_searched_back_toward_the_rounds_start(tmp_path, tiny_model_dir, rated_store):
+    from ppo_feedback.adapters import AdapterState
+    from ppo_feedback.worker import GATE_FRACTIONS
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, max_perplexity_ratio=1.2, fluency_samples=3)
+    assert GATE_FRACTIONS == (0.5, 0.25)
+    weights, ratios = [], iter([1.4, 1.3, 1.1])  # trained: past; halfway: past; a quarter of the way: within
+
+    def ratio(prompts):
+        weights.append(AdapterState.capture(worker.policy))
+        return next(ratios)
+
+    worker.gate.ratio = ratio
+    assert worker.run_round() == 1
+    metrics = rated_store.get_version(1).metrics
+    assert metrics["objective/text_perplexity_ratio"] == 1.1 and metrics["objective/gate_fraction"] == 0.25
+    trained, halfway, quarter = weights
+    worker.round_start.interpolate(trained, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(halfway._saved.values(), AdapterState.capture(worker.policy)._saved.values()))
+    worker.round_start.interpolate(trained, 0.25)
+    assert all(torch.equal(a, b) for a, b in zip(quarter._saved.values(), AdapterState.capture(worker.policy)._saved.values()))
+    assert not all(torch.equal(a, b) for a, b in zip(quarter._saved.values(), trained._saved.values()))
