@@ -2,8 +2,8 @@
 
 How perplexing the base model finds a policy's text, against its own text for the same prompts: the
 base's expected surprisal of the policy's next token, Σ_x π(x)·(−log p_base(x)), averaged over every
-position of fresh policy samples, against its expected surprisal of its own next token (its entropy, at
-temperature 1) averaged over every position of its own samples of the same prompts; `FluencyGate.ratio`
+position of fresh policy samples, against its expected surprisal of its own next token (its entropy at
+sampling temperature 1) averaged over every position of its own samples of the same prompts; `FluencyGate.ratio`
 returns exp of the difference per token. Unlike the per-context `direct.excess_surprisal`, which compares
 the two models at the policy's contexts only, this counts where the text goes too: a policy that writes
 openings after which the base itself is unsure (lists of names, words in another script) keeps its
@@ -67,8 +67,8 @@ class FluencyGate:
     @torch.no_grad()
     def surprisal(self, rollout, *, of_base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the (B,) sums over each response's tokens of the base's expected surprisal of the next token
-        the policy would draw there (at the sampling temperature; `of_base`: the base's own draw, its
-        entropy), and the (B,) token counts; `ROWS_PER_FORWARD` responses at a time (their whole-vocabulary
+        the policy would draw there (at the sampling temperature; `of_base`: the base's own draw, its entropy
+        at temperature 1), and the (B,) token counts; `ROWS_PER_FORWARD` responses at a time (their whole-vocabulary
         logits are large)."""
         policy, T = self.trainer.policy, self.trainer.config.sampling.temperature
         P, sums = rollout.context_length, []

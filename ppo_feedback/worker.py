@@ -290,6 +290,7 @@ class Worker:
         stats = self.train(plan)
         self.check_continue()
         self.check_fluency(plan, stats)
+        self.check_continue()  # the gate may have taken a while
         published, failure = self.team.from_main(lambda: self.publish(parent, plan, stats))
         if failure is not None:
             raise RoundAbandoned(failure)
@@ -529,22 +530,24 @@ class Worker:
         """Measure the trained weights' `FluencyGate` ratio into `stats` (`objective/text_perplexity_ratio`);
         past `--max-perplexity-ratio`, search back toward the round's start (`GATE_FRACTIONS` of the way from
         it, TRPO's backtracking line search, measured on the same prompts and seed) and keep the first within
-        it (`objective/gate_fraction`: the share of the round's change kept, 1 when none was undone); raise
-        Disfluent when none is. Nothing without the gate."""
+        it (`objective/gate_fraction`: the share of the round's change kept, 1 when none was undone; the
+        round's other statistics stay those of its trained weights); raise Disfluent when none is. Nothing
+        without the gate."""
         if self.gate is None:
             return
         self.set_state(f"measuring the fluency of v{plan.version}")
         bound, prompts = self.config.max_perplexity_ratio, self.pick_prompts(self.config.fluency_samples)
         ratio, fraction, trained = self.gate.ratio(prompts), 1.0, AdapterState.capture(self.policy)
         log.info("v%d text perplexity ratio %.3f (gate %s)", plan.version, ratio, bound)
-        for fraction in GATE_FRACTIONS if ratio > bound else ():
+        for fraction in GATE_FRACTIONS if not ratio <= bound else ():  # NaN is past it too
+            self.check_continue()
             self.round_start.interpolate(trained, fraction)
             ratio = self.gate.ratio(prompts)
             log.info("v%d %.2f of the round's change: text perplexity ratio %.3f", plan.version, fraction, ratio)
             if ratio <= bound:
                 break
         stats["objective/text_perplexity_ratio"], stats["objective/gate_fraction"] = ratio, fraction
-        if ratio > bound:
+        if not ratio <= bound:
             raise Disfluent(f"its text's perplexity ratio to the base's own, {ratio:.2f} at {fraction:g} of the "
                             f"round's change, is beyond --max-perplexity-ratio {bound}", plan.feedback_end)
 

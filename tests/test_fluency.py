@@ -122,3 +122,16 @@ def test_a_version_past_the_gate_is_searched_back_toward_the_rounds_start(tmp_pa
     worker.round_start.interpolate(trained, 0.25)
     assert all(torch.equal(a, b) for a, b in zip(quarter._saved.values(), AdapterState.capture(worker.policy)._saved.values()))
     assert not all(torch.equal(a, b) for a, b in zip(quarter._saved.values(), trained._saved.values()))
+    from ppo_feedback.adapters import apply_version
+
+    worker.round_start.restore()
+    apply_version(worker.policy, tmp_path / "adapters", 1)  # the published files hold the quarter-way weights
+    published = AdapterState.capture(worker.policy)._saved
+    assert all(torch.allclose(published[name], quarter._saved[name]) for name in published if "lora_" in name)
+
+
+def test_a_version_whose_ratio_is_not_a_number_is_not_published(tmp_path, tiny_model_dir, rated_store):
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, max_perplexity_ratio=1.2, fluency_samples=3)
+    worker.gate.ratio = lambda prompts: math.nan
+    assert worker.run_round() is None
+    assert rated_store.get_version(1).status == "failed" and rated_store.serving_version() == 0
