@@ -537,15 +537,17 @@ class Worker:
             return
         self.set_state(f"measuring the fluency of v{plan.version}")
         bound, prompts = self.config.max_perplexity_ratio, self.pick_prompts(self.config.fluency_samples)
-        ratio, fraction, trained = self.gate.ratio(prompts), 1.0, AdapterState.capture(self.policy)
+        ratio, fraction = self.gate.ratio(prompts), 1.0
         log.info("v%d text perplexity ratio %.3f (gate %s)", plan.version, ratio, bound)
-        for fraction in GATE_FRACTIONS if not ratio <= bound else ():  # NaN is past it too
-            self.check_continue()
-            self.round_start.interpolate(trained, fraction)
-            ratio = self.gate.ratio(prompts)
-            log.info("v%d %.2f of the round's change: text perplexity ratio %.3f", plan.version, fraction, ratio)
-            if ratio <= bound:
-                break
+        if not ratio <= bound:  # NaN is past it too
+            trained = AdapterState.capture(self.policy)
+            for fraction in GATE_FRACTIONS:
+                self.check_continue()
+                self.round_start.interpolate(trained, fraction)
+                ratio = self.gate.ratio(prompts)
+                log.info("v%d %.2f of the round's change: text perplexity ratio %.3f", plan.version, fraction, ratio)
+                if ratio <= bound:
+                    break
         stats["objective/text_perplexity_ratio"], stats["objective/gate_fraction"] = ratio, fraction
         if not ratio <= bound:
             raise Disfluent(f"its text's perplexity ratio to the base's own, {ratio:.2f} at {fraction:g} of the "
