@@ -69,9 +69,9 @@ HELD_OUT_PROMPTS = [
 DEFAULT_TRAINING = ["--wait-interval", "1"]
 """App and worker options when none are given after `--` (app.py forwards them to the worker): the
 app's own defaults, with a shorter wait between the worker's checks. The training defaults live in
-`ppo_feedback/config.py`, one set for people and for this benchmark (README, "Training"). On a CPU
-with native bfloat16 (`grep -o 'avx512_bf16\\|amx' /proc/cpuinfo`) add `--dtype bfloat16` after `--`;
-without it bfloat16 is emulated and far slower than float32 (README, measured results)."""
+`ppo_feedback/config.py`, one set for people and for this benchmark (README, "Training"). Their
+`--dtype auto` loads the base in bfloat16 on a CPU with native bfloat16 and in float32 elsewhere, so a
+report records the dtype it ran (`base_dtype`); `-- --dtype float32` keeps float32 on any CPU."""
 
 
 def held_out_prompts() -> list[str]:
@@ -94,14 +94,15 @@ def distinct_bigram_share(texts: list[str]) -> float:
 
 def evaluate(model: str, adapters_dir: Path, versions: list[int], prompts: list[str], preference, *,
              samples: int, max_new_tokens: int, temperature: float, top_p: float, lora: LoraSettings,
-             seed: int = 1234, batch: int = 16, log=print) -> dict[int, dict[str, Any]]:
-    """Sample every version on the held-out prompts; return per version its per-prompt tastes, KL and perplexity."""
+             dtype: str = "auto", seed: int = 1234, batch: int = 16, log=print) -> dict[int, dict[str, Any]]:
+    """Sample every version on the held-out prompts, the base's weights in `dtype` as the run's app loaded
+    them; return per version its per-prompt tastes, KL and perplexity."""
     from ppo_feedback.adapters import AdapterState, apply_version
     from ppo_feedback.config import ModelConfig
     from ppo_feedback.modeling import add_lora, load_model
     from ppo_feedback.policy import PolicyWithValueHead
 
-    loaded = load_model(ModelConfig(model=model, device="cpu"))
+    loaded = load_model(ModelConfig(model=model, device="cpu", dtype=dtype))
     policy = PolicyWithValueHead(add_lora(loaded.model, lora), loaded.tokenizer)
     initial = AdapterState.initial(policy)
     results: dict[int, dict[str, Any]] = {}
@@ -192,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         reports = [json.loads((Path(d) / "report.json").read_text()) for d in args.summarize]
         try:
-            sets = {(r["preference"], r.get("threads", 1), json.dumps(settings, sort_keys=True))
-                    for r, settings in zip(reports, comparable_settings(reports))}
+            sets = {(r["preference"], r.get("threads", 1), base_dtype_of(r, Path(d)), json.dumps(settings, sort_keys=True))
+                    for r, d, settings in zip(reports, args.summarize, comparable_settings(reports))}
         except ValueError as exc:
             parser.error(str(exc))
         if len(sets) > 1:
-            parser.error("--summarize: the runs differ in taste, settings or threads; summarize each set apart")
+            parser.error("--summarize: the runs differ in taste, settings, threads or base dtype; summarize each "
+                         "set apart")
         print_summary(summarize_runs(reports))
         return 0
 
@@ -268,6 +270,18 @@ def comparable_settings(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise ValueError(f"--summarize: the options of run {r.get('out')} are not today's app's; "
                              "summarize it with the commit that made it") from None
     return settings
+
+
+def base_dtype_of(report: dict[str, Any], run_dir: Path) -> str:
+    """Return the dtype the run's base weights were loaded in: its report's `base_dtype`, else (a report from
+    before it was recorded) what its app.log says, `--dtype auto` having logged each bfloat16 load on the CPU."""
+    if report.get("base_dtype"):
+        return report["base_dtype"]
+    log = run_dir / "app.log"
+    if log.exists() and "base weights in bfloat16" in log.read_text(errors="replace"):
+        return "bfloat16"
+    dtype = (report.get("settings") or {}).get("dtype", "auto")
+    return "float32" if dtype == "auto" else dtype
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -376,10 +390,12 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
           f"({len(prompts)} prompts x {args.samples} samples)")
     import torch
 
+    from ppo_feedback.modeling import resolve_dtype
+
     torch.set_num_threads(args.eval_threads)
     evals = evaluate(args.model, adapters, sorted({0, newest}), prompts, preference, samples=args.samples,
                      max_new_tokens=args.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
-                     lora=from_namespace(LoraSettings, settings))
+                     lora=from_namespace(LoraSettings, settings), dtype=settings.dtype)
     base, new = evals[0], evals[newest]
     m0, h0 = t_interval(base["per_prompt"])
     m1, h1 = t_interval(new["per_prompt"])
@@ -408,6 +424,7 @@ def run_once(args: argparse.Namespace, preference, prompts: list[str], training:
         "bench": "learning_curve", "model": args.model, "preference": args.preference,
         "ratings": len(result.records), "preferences": result.preferences, "raters": args.raters, "seed": seed,
         "training": training, "settings": settings_of(training), "threads": args.threads, "pace": args.pace,
+        "base_dtype": str(resolve_dtype(settings.dtype, torch.device("cpu"))).removeprefix("torch."),
         "curve": [{"version": x["version"], "ratings_so_far": x["ratings_so_far"], "n_ratings": x["n_ratings"],
                    "mean_taste": r(x["mean_taste"]), "ci95": r(x["ci95"])} for x in rows],
         "pace_waits": result.pace_waits,

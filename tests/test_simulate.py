@@ -605,9 +605,10 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     assert without_seed(["--beta", "1", "--seed", "1", "--seed=2", "--rpo-alpha", "1"]) == \
         ["--beta", "1", "--rpo-alpha", "1"]
 
-    def write(seed, options, recorded, threads=None):
+    def write(seed, options, recorded, threads=None, dtype=None):
         """A finished run's report.json; `recorded`: with the settings it ran with (runs since they are kept);
-        `threads`: the app's torch threads it recorded (runs before it recorded them ran one)."""
+        `threads`: the app's torch threads it recorded (runs before it recorded them ran one); `dtype`: the base
+        dtype it recorded, or "log:bfloat16" for a report from before, whose app.log says it loaded bfloat16."""
         report = {"seed": seed, "out": f"run-{seed}", "goal_met": True, "versions_published": [1], "total_s": 600,
                   "preference": "keyword:you", "training": [*options, "--seed", str(seed)],
                   "held_out": {"difference": {"mean": [0.3, 0.1, 0.2][seed], "ci95": 0.1}, "kl_newest": {"mean": 5.0},
@@ -618,11 +619,16 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
         if threads is not None:
             report["threads"] = threads
         (tmp_path / str(seed)).mkdir(exist_ok=True)
+        (tmp_path / str(seed) / "app.log").unlink(missing_ok=True)
+        if dtype == "log:bfloat16":
+            (tmp_path / str(seed) / "app.log").write_text("INFO ppo_feedback.modeling: base weights in bfloat16: ...\n")
+        elif dtype is not None:
+            report["base_dtype"] = dtype
         (tmp_path / str(seed) / "report.json").write_text(json.dumps(report))
         return str(tmp_path / str(seed))
 
-    def summarize(*options, recorded=True, threads=(None, None, None)):
-        runs = [write(seed, o, recorded, t) for (seed, o), t in zip(enumerate(options), threads)]
+    def summarize(*options, recorded=True, threads=(None, None, None), dtypes=(None, None, None)):
+        runs = [write(seed, o, recorded, t, d) for (seed, o), t, d in zip(enumerate(options), threads, dtypes)]
         try:
             assert main(["--summarize", *runs]) == 0
         except SystemExit:
@@ -634,14 +640,20 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     assert summary["differences"] == [0.3, 0.1, 0.2] and summary["difference_mean"] == pytest.approx(0.2)
     assert summary["training"] == ["--wait-interval", "1"]  # a default spelled out, another order, 1.0: the same
     assert summary["commits"] == [None, None, None]  # runs from before reports named their commit
-    assert "differ in taste, settings or threads" in summarize(["--wait-interval", "1"], ["--beta", "0.5"])
+    assert "differ in taste, settings, threads" in summarize(["--wait-interval", "1"], ["--beta", "0.5"])
     assert summarize(["--wait-interval", "1"], ["--wait-interval", "1"], threads=(None, 1))["repeats"] == 2
-    assert "differ in taste, settings or threads" in summarize(["--wait-interval", "1"], ["--wait-interval", "1"],
+    assert "differ in taste, settings, threads" in summarize(["--wait-interval", "1"], ["--wait-interval", "1"],
                                                                threads=(1, 0))
+    # the base's dtype: recorded, or from before it was, the app's log (bfloat16) or float32 (auto without the line)
+    same = (["--wait-interval", "1"], ["--wait-interval", "1"])
+    assert "differ in taste, settings, threads or base dtype" in summarize(*same, dtypes=("bfloat16", "float32"))
+    assert summarize(*same, dtypes=("bfloat16", "log:bfloat16"))["repeats"] == 2
+    assert summarize(*same, dtypes=("float32", None))["repeats"] == 2
+    assert "differ in" in summarize(*same, dtypes=("log:bfloat16", None))
     # reports from before settings were kept: the options they set, in any order, defaults being their day's
     assert summarize(["--beta", "0.5", "--wait-interval", "1"], ["--wait-interval", "1.0", "--beta", "0.5"],
                      recorded=False)["repeats"] == 2
-    assert "differ in taste, settings or threads" in summarize(["--wait-interval", "1"],
+    assert "differ in taste, settings, threads" in summarize(["--wait-interval", "1"],
                                                                [*default_beta, "--wait-interval", "1"], recorded=False)
     assert "are not today's app's" in summarize(["--wait-interval", "1"], ["--no-such-option", "1"], recorded=False)
 
