@@ -11,6 +11,7 @@ from ppo_feedback.ppo import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,
+    entropy_from_logprobs,
     gae,
     kl_per_token,
     masked_mean,
@@ -203,6 +204,7 @@ def test_entropy_from_logits_by_hand():
     assert ent.shape == (1, 2)
     close(ent, [[math.log(4), h2]])
     close(entropy_from_logits(t([1000.0, 0.0])), 0.0, atol=1e-12, rtol=0)
+    close(entropy_from_logprobs(t([[math.log(0.25), math.log(0.75)]])), [h2])  # what a forward's log_softmax gives
 
 
 def test_adaptive_kl_controller_by_hand():
