@@ -279,9 +279,12 @@ class ServingModel:
         self._emit(SwapEvent(self._version, previous, True, None, locked_s, _now()))
 
     def poll_once(self) -> int:
-        """Swap to the store's serving version unless it is served or already refused; return the version served."""
-        target = self.store.serving_version()
+        """Swap to the store's serving version unless it is served or already refused; return the version served.
+
+        The store is asked under the swap lock: a target read before another swap (a rollback, a
+        concurrent poll) would otherwise swap back to what the store named before it."""
         with self._swap_lock:
+            target = self.store.serving_version()
             if target == self._version:
                 self._failed_version = None  # the store no longer names a refused version
                 self.last_swap_error = None

@@ -220,6 +220,37 @@ def test_rollback_makes_serving_go_back(serving, store, store_dir, trainer_polic
         serving.rollback(2)  # rolled back versions stay rolled back
 
 
+def test_a_poll_that_read_the_store_before_a_rollback_is_not_applied_after_it(serving, store, store_dir,
+                                                                              trainer_policy, monkeypatch):
+    publish_trained(store_dir, trainer_policy, store, seed=1, parent=0)
+    publish_trained(store_dir, trainer_policy, store, seed=2, parent=1)
+    assert serving.poll_once() == 2
+    asked, go_on = threading.Event(), threading.Event()
+    read = store.serving_version
+
+    def slow_read():  # the poller's read of the store (2), held back until the rollback had its chance
+        answer = read()
+        asked.set()
+        go_on.wait(5)
+        return answer
+
+    monkeypatch.setattr(store, "serving_version", slow_read)
+    poller = threading.Thread(target=serving.poll_once)
+    poller.start()
+    assert asked.wait(5)
+    monkeypatch.setattr(store, "serving_version", read)
+    rollback = threading.Thread(target=serving.rollback, args=(1,))
+    rollback.start()
+    rollback.join(0.5)  # waits for the poll that holds the swap lock, or (the race) rolls back at once
+    go_on.set()
+    poller.join(10)
+    rollback.join(10)
+    assert store.serving_version() == 1
+    # the poll's stale answer was never tried after the rollback (it would be refused, as rolled back, and
+    # shown to admins as a swap error until the next poll)
+    assert serving.version == 1 and serving.last_swap_error is None
+
+
 def test_compare_view_uses_any_version_and_swaps_back(serving, store, store_dir, trainer_policy):
     base_text = [c.text for c in serving.generate_with_version("Once upon a time", 0, seed=3, n=2)]
     publish_trained(store_dir, trainer_policy, store, seed=1, parent=0)

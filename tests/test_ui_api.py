@@ -191,9 +191,11 @@ def test_admin_endpoints_refuse_non_admins(ben, endpoint, args):
 
 def test_admin_downloads_an_adapter_zip_and_rolls_back(ana, env):
     store, serving = env["store"], env["serving"]
+    cached = env["app"].status(max_age_s=60)["serving_version"]
     first = publish_version(env["model"], store, env["root"] / "adapters", seed=1)
     second = publish_version(env["model"], store, env["root"] / "adapters", seed=2)
-    assert serving.poll_once() == second
+    assert serving.poll_once() == second != cached
+    assert env["app"].status(max_age_s=60)["serving_version"] == second  # a swap outdates the cached status
 
     path = ana.predict(first, api_name="/export_adapter")
     with zipfile.ZipFile(path) as archive:

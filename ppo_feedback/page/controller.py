@@ -446,10 +446,12 @@ class FeedbackApp:
             self._status_cache = None
 
     def status(self, max_age_s: float = 1.0) -> dict[str, Any]:
-        """Return the /status record (cached for `max_age_s` so that many open pages cost one query set)."""
+        """Return the /status record (cached for `max_age_s` so that many open pages cost one query set, and
+        built anew once another version is served: it never names an older one than a swap before the call)."""
         with self._status_lock:
             now = time.monotonic()
-            if self._status_cache is not None and now - self._status_cache[0] < max_age_s:
+            if (self._status_cache is not None and now - self._status_cache[0] < max_age_s
+                    and self._status_cache[1]["serving_version"] == self.serving.version):
                 return self._status_cache[1]
             serving_version = self.serving.version  # read once: a swap may land while the record is built
             counts = self.store.counts(since_version=serving_version)
