@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     training = passthrough or DEFAULT_TRAINING
     out = Path(args.out or ROOT / "bench" / "out" / "learning_curve" /
                f"{args.preference.replace(':', '-').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    runs = [out] if args.repeats == 1 else [out / f"run-{i + 1}" for i in range(args.repeats)]
+    if held := [str(d) for d in runs if (d / "feedback.db").exists()]:
+        parser.error(f"--out: {', '.join(held)} already holds a run (feedback.db), whose ratings and versions a "
+                     "new run there would add to; choose another --out")
     print("command: python bench/learning_curve.py " + shlex.join(given))
     if args.repeats == 1:
         run_once(args, preference, prompts, [*without_seed(training), "--seed", str(args.seed)], out, args.seed)
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = args.seed + i
         print(f"\n=== run {i + 1} of {args.repeats}: seed {seed} ===")
         reports.append(run_once(args, preference, prompts, [*without_seed(training), "--seed", str(seed)],
-                                out / f"run-{i + 1}", seed))
+                                runs[i], seed))
     summary = summarize_runs(reports)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)

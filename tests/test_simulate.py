@@ -596,6 +596,19 @@ def test_learning_curve_repeats_summarise_over_runs():
     assert single["difference_mean"] == pytest.approx(0.3) and single["difference_ci95"] is None
 
 
+def test_learning_curve_refuses_an_out_folder_that_holds_a_run(tmp_path, capsys):
+    from bench.learning_curve import main
+
+    (tmp_path / "run-2").mkdir()
+    (tmp_path / "run-2" / "feedback.db").write_bytes(b"an earlier run's store")
+    for argv in (["--out", str(tmp_path / "run-2")], ["--out", str(tmp_path), "--repeats", "2"]):
+        with pytest.raises(SystemExit):
+            main(["--preference", "keyword:you", *argv])
+        assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "run-2" / "feedback.db").read_bytes() == b"an earlier run's store"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-2"]  # nothing started, nothing written
+
+
 def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_path, capsys):
     import json
 
