@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         reports = [json.loads((Path(d) / "report.json").read_text()) for d in args.summarize]
         try:
-            sets = {(r["preference"], r.get("threads", 1), base_dtype_of(r, Path(d)), json.dumps(settings, sort_keys=True))
+            sets = {(r["preference"], r.get("threads", 1), base_dtype_of(r, Path(d)),
+                     json.dumps(settings, sort_keys=True))
                     for r, d, settings in zip(reports, args.summarize, comparable_settings(reports))}
         except ValueError as exc:
             parser.error(str(exc))
