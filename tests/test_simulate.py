@@ -656,7 +656,7 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     assert "differ in taste, settings, threads" in summarize(["--wait-interval", "1"], ["--beta", "0.5"])
     assert summarize(["--wait-interval", "1"], ["--wait-interval", "1"], threads=(None, 1))["repeats"] == 2
     assert "differ in taste, settings, threads" in summarize(["--wait-interval", "1"], ["--wait-interval", "1"],
-                                                               threads=(1, 0))
+                                                            threads=(1, 0))
     # the base's dtype: recorded, or from before it was, the app's log (bfloat16) or float32 (auto without the line)
     same = (["--wait-interval", "1"], ["--wait-interval", "1"])
     assert "differ in taste, settings, threads or base dtype" in summarize(*same, dtypes=("bfloat16", "float32"))
@@ -667,7 +667,7 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     assert summarize(["--beta", "0.5", "--wait-interval", "1"], ["--wait-interval", "1.0", "--beta", "0.5"],
                      recorded=False)["repeats"] == 2
     assert "differ in taste, settings, threads" in summarize(["--wait-interval", "1"],
-                                                               [*default_beta, "--wait-interval", "1"], recorded=False)
+                                                            [*default_beta, "--wait-interval", "1"], recorded=False)
     assert "are not today's app's" in summarize(["--wait-interval", "1"], ["--no-such-option", "1"], recorded=False)
 
 
