@@ -71,7 +71,8 @@ DEFAULT_TRAINING = ["--wait-interval", "1"]
 app's own defaults, with a shorter wait between the worker's checks. The training defaults live in
 `ppo_feedback/config.py`, one set for people and for this benchmark (README, "Training"). Their
 `--dtype auto` loads the base in bfloat16 on a CPU with native bfloat16 and in float32 elsewhere, so a
-report records the dtype it ran (`base_dtype`); `-- --dtype float32` keeps float32 on any CPU."""
+report records the dtype it ran (`base_dtype`); `-- --wait-interval 1 --dtype float32` keeps float32 on
+any CPU (options after `--` replace these, so the wait is spelled out again)."""
 
 
 def held_out_prompts() -> list[str]:
@@ -285,8 +286,18 @@ def base_dtype_of(report: dict[str, Any], run_dir: Path) -> str:
     log = run_dir / "app.log"
     if log.exists() and "base weights in bfloat16" in log.read_text(errors="replace"):
         return "bfloat16"
-    dtype = (report.get("settings") or {}).get("dtype", "auto")
-    return "float32" if dtype == "auto" else dtype
+    dtype = (report.get("settings") or {}).get("dtype") or given_dtype(report.get("training", []))
+    return "float32" if dtype in (None, "auto") else dtype
+
+
+def given_dtype(options: list[str]) -> str | None:
+    """Return the `--dtype` that `options` set (either spelling), None when they set none."""
+    for i, option in enumerate(options):
+        if option == "--dtype" and i + 1 < len(options):
+            return options[i + 1]
+        if option.startswith("--dtype="):
+            return option.partition("=")[2]
+    return None
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -447,7 +447,8 @@ class FeedbackApp:
 
     def status(self, max_age_s: float = 1.0) -> dict[str, Any]:
         """Return the /status record (cached for `max_age_s` so that many open pages cost one query set, and
-        built anew once another version is served: it never names an older one than a swap before the call)."""
+        built anew once another version is served: its `serving_version` is never older than a swap before
+        the call; the rest, `swap_error` of a refused swap among it, may be up to `max_age_s` old)."""
         with self._status_lock:
             now = time.monotonic()
             if (self._status_cache is not None and now - self._status_cache[0] < max_age_s
