@@ -89,7 +89,9 @@ def test_worker_publishes_and_serving_swaps_to_it(tmp_path, tiny_model_dir, rate
 def test_sigkill_mid_round_then_restart_completes_without_loss(tmp_path, tiny_model_dir, rated_store):
     cmd = worker_cmd(tmp_path, tiny_model_dir, "--min-new-feedback", "8", "--lease-ttl", "3",
                      "--ppo-iterations", "6")
-    proc = start(cmd, tmp_path / "worker1.log")
+    # the first worker's round is long enough to be caught in it however fast the machine (6 iterations of the
+    # tiny model can pass between two looks at its state); it is killed there, so its length costs nothing
+    proc = start([*cmd, "--ppo-iterations", "1000"], tmp_path / "worker1.log")
     try:
         wait_for(lambda: "training iteration" in rated_store.worker_status().state, 240, proc, "training")
         first_holder = rated_store.worker_status().holder
