@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         reports = [json.loads((Path(d) / "report.json").read_text()) for d in args.summarize]
         try:
-            sets = {(r["preference"], r.get("threads", 1), base_dtype_of(r, Path(d)),
+            sets = {(r["preference"], r.get("threads", 1), base_dtype_of(r, Path(d), settings),
                      json.dumps(settings, sort_keys=True))
                     for r, d, settings in zip(reports, args.summarize, comparable_settings(reports))}
         except ValueError as exc:
@@ -278,26 +278,17 @@ def comparable_settings(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return settings
 
 
-def base_dtype_of(report: dict[str, Any], run_dir: Path) -> str:
+def base_dtype_of(report: dict[str, Any], run_dir: Path, settings: dict[str, Any]) -> str:
     """Return the dtype the run's base weights were loaded in: its report's `base_dtype`, else (a report from
-    before it was recorded) what its app.log says, `--dtype auto` having logged each bfloat16 load on the CPU."""
+    before it was recorded) what its app.log says, `--dtype auto` having logged each bfloat16 load on the CPU,
+    else the `dtype` of its `settings` (`comparable_settings`: recorded, or the options it set), auto being
+    float32 there."""
     if report.get("base_dtype"):
         return report["base_dtype"]
     log = run_dir / "app.log"
     if log.exists() and "base weights in bfloat16" in log.read_text(errors="replace"):
         return "bfloat16"
-    dtype = (report.get("settings") or {}).get("dtype") or given_dtype(report.get("training", []))
-    return "float32" if dtype in (None, "auto") else dtype
-
-
-def given_dtype(options: list[str]) -> str | None:
-    """Return the `--dtype` that `options` set (either spelling), None when they set none."""
-    for i, option in enumerate(options):
-        if option == "--dtype" and i + 1 < len(options):
-            return options[i + 1]
-        if option.startswith("--dtype="):
-            return option.partition("=")[2]
-    return None
+    return "float32" if settings.get("dtype") in (None, "auto") else settings["dtype"]
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -618,7 +618,7 @@ def test_learning_curve_refuses_an_out_folder_that_holds_a_run(tmp_path, capsys,
 def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_path, capsys):
     import json
 
-    from bench.learning_curve import given_dtype, main, settings_of, without_seed
+    from bench.learning_curve import main, settings_of, without_seed
     from ppo_feedback.config import ObjectiveConfig
 
     assert without_seed(["--beta", "1", "--seed", "1", "--seed=2", "--rpo-alpha", "1"]) == \
@@ -672,7 +672,6 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     # a report from before settings were kept, of a run that asked for bfloat16 (no log line then): its option
     bf16 = ["--wait-interval", "1", "--dtype", "bfloat16"]
     assert summarize(bf16, bf16, recorded=False, dtypes=("bfloat16", None))["repeats"] == 2
-    assert given_dtype(["--dtype=float16"]) == "float16" and given_dtype(["--seed", "1"]) is None
     # reports from before settings were kept: the options they set, in any order, defaults being their day's
     assert summarize(["--beta", "0.5", "--wait-interval", "1"], ["--wait-interval", "1.0", "--beta", "0.5"],
                      recorded=False)["repeats"] == 2
