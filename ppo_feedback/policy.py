@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache
 
-from .ppo import entropy_from_logprobs
+from .logprobs import logprobs_and_entropy
 from .versions import ADAPTER_WEIGHTS, VALUE_HEAD_WEIGHTS, AdapterLoadError
 
 
@@ -40,12 +40,7 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Return the (B, R) log-probabilities of `tokens` (B, R) under the softmax of `logits` (B, R, V)."""
-    return gathered(torch.log_softmax(logits, dim=-1), tokens)
-
-
-def gathered(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Return the (B, R) entries of `logprobs` (B, R, V) at `tokens` (B, R)."""
-    return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return logprobs_and_entropy(logits, tokens)[0]
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -157,11 +152,7 @@ class PolicyWithValueHead(nn.Module):
     def _forward(self, query_response: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
                  temperature: float) -> ForwardOutput:
         hidden = self._hidden(query_response, attention_mask, context_length)  # (B, R + 1, H)
-        # one log_softmax (B, R, V) gives the logprobs and the entropy: the one fused kernel, forward and backward
-        all_logprobs = torch.log_softmax(self._logits(hidden, temperature), dim=-1)
-        logprobs = gathered(all_logprobs, query_response[:, context_length:])
-        with torch.no_grad():
-            entropy = entropy_from_logprobs(all_logprobs)  # (B, R)
+        logprobs, entropy = logprobs_and_entropy(self._logits(hidden, temperature), query_response[:, context_length:])
         return ForwardOutput(logprobs=logprobs, entropy=entropy, hidden=hidden)
 
     def forward(self, query_response: torch.Tensor, attention_mask: torch.Tensor, context_length: int,

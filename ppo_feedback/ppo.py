@@ -47,8 +47,6 @@ __all__ = [
     "gae",
     "policy_loss",
     "value_loss",
-    "entropy_from_logits",
-    "entropy_from_logprobs",
     "AdaptiveKLController",
     "FixedKLController",
 ]
@@ -263,22 +261,6 @@ def value_loss(
 
     clipfrac = masked_mean((v_loss_clipped > v_loss_unclipped).to(values.dtype), m).detach()
     return loss, clipfrac
-
-
-def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
-    """Entropy of a distribution given by its log-probabilities over the last dim: ``−Σ exp(l)·l``.
-
-    ``logprobs`` is ``(..., V)``, e.g. ``log_softmax`` of ``(B, T, V)`` logits; returns ``(...)``.
-    """
-    return -(logprobs.exp() * logprobs).sum(dim=-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the softmax over the last dim: ``entropy_from_logprobs(log_softmax(z))``.
-
-    ``logits`` is ``(..., V)``; returns ``(...)``, e.g. ``(B, T)`` for ``(B, T, V)`` logits.
-    """
-    return entropy_from_logprobs(torch.log_softmax(logits, dim=-1))
 
 
 # ----------------------------------------------------------------------------- KL controllers

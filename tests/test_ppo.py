@@ -10,8 +10,6 @@ from hypothesis import strategies as st
 from ppo_feedback.ppo import (
     AdaptiveKLController,
     FixedKLController,
-    entropy_from_logits,
-    entropy_from_logprobs,
     gae,
     kl_per_token,
     masked_mean,
@@ -194,17 +192,6 @@ def test_value_loss_by_hand():
     # d loss/dV = (V - R)/3 where the unclipped term wins, 0 where the clipped one does
     loss.backward()
     close(values.grad, [[0.0, 2 / 3, 3 / 3, 0.0]])
-
-
-def test_entropy_from_logits_by_hand():
-    logits = t([[[0.0, 0.0, 0.0, 0.0], [math.log(1), math.log(3), -1e4, -1e4]]])  # (1, 2, 4)
-    # uniform over 4: ln 4; probs [1/4, 3/4]: -(1/4 ln 1/4 + 3/4 ln 3/4)
-    h2 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    ent = entropy_from_logits(logits)
-    assert ent.shape == (1, 2)
-    close(ent, [[math.log(4), h2]])
-    close(entropy_from_logits(t([1000.0, 0.0])), 0.0, atol=1e-12, rtol=0)
-    close(entropy_from_logprobs(t([[math.log(0.25), math.log(0.75)]])), [h2])  # what a forward's log_softmax gives
 
 
 def test_adaptive_kl_controller_by_hand():
