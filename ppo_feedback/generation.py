@@ -158,23 +158,38 @@ def _skinny_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     if rows not in SKINNY_ROWS:
         return F.linear(x, self.weight, self.bias)
-    y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()  # (rows, out)
-    if self.bias is not None:
-        y += self.bias
+    return _streamed(self.weight, self.bias, x, rows)
+
+
+def _skinny_conv1d(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's Conv1D forward (x @ weight + bias, weight (in, out) stored column-major) for a few rows: the
+    same product as `_skinny_linear`'s, since weight^T is then an (out, in) row-major matrix."""
+    rows = x.numel() // x.shape[-1]
+    if rows not in SKINNY_ROWS:
+        return type(self).forward(self, x)
+    return _streamed(self.weight.t(), self.bias, x, rows)
+
+
+def _streamed(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Return x @ weight^T + bias for (out, in) row-major `weight`, computed as (weight @ x^T)^T."""
+    y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()  # (rows, out)
+    if bias is not None:
+        y += bias
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 @contextmanager
-def skinny_linears(linears: list[nn.Linear]) -> Iterator[None]:
+def skinny_linears(linears: list[nn.Module]) -> Iterator[None]:
     """Compute the given linear layers as weight @ input^T while inside (a decode step); yields nothing.
 
     On the CPU, MKL multiplies a few rows by a weight's transpose (what `F.linear` asks for) at a
     fraction of the speed it streams the weight against the rows as columns; the product is the
-    same up to float rounding. Never held across a `yield` of `decode`, so other code (and other
-    threads resuming the generator) see the layers unchanged.
+    same up to float rounding. `nn.Linear` layers and GPT-2's `Conv1D` layers whose weight is stored
+    column-major (`modeling.column_major_conv1d`). Never held across a `yield` of `decode`, so other
+    code (and other threads resuming the generator) see the layers unchanged.
     """
     for layer in linears:
-        layer.forward = MethodType(_skinny_linear, layer)
+        layer.forward = MethodType(_skinny_linear if isinstance(layer, nn.Linear) else _skinny_conv1d, layer)
     try:
         yield
     finally:
@@ -182,10 +197,17 @@ def skinny_linears(linears: list[nn.Linear]) -> Iterator[None]:
             del layer.forward
 
 
-def _skinny_candidates(model: nn.Module) -> list[nn.Linear]:
-    """Return the plain float32 CPU linear layers of `model`, the ones `skinny_linears` speeds up."""
-    return [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
-            and m.weight.dtype == torch.float32]
+def _skinny_candidates(model: nn.Module) -> list[nn.Module]:
+    """Return the layers of `model` that `skinny_linears` speeds up: float32 CPU `nn.Linear` layers, and
+    `Conv1D` layers whose weight is column-major."""
+    from transformers.pytorch_utils import Conv1D
+
+    def streams(weight: torch.Tensor) -> bool:
+        return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+    return [m for m in model.modules()
+            if (type(m) is nn.Linear and streams(m.weight))
+            or (type(m) is Conv1D and streams(m.weight) and m.weight.t().is_contiguous())]
 
 
 class _Prefill:

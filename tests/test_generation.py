@@ -200,13 +200,24 @@ def test_a_pages_candidates_share_one_prefill_and_stay_exact(policy, monkeypatch
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 40])
 def test_skinny_linears_compute_the_same_product_and_put_the_layers_back(rows):
-    from ppo_feedback.generation import skinny_linears
+    from transformers.pytorch_utils import Conv1D
+
+    from ppo_feedback.generation import _skinny_candidates, skinny_linears
+    from ppo_feedback.modeling import column_major_conv1d
 
     torch.manual_seed(0)
-    layers = [torch.nn.Linear(64, 96), torch.nn.Linear(64, 32, bias=False)]
+    conv = Conv1D(80, 64)  # GPT-2's layer: weight (in 64, out 80)
+    torch.nn.init.normal_(conv.weight)
+    torch.nn.init.normal_(conv.bias)
+    layers = [torch.nn.Linear(64, 96), torch.nn.Linear(64, 32, bias=False), conv]
     x = torch.randn(rows, 1, 64)
     with torch.no_grad():
         expected = [layer(x) for layer in layers]
+        assert _skinny_candidates(torch.nn.Sequential(*layers)) == layers[:2]  # a row-major Conv1D does not stream
+        weight = conv.weight.clone()
+        assert column_major_conv1d(torch.nn.Sequential(*layers)) == 1
+        assert torch.equal(conv.weight, weight) and conv.weight.t().is_contiguous()  # same values, column-major
+        assert _skinny_candidates(torch.nn.Sequential(*layers)) == layers
         with skinny_linears(layers):
             assert all("forward" in vars(layer) for layer in layers)
             got = [layer(x) for layer in layers]

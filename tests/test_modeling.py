@@ -141,6 +141,18 @@ def test_the_suite_runs_float32_whatever_the_cpu(tiny_loaded):
     assert tiny_loaded.model.get_output_embeddings().weight.dtype == torch.float32
 
 
+def test_a_float32_cpu_load_stores_gpt2_conv1d_weights_column_major_with_the_same_values(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    as_saved = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    loaded = load_model(ModelConfig(model=str(tiny_model_dir), device="cpu", dtype="float32")).model
+    convs = {name: m.weight for name, m in loaded.named_modules() if type(m) is Conv1D}
+    assert convs and all(w.t().is_contiguous() for w in convs.values())  # streamed by a decode step
+    saved = dict(as_saved.named_parameters())
+    assert all(torch.equal(w, saved[f"{name}.weight"]) for name, w in convs.items())
+
+
 def test_bfloat16_base_keeps_lora_and_logits_in_float32(tiny_model_dir, tmp_path):
     from ppo_feedback.policy import PolicyWithValueHead
 
