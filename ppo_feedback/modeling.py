@@ -280,6 +280,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
         log.info("base weights in bfloat16: this CPU has native bfloat16 (--dtype float32 to keep float32)")
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device.index or 0})
+    elif device.type == "cpu" and kwargs["dtype"] == torch.float32:
+        # read into memory rather than mapped from the file, which every other tensor would keep mapped: the
+        # column-major copies below then replace GPT-2's weights instead of adding to the mapped file's pages
+        kwargs["disable_mmap"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         kwargs.update(_fused_activation_overrides(resolved.path))
