@@ -6,7 +6,8 @@ would otherwise make of `log_softmax`, `gather` and the entropy (log-softmax out
 their product, the one-hot gradient, the log-softmax gradient: each tens of MB, each a pass over
 memory and, on a CPU, fresh pages). On a CPU the rows go through in chunks that stay in cache;
 the probabilities are kept for the backward, whose gradient `onehot(token) − softmax` they give in
-one pass. The arithmetic is `log_softmax`'s (`z − max − log Σ exp(z − max)`), summed per chunk.
+one pass. The arithmetic is `log_softmax`'s (`z − max − log Σ exp(z − max)`), the entropy's from
+the same shifted logits.
 """
 from __future__ import annotations
 
@@ -47,13 +48,13 @@ class _LogprobsAndEntropy(torch.autograd.Function):
         for start in range(0, rows, step):
             part = slice(start, start + step)
             z, p = logits[part], probs[part]
-            shift = z.amax(dim=-1, keepdim=True)
-            torch.sub(z, shift, out=p).exp_()
+            shifted = z - z.amax(dim=-1, keepdim=True)  # a chunk-sized temporary, in cache
+            torch.exp(shifted, out=p)
             total = p.sum(dim=-1, keepdim=True)
             p.div_(total)
-            log_normaliser = (shift + total.log()).squeeze(-1)  # log Σ exp(z)
-            logprobs[part] = z.gather(-1, tokens[part, None]).squeeze(-1) - log_normaliser
-            entropy[part] = log_normaliser - torch.linalg.vecdot(p, z)  # −Σ p·(z − log Σ exp z)
+            log_total = total.log().squeeze(-1)  # log Σ exp(z − max z)
+            logprobs[part] = shifted.gather(-1, tokens[part, None]).squeeze(-1) - log_total
+            entropy[part] = log_total - torch.linalg.vecdot(p, shifted)  # −Σ p·(z − max z − log_total)
         ctx.save_for_backward(probs, tokens)
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy

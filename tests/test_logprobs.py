@@ -62,3 +62,12 @@ def test_a_second_backward_through_the_same_graph_is_refused():
 def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError, match="do not match"):
         logprobs_and_entropy(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_large_logits_keep_the_entropy_precise_in_float32():
+    torch.manual_seed(1)
+    logits = torch.randn(6, 50) * 4 + 500  # float32 logits far from zero: no cancellation of large terms
+    exact = torch.log_softmax(logits.double(), dim=-1)
+    logprobs, entropy = logprobs_and_entropy(logits, torch.arange(6))
+    torch.testing.assert_close(entropy.double(), -(exact.exp() * exact).sum(-1), rtol=0, atol=2e-6)
+    torch.testing.assert_close(logprobs.double(), exact[torch.arange(6), torch.arange(6)], rtol=0, atol=2e-6)
