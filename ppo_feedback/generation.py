@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from .onednn import is_routed
 from .policy import cache_keyword, position_ids_for, split_causal_lm
 
 T = TypeVar("T")
@@ -205,9 +206,9 @@ def _skinny_candidates(model: nn.Module) -> list[nn.Module]:
     def streams(weight: torch.Tensor) -> bool:
         return weight.device.type == "cpu" and weight.dtype == torch.float32
 
-    return [m for m in model.modules()
-            if (type(m) is nn.Linear and streams(m.weight))
-            or (type(m) is Conv1D and streams(m.weight) and m.weight.t().is_contiguous())]
+    return [m for m in model.modules() if not is_routed(m) and (
+            (type(m) is nn.Linear and streams(m.weight))
+            or (type(m) is Conv1D and streams(m.weight) and m.weight.t().is_contiguous()))]
 
 
 class _Prefill:

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import torch
 
 from .config import LoraSettings, ModelConfig
+from .onednn import route_linears
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     if quantization is None:
         model.to(device)
         column_major_conv1d(model)
+        route_linears(model)  # float32 CPU products by oneDNN where it has AVX-512 and MKL may not use it
     else:
         from peft import prepare_model_for_kbit_training
 
