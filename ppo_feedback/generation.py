@@ -200,7 +200,8 @@ def skinny_linears(linears: list[nn.Module]) -> Iterator[None]:
 
 def _skinny_candidates(model: nn.Module) -> list[nn.Module]:
     """Return the layers of `model` that `skinny_linears` speeds up: float32 CPU `nn.Linear` layers, and
-    `Conv1D` layers whose weight is column-major."""
+    `Conv1D` layers whose weight is column-major, unless `onednn.route_linears` routed them (oneDNN's
+    product reads a few rows' weights at least as fast)."""
     from transformers.pytorch_utils import Conv1D
 
     def streams(weight: torch.Tensor) -> bool:

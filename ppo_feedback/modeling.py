@@ -312,7 +312,8 @@ def column_major_conv1d(model) -> int:
     The values, shape and every product stay the same; only the layout changes, so that a decoding
     step streams each weight as `weight^T @ input^T` (`generation.skinny_linears`), as it does an
     `nn.Linear`'s, where `x @ weight` on a row-major weight reads it more slowly (README, #16, has the
-    figures; many-row products, training's, run alike either way).
+    figures; many-row products, training's, run alike either way). Where `onednn.route_linears` routes
+    the layer, `weight^T` is the row-major (out, in) matrix its product takes, as nn.Linear's.
     """
     from transformers.pytorch_utils import Conv1D
 
