@@ -8,9 +8,10 @@ issue #2358). So a recorded log-probability always equals a fresh forward's, top
 """
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from types import MethodType
 from typing import Any, Optional, TypeVar
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from .onednn import is_routed
+from .onednn import out_in_weight
 from .policy import cache_keyword, position_ids_for, split_causal_lm
 
 T = TypeVar("T")
@@ -151,24 +152,15 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 SKINNY_ROWS = range(2, 9)
 """How many rows (batch x new tokens) a linear layer computes as weight @ input^T in a decode step (see
-`skinny_linears`); one row is a matrix-vector product, which F.linear already streams."""
+`skinny_linears`); one row is a matrix-vector product, which F.linear (and oneDNN) already streams."""
 
 
-def _skinny_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear's forward for a few rows: (weight @ x^T)^T, which MKL streams like a matrix-vector product."""
+def _skinny(layer: nn.Module, outside: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A linear layer's forward inside `skinny_linears`: `_streamed` for a few rows, else `outside` (its own)."""
     rows = x.numel() // x.shape[-1]
     if rows not in SKINNY_ROWS:
-        return F.linear(x, self.weight, self.bias)
-    return _streamed(self.weight, self.bias, x, rows)
-
-
-def _skinny_conv1d(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's Conv1D forward (x @ weight + bias, weight (in, out) stored column-major) for a few rows: the
-    same product as `_skinny_linear`'s, since weight^T is then an (out, in) row-major matrix."""
-    rows = x.numel() // x.shape[-1]
-    if rows not in SKINNY_ROWS:
-        return type(self).forward(self, x)
-    return _streamed(self.weight.t(), self.bias, x, rows)
+        return outside(x)
+    return _streamed(out_in_weight(layer), layer.bias, x, rows)
 
 
 def _streamed(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -184,32 +176,37 @@ def skinny_linears(linears: list[nn.Module]) -> Iterator[None]:
     """Compute the given linear layers as weight @ input^T while inside (a decode step); yields nothing.
 
     On the CPU, MKL multiplies a few rows by a weight's transpose (what `F.linear` asks for) at a
-    fraction of the speed it streams the weight against the rows as columns; the product is the
-    same up to float rounding. `nn.Linear` layers and GPT-2's `Conv1D` layers whose weight is stored
-    column-major (`modeling.column_major_conv1d`). Never held across a `yield` of `decode`, so other
-    code (and other threads resuming the generator) see the layers unchanged.
+    fraction of the speed it streams the weight against the rows as columns, and oneDNN (layers
+    `onednn.route_linears` routed) reads SmolLM2's weights more slowly at 4 rows too; the product is
+    the same up to float rounding. `nn.Linear` layers and GPT-2's `Conv1D` layers whose weight is
+    stored column-major (`modeling.column_major_conv1d`); other row counts take the layer's own
+    forward, routed or not. Never held across a `yield` of `decode`, so other code (and other
+    threads resuming the generator) see the layers unchanged.
     """
-    for layer in linears:
-        layer.forward = MethodType(_skinny_linear if isinstance(layer, nn.Linear) else _skinny_conv1d, layer)
+    own = [layer.__dict__.get("forward") for layer in linears]  # a routed layer's, else None
+    for layer, forward in zip(linears, own):
+        layer.forward = partial(_skinny, layer, forward or MethodType(type(layer).forward, layer))
     try:
         yield
     finally:
-        for layer in linears:
-            del layer.forward
+        for layer, forward in zip(linears, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def _skinny_candidates(model: nn.Module) -> list[nn.Module]:
     """Return the layers of `model` that `skinny_linears` speeds up: float32 CPU `nn.Linear` layers, and
-    `Conv1D` layers whose weight is column-major, unless `onednn.route_linears` routed them (oneDNN's
-    product reads a few rows' weights at least as fast)."""
+    `Conv1D` layers whose weight is column-major."""
     from transformers.pytorch_utils import Conv1D
 
     def streams(weight: torch.Tensor) -> bool:
         return weight.device.type == "cpu" and weight.dtype == torch.float32
 
-    return [m for m in model.modules() if not is_routed(m) and (
-            (type(m) is nn.Linear and streams(m.weight))
-            or (type(m) is Conv1D and streams(m.weight) and m.weight.t().is_contiguous()))]
+    return [m for m in model.modules()
+            if (type(m) is nn.Linear and streams(m.weight))
+            or (type(m) is Conv1D and streams(m.weight) and m.weight.t().is_contiguous())]
 
 
 class _Prefill:

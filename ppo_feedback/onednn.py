@@ -44,9 +44,9 @@ class _OneDnnLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Return `F.linear(x, weight, bias)` (x (..., in), weight (out, in)) computed by oneDNN when it can be:
-    float32 CPU tensors and a weight and bias that need no gradient; otherwise by `F.linear`."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.requires_grad
-            or (bias is not None and bias.requires_grad) or x.numel() == 0):
+    float32 CPU tensors, and a weight and bias that take no gradient here; otherwise by `F.linear`."""
+    trains = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or trains or not x.numel():
         return F.linear(x, weight, bias)
     y = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -79,8 +79,8 @@ def routable(module: nn.Module) -> bool:
 def route_linears(model: nn.Module, force: bool = False) -> int:
     """Compute every routable layer of `model` with `linear` (oneDNN) from now on; return how many were routed.
 
-    Does nothing unless `routes_here()` (or `force`). A layer whose weight needs a gradient when it
-    runs takes `F.linear`'s path then, so full fine-tuning still works.
+    Does nothing unless `routes_here()` (or `force`). A layer whose weight takes a gradient when it
+    runs (grad enabled, weight not frozen) takes `F.linear`'s path then, so full fine-tuning still works.
     """
     if not (force or routes_here()):
         return 0

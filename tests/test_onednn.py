@@ -48,6 +48,10 @@ def test_linear_leaves_what_it_cannot_compute_to_f_linear(monkeypatch):
     trainable = torch.randn(2, 4, requires_grad=True)
     onednn.linear(x, trainable).sum().backward()  # a weight that trains gets its gradient from F.linear
     assert trainable.grad is not None and not calls
+    with torch.no_grad():
+        onednn.linear(x, trainable)  # no gradient taken here: oneDNN's
+    assert len(calls) == 1
+    calls.clear()
     onednn.linear(x.double(), torch.randn(2, 4, dtype=torch.float64))
     onednn.linear(x.bfloat16(), torch.randn(2, 4, dtype=torch.bfloat16))
     assert not calls
@@ -108,10 +112,19 @@ def test_a_deep_copy_routes_its_own_layers():
     assert onednn.is_routed(clone[0]) and clone[0].forward.__self__ is clone[0]
 
 
-def test_decoding_leaves_routed_layers_routed(tiny_loaded):
+def test_a_decode_streams_routed_layers_at_a_few_rows_and_routes_the_rest(tiny_loaded, monkeypatch):
     model = copy.deepcopy(tiny_loaded.model)
     onednn.route_linears(model, force=True)
     routed = [m for m in model.modules() if onednn.is_routed(m)]
-    assert routed and not set(routed) & set(generation._skinny_candidates(model))
+    assert routed and set(routed) <= set(generation._skinny_candidates(model))
+    calls = []
+    product = onednn._product
+    monkeypatch.setattr(onednn, "_product", lambda *args: calls.append(args[0].shape[0]) or product(*args))
+    layer = routed[0]
+    width = onednn.out_in_weight(layer).shape[1]
+    with torch.no_grad(), generation.skinny_linears(routed):
+        few, one = layer(torch.randn(4, 1, width)), layer(torch.randn(1, 1, width))
+    assert calls == [1] and few.shape[0] == 4 and one.shape[0] == 1  # 4 rows streamed, 1 row by oneDNN
+    assert all(onednn.is_routed(m) for m in routed)  # put back as they were
     generation.generate(model, tiny_loaded.tokenizer, "hello", 3, 4, seed=0)
     assert all(onednn.is_routed(m) for m in routed)
