@@ -153,12 +153,15 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 SKINNY_ROWS = range(2, 9)
 """How many rows (batch x new tokens) a linear layer computes as weight @ input^T in a decode step (see
 `skinny_linears`); one row is a matrix-vector product, which F.linear (and oneDNN) already streams."""
+ROUTED_SKINNY_ROWS = range(2, 5)
+"""The same for a layer `onednn.route_linears` routed: oneDNN's own product is the faster from 5 rows."""
 
 
-def _skinny(layer: nn.Module, outside: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """A linear layer's forward inside `skinny_linears`: `_streamed` for a few rows, else `outside` (its own)."""
+def _skinny(layer: nn.Module, outside: Callable[[torch.Tensor], torch.Tensor], streamed_rows: range,
+            x: torch.Tensor) -> torch.Tensor:
+    """A linear layer's forward inside `skinny_linears`: `_streamed` for `streamed_rows`, else `outside` (its own)."""
     rows = x.numel() // x.shape[-1]
-    if rows not in SKINNY_ROWS:
+    if rows not in streamed_rows:
         return outside(x)
     return _streamed(out_in_weight(layer), layer.bias, x, rows)
 
@@ -176,16 +179,17 @@ def skinny_linears(linears: list[nn.Module]) -> Iterator[None]:
     """Compute the given linear layers as weight @ input^T while inside (a decode step); yields nothing.
 
     On the CPU, MKL multiplies a few rows by a weight's transpose (what `F.linear` asks for) at a
-    fraction of the speed it streams the weight against the rows as columns, and oneDNN (layers
-    `onednn.route_linears` routed) reads SmolLM2's weights more slowly at 4 rows too; the product is
-    the same up to float rounding. `nn.Linear` layers and GPT-2's `Conv1D` layers whose weight is
+    fraction of the speed it streams the weight against the rows as columns (`SKINNY_ROWS`), and
+    oneDNN (layers `onednn.route_linears` routed) reads the weights more slowly at 2 to 4 rows too
+    (`ROUTED_SKINNY_ROWS`); the product is the same up to float rounding. `nn.Linear` layers and GPT-2's `Conv1D` layers whose weight is
     stored column-major (`modeling.column_major_conv1d`); other row counts take the layer's own
     forward, routed or not. Never held across a `yield` of `decode`, so other code (and other
     threads resuming the generator) see the layers unchanged.
     """
     own = [layer.__dict__.get("forward") for layer in linears]  # a routed layer's, else None
     for layer, forward in zip(linears, own):
-        layer.forward = partial(_skinny, layer, forward or MethodType(type(layer).forward, layer))
+        layer.forward = (partial(_skinny, layer, forward, ROUTED_SKINNY_ROWS) if forward is not None
+                         else partial(_skinny, layer, MethodType(type(layer).forward, layer), SKINNY_ROWS))
     try:
         yield
     finally:

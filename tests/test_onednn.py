@@ -123,8 +123,8 @@ def test_a_decode_streams_routed_layers_at_a_few_rows_and_routes_the_rest(tiny_l
     layer = routed[0]
     width = onednn.out_in_weight(layer).shape[1]
     with torch.no_grad(), generation.skinny_linears(routed):
-        few, one = layer(torch.randn(4, 1, width)), layer(torch.randn(1, 1, width))
-    assert calls == [1] and few.shape[0] == 4 and one.shape[0] == 1  # 4 rows streamed, 1 row by oneDNN
+        shapes = [layer(torch.randn(rows, 1, width)).shape[0] for rows in (4, 1, 5, 2)]
+    assert shapes == [4, 1, 5, 2] and calls == [1, 5]  # 2 to 4 rows streamed, 1 and 5 by oneDNN
     assert all(onednn.is_routed(m) for m in routed)  # put back as they were
     generation.generate(model, tiny_loaded.tokenizer, "hello", 3, 4, seed=0)
     assert all(onednn.is_routed(m) for m in routed)
