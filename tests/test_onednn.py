@@ -33,12 +33,15 @@ def test_linear_matches_f_linear_and_its_input_gradient(shape, bias):
     _close(x.grad, x_ref.grad)
 
 
-def test_linear_takes_a_weight_of_any_layout():
+def test_linear_takes_a_weight_and_an_input_of_any_layout():
     torch.manual_seed(1)
     x, weight = torch.randn(6, 9), torch.randn(9, 4)  # (in, out), as GPT-2's Conv1D stores it
     expected = x @ weight
     _close(onednn.linear(x, weight.t()), expected)  # a column-major (out, in) view
     _close(onednn.linear(x, weight.t().contiguous()), expected)
+    _close(onednn.linear(x.t().contiguous().t(), weight.t()), expected)  # a column-major input
+    wide = torch.randn(6, 12)
+    _close(onednn.linear(wide[:, 2:11], weight.t()), wide[:, 2:11] @ weight)  # a slice
 
 
 def test_linear_leaves_what_it_cannot_compute_to_f_linear(monkeypatch):
