@@ -16,11 +16,10 @@ from types import MethodType
 from typing import Any, Optional, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from .onednn import out_in_weight
+from .onednn import is_routed, out_in_weight
 from .policy import cache_keyword, position_ids_for, split_causal_lm
 
 T = TypeVar("T")
@@ -181,15 +180,15 @@ def skinny_linears(linears: list[nn.Module]) -> Iterator[None]:
     On the CPU, MKL multiplies a few rows by a weight's transpose (what `F.linear` asks for) at a
     fraction of the speed it streams the weight against the rows as columns (`SKINNY_ROWS`), and
     oneDNN (layers `onednn.route_linears` routed) reads the weights more slowly at 2 to 4 rows too
-    (`ROUTED_SKINNY_ROWS`); the product is the same up to float rounding. `nn.Linear` layers and GPT-2's `Conv1D` layers whose weight is
-    stored column-major (`modeling.column_major_conv1d`); other row counts take the layer's own
-    forward, routed or not. Never held across a `yield` of `decode`, so other code (and other
-    threads resuming the generator) see the layers unchanged.
+    (`ROUTED_SKINNY_ROWS`); the product is the same up to float rounding. `nn.Linear` layers and
+    GPT-2's `Conv1D` layers whose weight is stored column-major (`modeling.column_major_conv1d`);
+    other row counts take the layer's own forward, routed or not. Never held across a `yield` of
+    `decode`, so other code (and other threads resuming the generator) see the layers unchanged.
     """
     own = [layer.__dict__.get("forward") for layer in linears]  # a routed layer's, else None
     for layer, forward in zip(linears, own):
-        layer.forward = (partial(_skinny, layer, forward, ROUTED_SKINNY_ROWS) if forward is not None
-                         else partial(_skinny, layer, MethodType(type(layer).forward, layer), SKINNY_ROWS))
+        outside = forward or MethodType(type(layer).forward, layer)
+        layer.forward = partial(_skinny, layer, outside, ROUTED_SKINNY_ROWS if is_routed(layer) else SKINNY_ROWS)
     try:
         yield
     finally:
