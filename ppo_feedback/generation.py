@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .onednn import is_routed, out_in_weight
+from .onednn import is_routed, out_in_weight, routable
 from .policy import cache_keyword, position_ids_for, split_causal_lm
 
 T = TypeVar("T")
@@ -200,16 +200,9 @@ def skinny_linears(linears: list[nn.Module]) -> Iterator[None]:
 
 
 def _skinny_candidates(model: nn.Module) -> list[nn.Module]:
-    """Return the layers of `model` that `skinny_linears` speeds up: float32 CPU `nn.Linear` layers, and
-    `Conv1D` layers whose weight is column-major."""
-    from transformers.pytorch_utils import Conv1D
-
-    def streams(weight: torch.Tensor) -> bool:
-        return weight.device.type == "cpu" and weight.dtype == torch.float32
-
-    return [m for m in model.modules()
-            if (type(m) is nn.Linear and streams(m.weight))
-            or (type(m) is Conv1D and streams(m.weight) and m.weight.t().is_contiguous())]
+    """Return the layers of `model` that `skinny_linears` speeds up: float32 CPU `nn.Linear` and `Conv1D`
+    layers (`onednn.routable`) whose (out, in) weight is row-major, as a Conv1D's is when stored column-major."""
+    return [m for m in model.modules() if routable(m) and out_in_weight(m).is_contiguous()]
 
 
 class _Prefill:

@@ -58,6 +58,7 @@ def out_in_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def _routed_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A routed layer's forward: its product by `linear`."""
     return linear(x, out_in_weight(self), self.bias)
 
 
