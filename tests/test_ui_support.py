@@ -9,7 +9,9 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
+import httpx
 import torch
 
 from db import Cursor, FeedbackStore, NewGeneration
@@ -66,6 +68,23 @@ class Launched:
         self.app.close()
 
 
+def patient_url_ok(url: str, patience_s: float = 60.0) -> bool:
+    """Gradio's check that the page answers on localhost before `launch` returns, with patience: True as soon
+    as a HEAD of `url` gets any answer (a login page's 401 included), False after `patience_s` seconds of
+    timeouts or refusals. Gradio's own (`networking.url_ok`) gives up at the first 3 s timeout and `launch`
+    then raises, which made page tests fail on a saturated machine for a reason no test is about."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            httpx.head(url, timeout=10, verify=False)
+            return True
+        except httpx.TransportError:  # timeouts included
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
 def launch(serving, store: FeedbackStore, sampling: SamplingConfig = SAMPLING, *, users: UserDirectory | None = None,
            worker_note: str | None = None, config: AppConfig | None = None, clock=time.monotonic,
            **options) -> Launched:
@@ -74,8 +93,9 @@ def launch(serving, store: FeedbackStore, sampling: SamplingConfig = SAMPLING, *
     app = FeedbackApp(serving, store, sampling, users=users, worker_note=worker_note, **options)
     demo = build_demo(app)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_options(app, config, clock=clock))
+    with mock.patch("gradio.networking.url_ok", patient_url_ok):
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                    **launch_options(app, config, clock=clock))
     return Launched(f"http://127.0.0.1:{port}/", app, demo)
 
 
