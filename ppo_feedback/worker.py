@@ -137,7 +137,7 @@ class Worker:
         self._distrusted: tuple[Cursor, str] | None = None  # (feedback end, verdict) of an untrusted reward model
         self.gate = FluencyGate(self.trainer) if config.max_perplexity_ratio is not None else None
         self._disfluent: tuple[Cursor, str] | None = None  # (feedback end, why) of the last round the gate refused
-        self.round_start: AdapterState | None = None  # the weights the round's training began from
+        self.trained_from: AdapterState | None = None  # the loaded version's weights: the gate searches back to them
         self.stop_requested = threading.Event()
         self.lease_token: int | None = None  # the fencing token of this worker's newest acquisition of the lease
         self.heartbeat: Heartbeat | None = None  # process 0's, while it holds the lease
@@ -339,7 +339,7 @@ class Worker:
         """Run the round's PPO iterations, recording each one's statistics; return the last one's."""
         if plan.examples is not None:
             return self.train_direct(plan)
-        self.round_start = AdapterState.capture(self.policy)
+        self.trained_from = AdapterState.capture(self.policy)
         c = self.config
         stats: dict[str, float] = {}
         progress = tqdm(range(c.ppo_iterations), desc=f"v{plan.version}", unit="it",
@@ -367,11 +367,11 @@ class Worker:
         refit = self.objective.direct and self.direct.refits(len(plan.examples))  # fallback rounds continue
         afresh = " from the base" if refit else ""
         self.set_state(f"training {objective} on {len(plan.examples)} examples{afresh}{instead}")
+        self.trained_from = AdapterState.capture(self.policy)  # the loaded version, before a refit or shrink
         if refit:  # one fit of all pages, from the base
             self.load_version(BASE_VERSION)
         elif self.objective.direct and self.objective.direct_shrink < 1:  # earlier rounds' fit fades
             shrink_toward_base(self.policy, self.objective.direct_shrink)
-        self.round_start = AdapterState.capture(self.policy)  # where the gate's backtracking ends
         stats = {**self.direct.step(plan.examples, self.pick_prompts()), "direct/from_base": float(refit)}
         self.check_divergence(stats)
         if self.team.is_main:
@@ -528,11 +528,14 @@ class Worker:
 
     def check_fluency(self, plan: RoundPlan, stats: dict[str, float]) -> None:
         """Measure the trained weights' `FluencyGate` ratio into `stats` (`objective/text_perplexity_ratio`);
-        past `--max-perplexity-ratio`, search back toward the round's start (`GATE_FRACTIONS` of the way from
-        it, TRPO's backtracking line search, measured on the same prompts and seed) and keep the first within
-        it (`objective/gate_fraction`: the share of the round's change kept, 1 when none was undone; the
-        round's other statistics stay those of its trained weights); raise Disfluent when none is. Nothing
-        without the gate."""
+        past `--max-perplexity-ratio`, search back toward the version the round trained from, which the gate
+        passed when it was published (`GATE_FRACTIONS` of the way from it to the trained weights, each tensor on
+        the line between them, measured on the same prompts and seed: TRPO's backtracking line search) and keep
+        the first within it (`objective/gate_fraction`: how far toward the trained weights, 1 when none was
+        undone; the round's other statistics stay those of its trained weights); raise Disfluent when none is.
+        A refit from the base searches back toward that version too, not toward the base, so what it learnt
+        is kept (every version grows from the same initial adapter, so a point between two is a blend of
+        both fits, as weight averaging of fine-tunes from one start is). Nothing without the gate."""
         if self.gate is None:
             return
         self.set_state(f"measuring the fluency of v{plan.version}")
@@ -543,7 +546,7 @@ class Worker:
             trained = AdapterState.capture(self.policy)
             for fraction in GATE_FRACTIONS:
                 self.check_continue()
-                self.round_start.interpolate(trained, fraction)
+                self.trained_from.interpolate(trained, fraction)
                 ratio = self.gate.ratio(prompts)
                 log.info("v%d %.2f of the round's change: text perplexity ratio %.3f", plan.version, fraction, ratio)
                 if ratio <= bound:

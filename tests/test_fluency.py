@@ -100,7 +100,7 @@ def test_a_version_past_the_gate_is_not_published_and_the_next_round_waits_for_n
         WorkerConfig(fluency_samples=0).validate()
 
 
-def test_a_version_past_the_gate_is_searched_back_toward_the_rounds_start(tmp_path, tiny_model_dir, rated_store):
+def test_a_version_past_the_gate_is_searched_back_toward_the_version_it_trained_from(tmp_path, tiny_model_dir, rated_store):
     from ppo_feedback.adapters import AdapterState
     from ppo_feedback.worker import GATE_FRACTIONS
 
@@ -117,17 +117,48 @@ def test_a_version_past_the_gate_is_searched_back_toward_the_rounds_start(tmp_pa
     metrics = rated_store.get_version(1).metrics
     assert metrics["objective/text_perplexity_ratio"] == 1.1 and metrics["objective/gate_fraction"] == 0.25
     trained, halfway, quarter = weights
-    worker.round_start.interpolate(trained, 0.5)
+    worker.trained_from.interpolate(trained, 0.5)
     assert all(torch.equal(a, b) for a, b in zip(halfway._saved.values(), AdapterState.capture(worker.policy)._saved.values()))
-    worker.round_start.interpolate(trained, 0.25)
+    worker.trained_from.interpolate(trained, 0.25)
     assert all(torch.equal(a, b) for a, b in zip(quarter._saved.values(), AdapterState.capture(worker.policy)._saved.values()))
     assert not all(torch.equal(a, b) for a, b in zip(quarter._saved.values(), trained._saved.values()))
     from ppo_feedback.adapters import apply_version
 
-    worker.round_start.restore()
+    worker.trained_from.restore()
     apply_version(worker.policy, tmp_path / "adapters", 1)  # the published files hold the quarter-way weights
     published = AdapterState.capture(worker.policy)._saved
     assert all(torch.allclose(published[name], quarter._saved[name]) for name in published if "lora_" in name)
+
+
+def test_a_refit_from_the_base_past_the_gate_is_searched_back_toward_the_serving_version_not_the_base(
+        tmp_path, tiny_model_dir, rated_store):
+    from ppo_feedback.adapters import AdapterState
+    from test_direct import plain
+
+    worker = make_worker(tmp_path, tiny_model_dir, rated_store, max_perplexity_ratio=1.2, fluency_samples=3,
+                         objective=plain("dpo", good_score=0.5, direct_from_base=True))
+    plan = worker.prepare(Cursor())
+    base = AdapterState.capture(worker.policy)  # version 0: the initial adapter
+    worker.train(plan)
+    serving = AdapterState.capture(worker.policy)  # as if this refit had been published and loaded
+    worker.objective.direct_epochs = 1  # a refit again, from the base, to somewhere else
+    stats = worker.train(plan)
+    assert stats["direct/from_base"] == 1.0
+    trained, measured, ratios = AdapterState.capture(worker.policy), [], iter([1.4, 1.1])
+
+    def ratio(prompts):
+        measured.append(AdapterState.capture(worker.policy))
+        return next(ratios)
+
+    worker.gate.ratio = ratio
+    worker.check_fluency(plan, stats)
+    assert stats["objective/gate_fraction"] == 0.5 and stats["objective/text_perplexity_ratio"] == 1.1
+    halfway = measured[1]._saved
+    for name, value in halfway.items():
+        assert torch.equal(value, torch.lerp(serving._saved[name], trained._saved[name], 0.5)), name
+    lora_b = [name for name in halfway if "lora_B" in name]
+    assert not all(torch.equal(serving._saved[n], trained._saved[n]) for n in lora_b)  # the refit moved elsewhere
+    assert not all(torch.allclose(halfway[n], torch.lerp(base._saved[n], trained._saved[n], 0.5)) for n in lora_b)
 
 
 def test_a_version_whose_ratio_is_not_a_number_is_not_published(tmp_path, tiny_model_dir, rated_store):
