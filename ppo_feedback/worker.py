@@ -534,8 +534,9 @@ class Worker:
         the first within it (`objective/gate_fraction`: how far toward the trained weights, 1 when none was
         undone; the round's other statistics stay those of its trained weights); raise Disfluent when none is.
         A refit from the base searches back toward that version too, not toward the base, so what it learnt
-        is kept (every version grows from the same initial adapter, so a point between two is a blend of
-        both fits, as weight averaging of fine-tunes from one start is). Nothing without the gate."""
+        is kept: the versions a worker trains all grow from its one initial adapter, so a point between two
+        is a blend of both fits (weight averaging of fine-tunes from one start, Wortsman et al. 2022's model
+        soups), and whatever it is, the gate measures it. Nothing without the gate."""
         if self.gate is None:
             return
         self.set_state(f"measuring the fluency of v{plan.version}")
@@ -548,13 +549,15 @@ class Worker:
                 self.check_continue()
                 self.trained_from.interpolate(trained, fraction)
                 ratio = self.gate.ratio(prompts)
-                log.info("v%d %.2f of the round's change: text perplexity ratio %.3f", plan.version, fraction, ratio)
+                log.info("v%d %.2f of the way from the version it trained from: text perplexity ratio %.3f",
+                         plan.version, fraction, ratio)
                 if ratio <= bound:
                     break
         stats["objective/text_perplexity_ratio"], stats["objective/gate_fraction"] = ratio, fraction
         if not ratio <= bound:
             raise Disfluent(f"its text's perplexity ratio to the base's own, {ratio:.2f} at {fraction:g} of the "
-                            f"round's change, is beyond --max-perplexity-ratio {bound}", plan.feedback_end)
+                            f"way from the version it trained from, is beyond --max-perplexity-ratio {bound}",
+                            plan.feedback_end)
 
     def pick_prompts(self, n: int | None = None) -> list[str]:
         """Return `n` (default batch_size) prompt texts drawn from the active pool (with replacement when it
@@ -608,8 +611,8 @@ def missing_feedback(config: WorkerConfig, total: FeedbackCounts, new: FeedbackC
 
 
 GATE_FRACTIONS = (0.5, 0.25)
-"""The shares of a round's change to the weights that a version past `--max-perplexity-ratio` is measured at in
-turn (halving, as TRPO's line search), the first within it published: the round's direction, less far."""
+"""How far from the version a round trained from toward its trained weights a version past
+`--max-perplexity-ratio` is measured at in turn (halving, as TRPO's line search), the first within it published."""
 
 
 class DivergenceError(RuntimeError):

@@ -100,7 +100,8 @@ def test_a_version_past_the_gate_is_not_published_and_the_next_round_waits_for_n
         WorkerConfig(fluency_samples=0).validate()
 
 
-def test_a_version_past_the_gate_is_searched_back_toward_the_version_it_trained_from(tmp_path, tiny_model_dir, rated_store):
+def test_a_version_past_the_gate_is_searched_back_toward_the_version_it_trained_from(tmp_path, tiny_model_dir,
+                                                                                     rated_store):
     from ppo_feedback.adapters import AdapterState
     from ppo_feedback.worker import GATE_FRACTIONS
 
