@@ -337,9 +337,9 @@ class Worker:
 
     def train(self, plan: RoundPlan) -> dict[str, float]:
         """Run the round's PPO iterations, recording each one's statistics; return the last one's."""
+        self.trained_from = AdapterState.capture(self.policy)  # the loaded version, before a refit or shrink
         if plan.examples is not None:
             return self.train_direct(plan)
-        self.trained_from = AdapterState.capture(self.policy)
         c = self.config
         stats: dict[str, float] = {}
         progress = tqdm(range(c.ppo_iterations), desc=f"v{plan.version}", unit="it",
@@ -367,7 +367,6 @@ class Worker:
         refit = self.objective.direct and self.direct.refits(len(plan.examples))  # fallback rounds continue
         afresh = " from the base" if refit else ""
         self.set_state(f"training {objective} on {len(plan.examples)} examples{afresh}{instead}")
-        self.trained_from = AdapterState.capture(self.policy)  # the loaded version, before a refit or shrink
         if refit:  # one fit of all pages, from the base
             self.load_version(BASE_VERSION)
         elif self.objective.direct and self.objective.direct_shrink < 1:  # earlier rounds' fit fades
