@@ -5,7 +5,7 @@ reported for them; prints one JSON line last.
     python bench/drift_check.py RUN_DIR [RUN_DIR ...] [--batches 4]
 
 Each RUN_DIR is a `bench/learning_curve.py --out` folder. The worker is built on a copy of the first run's
-store (its model, `--max-new-tokens 24` as the bench samples); the base model (adapter off) is measured first,
+store (its model and dtype, `--max-new-tokens 24` as the bench samples); the base model (adapter off) is measured first,
 then each run's newest version, `--batches` times on 8 pool prompts each, as a round measures itself, and as
 many times on `--fluency-samples` (32) pool prompts as the gate measures a version. Use it to see how a bound
 on the worker's measures (`--direct-max-perplexity-ratio`, `--max-perplexity-ratio`) maps to held-out
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.learning_curve import base_dtype_of  # noqa: E402
 from bench.replay_round import build_worker  # noqa: E402
 
 
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         db = Path(scratch) / "feedback.db"
         shutil.copy(args.runs[0] / "feedback.db", db)
-        worker, _ = build_worker(first, db, Path(scratch) / "adapters", ["--max-new-tokens", "24"])
+        dtype = base_dtype_of(first, args.runs[0], first.get("settings", {}))  # as the runs' app loaded it
+        worker, _ = build_worker(first, db, Path(scratch) / "adapters", ["--max-new-tokens", "24", "--dtype", dtype])
         initial = AdapterState.initial(worker.policy)
         gate = FluencyGate(worker.trainer)  # one for every run: the base's references are drawn once
         for run in [None, *args.runs]:

@@ -680,3 +680,23 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     assert "are not today's app's" in summarize(["--wait-interval", "1"], ["--no-such-option", "1"], recorded=False)
 
 
+
+
+def test_gate_noise_splits_prompts_into_rated_before_a_version_the_rest_of_the_pool_and_held_out(store, tmp_path):
+    from bench.gate_noise import prompt_sets
+    from bench.learning_curve import held_out_prompts
+    from db import Cursor, NewGeneration, VersionRecord
+
+    ids = {p.text: p.id for p in store.list_prompts()}
+    store.publish_version(1, VersionRecord(0, "tiny", Cursor(), n_ratings=0, n_preferences=0), "adapters/v1")
+    for text, version in (("Pool prompt 0", 0), ("Pool prompt 1", 1), ("Pool prompt 2", 0)):
+        page = store.record_generations(ids[text], version, [NewGeneration(f"{text} a"), NewGeneration(f"{text} b")],
+                                        rater="r1")
+        if text != "Pool prompt 2":  # shown on v0, never rated: not trained on
+            store.submit_page(page[0].page_id, "r1", {page[0].id: 4, page[1].id: 2})
+    store.add_prompt("A rater's prompt waiting for review", source="rater", added_by="r1")
+    sets = prompt_sets(tmp_path / "feedback.db", 1)
+    assert sets["trained"] == ["Pool prompt 0"]
+    assert sets["other pool"] == [f"Pool prompt {i}" for i in range(1, 6)]
+    assert sets["held-out"] == held_out_prompts()
+    assert prompt_sets(tmp_path / "feedback.db", 2)["trained"] == ["Pool prompt 0", "Pool prompt 1"]
