@@ -34,8 +34,8 @@ def prompt_sets(db: Path, version: int) -> dict[str, list[str]]:
     worker draws from (active and admitted), "held-out": the benchmark's held-out prompts}."""
     with sqlite3.connect(db) as c:
         trained = [t for (t,) in c.execute(
-            "SELECT DISTINCT p.text FROM generations g JOIN ratings r ON r.generation_id = g.id "
-            "JOIN prompts p ON p.id = g.prompt_id WHERE g.adapter_version < ?", (version,))]
+            "SELECT text FROM prompts WHERE id IN (SELECT g.prompt_id FROM generations g JOIN ratings r "
+            "ON r.generation_id = g.id WHERE g.adapter_version < ?) ORDER BY id", (version,))]
         pool = [t for (t,) in c.execute("SELECT text FROM prompts WHERE active AND admission = 'admitted' ORDER BY id")]
     return {"trained": trained, "other pool": [p for p in pool if p not in trained], "held-out": held_out_prompts()}
 

@@ -680,8 +680,6 @@ def test_learning_curve_summarizes_runs_made_apart_and_refuses_a_mixed_set(tmp_p
     assert "are not today's app's" in summarize(["--wait-interval", "1"], ["--no-such-option", "1"], recorded=False)
 
 
-
-
 def test_gate_noise_splits_prompts_into_rated_before_a_version_the_rest_of_the_pool_and_held_out(store, tmp_path):
     from bench.gate_noise import prompt_sets
     from bench.learning_curve import held_out_prompts
