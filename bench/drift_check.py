@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.learning_curve import base_dtype_of  # noqa: E402
-from bench.replay_round import build_worker  # noqa: E402
+from bench.replay_round import measuring_options, worker_on_copy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,11 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     first = json.loads((args.runs[0] / "report.json").read_text())
     rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        db = Path(scratch) / "feedback.db"
-        shutil.copy(args.runs[0] / "feedback.db", db)
-        dtype = base_dtype_of(first, args.runs[0], first.get("settings", {}))  # as the runs' app loaded it
-        worker, _ = build_worker(first, db, Path(scratch) / "adapters", ["--max-new-tokens", "24", "--dtype", dtype])
+    with worker_on_copy(args.runs[0], first, measuring_options(args.runs[0], first)) as (worker, _):
         initial = AdapterState.initial(worker.policy)
         gate = FluencyGate(worker.trainer)  # one for every run: the base's references are drawn once
         for run in [None, *args.runs]:

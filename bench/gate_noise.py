@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sqlite3
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.learning_curve import base_dtype_of, held_out_prompts  # noqa: E402
-from bench.replay_round import build_worker  # noqa: E402
+from bench.learning_curve import held_out_prompts  # noqa: E402
+from bench.replay_round import measuring_options, worker_on_copy  # noqa: E402
 
 
 def prompt_sets(db: Path, version: int) -> dict[str, list[str]]:
@@ -56,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads((args.run / "report.json").read_text())
     sets = {k: v for k, v in prompt_sets(args.run / "feedback.db", args.version).items() if v}
     readings = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        db = Path(scratch) / "feedback.db"
-        shutil.copy(args.run / "feedback.db", db)
-        dtype = base_dtype_of(report, args.run, report.get("settings", {}))  # as the run's app loaded it
-        worker, _ = build_worker(report, db, Path(scratch) / "adapters", ["--max-new-tokens", "24", "--dtype", dtype])
+    with worker_on_copy(args.run, report, measuring_options(args.run, report)) as (worker, _):
         gate = FluencyGate(worker.trainer)
         for prompts in sets.values():
             gate.base_rates(prompts)  # drawn from the base, before the version is applied

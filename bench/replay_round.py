@@ -22,14 +22,32 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.learning_curve import evaluate_policy, held_out_prompts  # noqa: E402
+from bench.learning_curve import base_dtype_of, evaluate_policy, held_out_prompts  # noqa: E402
 from bench.load import split_at_dashes  # noqa: E402
+
+
+@contextmanager
+def worker_on_copy(run_dir: Path, run: dict, options: list[str]) -> Iterator[tuple]:
+    """Yield `build_worker`'s (Worker, SamplingConfig) on a temporary copy of the run's store, so the run's own
+    folder is never written; the copy and its adapters go when the block ends."""
+    with tempfile.TemporaryDirectory() as scratch:
+        db = Path(scratch) / "feedback.db"
+        shutil.copy(run_dir / "feedback.db", db)
+        yield build_worker(run, db, Path(scratch) / "adapters", options)
+
+
+def measuring_options(run_dir: Path, run: dict) -> list[str]:
+    """Return the worker options that measure a run's versions as its app sampled them: `--max-new-tokens 24`
+    as the bench samples, the base in the dtype the run's app loaded it (`base_dtype_of`)."""
+    return ["--max-new-tokens", "24", "--dtype", base_dtype_of(run, run_dir, run.get("settings", {}))]
 
 
 def build_worker(run: dict, db: Path, adapters: Path, options: list[str]):
@@ -76,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     run = json.loads((args.run / "report.json").read_text())
     preference, prompts = parse_preference(run["preference"]), held_out_prompts()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:
-        db = Path(scratch) / "feedback.db"
-        shutil.copy(args.run / "feedback.db", db)
-        worker, sampling = build_worker(run, db, Path(scratch) / "adapters", options)
+    with worker_on_copy(args.run, run, options) as (worker, sampling):
         judge = dict(samples=args.samples, max_new_tokens=sampling.max_new_tokens,
                      temperature=sampling.temperature, top_p=sampling.top_p)
         base = evaluate_policy(worker.policy, prompts, preference, **judge)

@@ -336,7 +336,8 @@ class Worker:
         return replace(plan, reward_model=None, replay_pool=None, examples=found)
 
     def train(self, plan: RoundPlan) -> dict[str, float]:
-        """Run the round's PPO iterations, recording each one's statistics; return the last one's."""
+        """Train the round (its PPO iterations, or `train_direct` for a direct objective's pages), recording the
+        statistics; return the last ones."""
         self.trained_from = AdapterState.capture(self.policy)  # the loaded version, before a refit or shrink
         if plan.examples is not None:
             return self.train_direct(plan)
